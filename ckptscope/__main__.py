@@ -1,0 +1,7 @@
+"""``python -m ckptscope`` runs the CLI."""
+
+import sys
+
+from ckptscope.cli import main
+
+sys.exit(main())

@@ -1,0 +1,196 @@
+"""``linear_path``: the one function that composes load -> group -> plan -> evaluate -> result."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+import xarray as xr
+from torch import nn
+
+from ckptscope.adapters import Adapter, get_adapter, module_name
+from ckptscope.checkpoints import Checkpoint, as_checkpoint, check_pair
+from ckptscope.data import as_splits, load_data, select_splits
+from ckptscope.distance import group_distances, parameter_keys
+from ckptscope.errors import CkptscopeError
+from ckptscope.evaluate import EvalConfig, Evaluator, resolve_device
+from ckptscope.groups import normalise_groups, resolve_groups
+from ckptscope.path import HOLDS, alpha_grid
+from ckptscope.results import RunInfo, build_result
+
+StateSource = str | os.PathLike | Mapping[str, torch.Tensor] | Checkpoint
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+BN_POLICY = "interpolate"
+
+
+def _version() -> str:
+    from ckptscope import __version__
+
+    return __version__
+
+
+def resolve_model(model: nn.Module | str | Adapter | None, a: Checkpoint, b: Checkpoint,
+                  adapter_options: Mapping[str, object] | None = None
+                  ) -> tuple[nn.Module, Adapter | None, dict]:
+    """Return (module, adapter or None, options) for a module, an adapter, or the metadata."""
+    if isinstance(model, nn.Module):
+        return model, None, {}
+    if model is None:
+        model = a.metadata.get("adapter") or b.metadata.get("adapter")
+        if model is None:
+            raise CkptscopeError(
+                "no model given and the checkpoints name no adapter in their metadata; pass "
+                "--adapter NAME (e.g. mlp) or a module."
+            )
+    adapter = get_adapter(model)
+    if adapter_options is None:
+        stored = a.metadata.get("adapter_options") or b.metadata.get("adapter_options")
+        adapter_options = json.loads(stored) if stored and a.metadata.get("adapter") == adapter.name else None
+    options = adapter.options_for(a.state, adapter_options)
+    return adapter.make(options), adapter, options
+
+
+def _data_spec(data, a: Checkpoint, adapter: Adapter | None) -> object:
+    if data is not None:
+        return data
+    spec = a.metadata.get("data") or (adapter.default_data if adapter else None)
+    if spec is None:
+        raise CkptscopeError("no data given and none is known for this model; pass --data NAME.")
+    return spec
+
+
+def _warn_nonfinite(ckpt: Checkpoint, label: str) -> None:
+    bad = sorted(k for k, v in ckpt.state.items()
+                 if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        warnings.warn(f"checkpoint {label} has NaN/Inf in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
+                      f"{', ...' if len(bad) > 3 else ''}); the curves will hold NaN there.",
+                      stacklevel=3)
+
+
+def linear_path(start: StateSource, end: StateSource, model: nn.Module | str | Adapter | None = None,
+                data: object = None, *, groups: Sequence[str] | Mapping[str, str] | None = None,
+                alphas: int | Sequence[float] = 51, full: bool = True, loss: str | Callable | None = None,
+                hold: str = "end", device: str | torch.device | None = None,
+                batch_size: int | None = None, split: str = "test",
+                adapter_options: Mapping[str, object] | None = None, dtype: str = "float32",
+                strategy: str = "auto", memory_budget: int | None = None, seed: int = 0,
+                run: str = "0", progress: Callable[[int, int], None] | None = None) -> xr.Dataset:
+    """Evaluate loss and accuracy on the straight line from ``start`` to ``end``.
+
+    The whole-model path (group ``all``, eq. 1 of the paper) and, per group, the path on which
+    only that group moves while every other tensor is held at an endpoint (eq. 2).
+
+    Args:
+        start, end: checkpoint paths (safetensors or torch files) or state dicts.
+        model: an ``nn.Module`` (its own weights are ignored), an adapter name (``mlp``) or
+            ``pkg.module:attr``; ``None`` reads the adapter from the checkpoint's metadata.
+        data: ``(inputs, targets)``, a mapping split -> ``(inputs, targets)``, or a dataset spec
+            (``spiral``, ``digits``, ``pkg.module:attr``); ``None``: the checkpoint's or adapter's.
+        groups: regexes (``"layer3.*"`` or ``"name=regex"``) or a mapping name -> regex.
+        alphas: a count (evenly spaced on [0, 1], ends included) or increasing values.
+        full: include the whole-model path as group ``all``.
+        loss: ``cross_entropy``, ``bce`` or a callable (see :mod:`ckptscope.losses`);
+            ``None``: the adapter's, else ``cross_entropy``.
+        hold: the endpoint the rest of the model sits at on a group path: "end" or "start".
+        device: ``None``/"auto" (CUDA when present), "cpu", "cuda:1", ...
+        batch_size: examples per forward pass; ``None`` picks one from the memory budget.
+        split: ``test``, ``train`` or ``both``, for datasets with those splits.
+        adapter_options: options for the adapter's ``build`` (e.g. ``{"widths": [2, 50, 1]}``).
+        dtype: "float32" (default) or "float64".
+        strategy: "auto", "loop" or "vmap" (see :mod:`ckptscope.evaluate`).
+        memory_budget: bytes for replicated tensors and activations (``None``: automatic).
+        seed: seed for generated datasets.
+        run: the label of this pair in the ``run`` dim.
+        progress: called as ``progress(done, total)`` after each alpha of each group.
+
+    Returns:
+        A dataset with ``loss`` and ``accuracy`` (run, group, split, alpha) and ``distance``
+        (run, group); see ``docs/results.md``.
+
+    Example:
+        >>> ds = ckptscope.linear_path("init.safetensors", "final.safetensors",
+        ...                            groups={"fc": "fc"}, alphas=51)   # doctest: +SKIP
+        >>> ds.loss.sel(group="all", split="test").plot()                  # doctest: +SKIP
+    """
+    if dtype not in DTYPES:
+        raise CkptscopeError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}.")
+    if hold not in HOLDS:
+        raise CkptscopeError(f"hold={hold!r} is not one of {HOLDS}.")
+    grid = alpha_grid(alphas)
+    a, b = as_checkpoint(start), as_checkpoint(end)
+    check_pair(a.state, b.state, names=(a.path or "start", b.path or "end"))
+    _warn_nonfinite(a, a.path or "start")
+    _warn_nonfinite(b, b.path or "end")
+    module, adapter, options = resolve_model(model, a, b, adapter_options)
+    expected = module.state_dict()
+    check_pair({k: v for k, v in expected.items()}, a.state,
+               names=(f"the model ({adapter.name if adapter else module_name(module)})",
+                      f"the checkpoint {a.path or 'start'}"),
+               fix="pick the adapter and options the checkpoint was saved from")
+
+    spec = _data_spec(data, a, adapter)
+    if isinstance(spec, str):
+        splits = select_splits(load_data(spec, seed=seed), split)
+        data_label = spec
+    else:
+        splits = select_splits(as_splits(spec), split)
+        data_label = "in-memory"
+    loss = loss or (adapter.loss(options) if adapter else "cross_entropy")
+
+    keys = list(a.state)
+    resolved = resolve_groups(keys, normalise_groups(groups), full=full, source=a.path or "A")
+    if not resolved:
+        raise CkptscopeError("nothing to evaluate: full=False and no groups; add a group.")
+    config = EvalConfig(device=resolve_device(device), dtype=DTYPES[dtype],
+                        batch_size=batch_size, strategy=strategy, memory_budget=memory_budget)
+    evaluator = Evaluator(module, a.state, b.state, splits, loss=loss, config=config)
+
+    total, done = len(resolved) * len(grid), 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, total)
+
+    shape = (1, len(resolved), len(splits), len(grid))
+    losses, accuracies = np.empty(shape), np.empty(shape)
+    for g, group in enumerate(resolved):
+        curves = evaluator.path(group.keys, grid, hold=hold, progress=advance)
+        for s, name in enumerate(splits):
+            losses[0, g, s], accuracies[0, g, s] = curves[name]
+
+    params = parameter_keys(a.state, evaluator.module)
+    distance = np.array([group_distances(a.state, b.state, [g.keys for g in resolved], params)])
+    n_params = [sum(a.state[k].numel() for k in g.keys if k in params) for g in resolved]
+    return build_result(
+        loss=losses, accuracy=accuracies, distance=distance, alphas=grid,
+        groups=[g.name for g in resolved], patterns=[g.pattern for g in resolved],
+        n_tensors=[len(g.keys) for g in resolved], n_params=n_params,
+        splits=list(splits), n_examples=[len(x) for x, _ in splits.values()],
+        runs=[RunInfo(run, a.path, b.path, a.sha256, b.sha256)],
+        attrs={
+            "ckptscope_version": _version(),
+            "torch_version": torch.__version__,
+            "device": str(config.device),
+            "dtype": dtype,
+            "strategy": config.resolved_strategy,
+            "batch_size": int(evaluator.batch_size()),
+            "adapter": adapter.name if adapter else module_name(module),
+            "adapter_options": json.dumps(options, sort_keys=True),
+            "data": data_label,
+            "data_seed": int(seed),
+            "loss_function": loss if isinstance(loss, str) else getattr(loss, "__name__", "custom"),
+            "bn_policy": BN_POLICY,
+            "hold": hold,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "notes": "; ".join(a.notes + b.notes),
+        },
+    )
+

@@ -1,0 +1,299 @@
+"""Read and write checkpoints (weights only) and validate a pair of them.
+
+Safetensors files are memory-mapped; torch files are read with ``weights_only=True`` so a
+checkpoint can never run code. Wrappers (``{"state_dict": ...}``, ``{"model": ...}``) and the
+``module.`` / ``_orig_mod.`` prefixes of DataParallel and ``torch.compile`` are unwrapped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import struct
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ckptscope.errors import CkptscopeError
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
+WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
+STRIP_PREFIXES = ("module.", "_orig_mod.")
+META_PREFIX = "ckptscope."
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A state dict read from disk, with where it came from.
+
+    Attributes:
+        state: key -> tensor, floating tensors in float32 (fp16/bf16 upcast), on the CPU.
+        path: the file it was read from ("" for an in-memory state).
+        sha256: hex digest of the file's bytes ("" for an in-memory state).
+        metadata: the ckptscope metadata it carries (adapter, data, ...), prefix removed.
+        notes: one-line remarks made while reading (upcasts, unwrapped prefixes).
+    """
+
+    state: dict[str, torch.Tensor]
+    path: str = ""
+    sha256: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Return the hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _sniff(path: Path) -> str:
+    """Return "safetensors", "torch-zip", "torch-legacy" or "unknown" from the first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if head[8:9] == b"{" and n < 100 * (1 << 20):
+            return "safetensors"
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if head[:1] == b"\x80":
+        return "torch-legacy"
+    return "unknown"
+
+
+def _check_path(path: Path) -> None:
+    if path.is_symlink() and not path.exists():
+        raise CkptscopeError(f"checkpoint {str(path)!r} is a dangling symlink; point it at a file.")
+    if not path.exists():
+        raise CkptscopeError(f"checkpoint {str(path)!r} does not exist; check the path.")
+    if path.is_dir():
+        raise CkptscopeError(
+            f"checkpoint {str(path)!r} is a directory; pass a .safetensors or torch file in it."
+        )
+    if path.stat().st_size == 0:
+        raise CkptscopeError(f"checkpoint {str(path)!r} is empty (0 bytes); it was not saved fully.")
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            state = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CkptscopeError(
+            f"{str(path)!r} is not a readable safetensors file ({reason}); it may be truncated "
+            f"or corrupt: save it again or re-download it."
+        ) from None
+    return state, metadata
+
+
+def _read_torch(path: Path, kind: str) -> object:
+    if kind == "torch-zip" and not zipfile.is_zipfile(path):
+        raise CkptscopeError(
+            f"{str(path)!r} starts like a torch file but is not a complete zip archive; it may be "
+            f"truncated: save it again."
+        )
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).splitlines()[0]
+        raise CkptscopeError(
+            f"{str(path)!r} holds objects that only a full unpickle could load, which could run "
+            f"code ({reason[:160]}); ckptscope reads weights only. Re-save its state_dict with "
+            f"torch.save(model.state_dict(), ...) or as safetensors."
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError) as err:
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise CkptscopeError(
+            f"{str(path)!r} is not a readable torch checkpoint ({reason[:160]}); it may be "
+            f"truncated or of another format: save it again."
+        ) from None
+
+
+def unwrap_state(obj: object, *, source: str = "state") -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Return the tensor state dict inside ``obj`` and notes on what was unwrapped.
+
+    Args:
+        obj: a mapping of tensors, possibly wrapped as ``{"state_dict": ...}`` or
+            ``{"model": ...}`` (the first wrapper holding tensors wins), with keys possibly
+            prefixed by ``module.`` or ``_orig_mod.``.
+        source: the name used in error messages.
+    """
+    notes: list[str] = []
+    if not isinstance(obj, Mapping):
+        raise CkptscopeError(
+            f"{source} holds a {type(obj).__name__}, not a state dict; save model.state_dict()."
+        )
+    for wrapper in WRAPPER_KEYS:
+        inner = obj.get(wrapper)
+        if isinstance(inner, Mapping) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+            notes.append(f"read the state dict under {wrapper!r}")
+            obj = inner
+            break
+    state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not state:
+        raise CkptscopeError(
+            f"{source} holds no tensors (top-level keys: {sorted(map(str, obj))[:8]}); "
+            f"save model.state_dict()."
+        )
+    for prefix in STRIP_PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+            notes.append(f"stripped the {prefix!r} prefix")
+    return state, notes
+
+
+def _normalise(state: dict[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    out: dict[str, torch.Tensor] = {}
+    upcast = []
+    for key, value in state.items():
+        if value.is_complex():
+            raise CkptscopeError(
+                f"{source}: tensor {key!r} is complex ({value.dtype}); ckptscope evaluates real "
+                f"weights only."
+            )
+        if value.dtype in _LOW_PRECISION:
+            upcast.append(str(value.dtype).replace("torch.", ""))
+            value = value.float()
+        elif value.is_floating_point() and value.dtype != torch.float64:
+            value = value.float()
+        out[key] = value
+    notes = []
+    if upcast:
+        notes.append(f"upcast {len(upcast)} {sorted(set(upcast))[0]} tensor(s) to float32")
+    return out, notes
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint file (safetensors or torch) as weights only.
+
+    Args:
+        path: a ``.safetensors`` file, or a torch file (``.pt``, ``.pth``, ``.bin``) saved with
+            ``torch.save``; the format is told from the file's first bytes, not its name.
+
+    Returns:
+        The checkpoint, floating tensors upcast to float32 (float64 kept).
+
+    Raises:
+        CkptscopeError: the file is missing, empty, truncated, corrupt, not a checkpoint, or
+            holds objects whose unpickling could run code.
+    """
+    path = Path(path)
+    _check_path(path)
+    kind = _sniff(path)
+    metadata: dict[str, str] = {}
+    if kind == "safetensors":
+        state, raw_meta = _read_safetensors(path)
+        metadata = {k[len(META_PREFIX) :]: v for k, v in raw_meta.items() if k.startswith(META_PREFIX)}
+        notes: list[str] = []
+    elif kind in ("torch-zip", "torch-legacy"):
+        state, notes = unwrap_state(_read_torch(path, kind), source=repr(str(path)))
+    else:
+        raise CkptscopeError(
+            f"{str(path)!r} is neither a safetensors file nor a torch checkpoint (it starts with "
+            f"{path.read_bytes()[:8]!r}); pass a file written by safetensors or torch.save."
+        )
+    state, more = _normalise(state, repr(str(path)))
+    return Checkpoint(state, str(path), file_sha256(path), metadata, tuple(notes + more))
+
+
+def as_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor] | Checkpoint) -> Checkpoint:
+    """Return a :class:`Checkpoint` from a path, an in-memory state dict or a checkpoint."""
+    if isinstance(source, Checkpoint):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        return load_checkpoint(source)
+    state, notes = unwrap_state(source)
+    state = {k: v.detach().cpu() for k, v in state.items()}
+    state, more = _normalise(state, "state dict")
+    return Checkpoint(state, notes=tuple(notes + more))
+
+
+def _diff_list(keys: list[str], limit: int = 10) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def check_pair(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], *,
+               names: tuple[str, str] = ("A", "B"),
+               fix: str = "they must be two states of one architecture") -> None:
+    """Raise unless ``a`` and ``b`` have the same keys, shapes and kinds of dtype.
+
+    Args:
+        a, b: the two state dicts.
+        names: how to call them in the error message.
+        fix: the advice that ends the error message.
+
+    Raises:
+        CkptscopeError: listing, sorted, the keys only in one, and the shape or dtype mismatches.
+    """
+    only_a = sorted(set(a) - set(b))
+    only_b = sorted(set(b) - set(a))
+    problems = []
+    if only_a:
+        problems.append(f"only in {names[0]}: {_diff_list(only_a)}")
+    if only_b:
+        problems.append(f"only in {names[1]}: {_diff_list(only_b)}")
+    shapes = sorted(k for k in set(a) & set(b) if a[k].shape != b[k].shape)
+    if shapes:
+        problems.append("shapes differ: " + _diff_list(
+            [f"{k} {tuple(a[k].shape)} vs {tuple(b[k].shape)}" for k in shapes]))
+    kinds = sorted(k for k in set(a) & set(b)
+                   if a[k].is_floating_point() != b[k].is_floating_point())
+    if kinds:
+        problems.append("dtypes differ: " + _diff_list(
+            [f"{k} {a[k].dtype} vs {b[k].dtype}" for k in kinds]))
+    if problems:
+        raise CkptscopeError(
+            f"{names[0]} and {names[1]} do not match ({'; '.join(problems)}); {fix}."
+        )
+
+
+def save_checkpoint(path: str | os.PathLike, state: Mapping[str, torch.Tensor], *,
+                    metadata: Mapping[str, object] | None = None) -> Path:
+    """Write ``state`` as safetensors atomically, with ckptscope metadata.
+
+    Args:
+        path: the target file; written to a temporary name in the same folder, then renamed.
+        state: key -> tensor; tied tensors are cloned so each key is stored.
+        metadata: values stored under ``ckptscope.<key>``; non-strings are JSON-encoded.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    meta = {META_PREFIX + k: v if isinstance(v, str) else json.dumps(v)
+            for k, v in (metadata or {}).items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def describe_dtypes(state: Mapping[str, torch.Tensor]) -> str:
+    """Return e.g. ``"float32 x10, int64 x2"`` for a state dict."""
+    counts: dict[str, int] = {}
+    for value in state.values():
+        name = str(value.dtype).replace("torch.", "")
+        counts[name] = counts.get(name, 0) + 1
+    return ", ".join(f"{k} x{n}" for k, n in sorted(counts.items()))

@@ -1,0 +1,95 @@
+"""Evaluation and training sets: a registry of loaders, all offline.
+
+A dataset spec is ``NAME`` or ``NAME:ARG`` for a registered set (``spiral``, ``digits``, ...), or
+``pkg.module:attr`` for your own, where ``attr`` is ``(inputs, targets)``, a mapping
+split -> ``(inputs, targets)``, or a callable returning either. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ckptscope.errors import CkptscopeError
+from ckptscope.registry import Registry, import_object, is_import_spec
+
+Split = tuple[torch.Tensor, torch.Tensor]
+SPLITS = ("test", "train", "both")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A registered dataset.
+
+    Attributes:
+        name: the registry name.
+        load: ``load(arg, *, seed) -> {"train": (x, y), "test": (x, y)}``; ``arg`` is the text
+            after the colon in ``NAME:ARG`` (a directory, for file-based sets) or ``None``.
+        description: one line for listings.
+    """
+
+    name: str
+    load: Callable[..., dict[str, Split]]
+    description: str = ""
+
+
+DATASETS: Registry[Dataset] = Registry("dataset")
+
+
+def as_splits(data: object, *, source: str = "data") -> dict[str, Split]:
+    """Return split -> (inputs, targets) tensors from a pair or a mapping of pairs.
+
+    A bare ``(inputs, targets)`` pair becomes the single split ``eval``.
+    """
+    if callable(data) and not isinstance(data, (tuple, list, Mapping, torch.Tensor)):
+        data = data()
+    if isinstance(data, Mapping):
+        splits = dict(data)
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        splits = {"eval": tuple(data)}
+    else:
+        raise CkptscopeError(
+            f"{source} is a {type(data).__name__}; give (inputs, targets) or a mapping "
+            f"split -> (inputs, targets)."
+        )
+    out = {}
+    for split, pair in splits.items():
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise CkptscopeError(f"{source}: split {split!r} is not an (inputs, targets) pair.")
+        x, y = (torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v
+                for v in pair)
+        if len(x) == 0 or len(x) != len(y):
+            raise CkptscopeError(
+                f"{source}: split {split!r} has {len(x)} inputs and {len(y)} targets; they must "
+                f"be equal and non-zero."
+            )
+        out[str(split)] = (x, y)
+    return out
+
+
+def load_data(spec: str, *, seed: int = 0) -> dict[str, Split]:
+    """Return every split of a dataset spec (see the module docstring)."""
+    name, _, arg = spec.partition(":")
+    if name in DATASETS or not is_import_spec(spec):
+        return as_splits(DATASETS.get(name).load(arg or None, seed=seed), source=spec)
+    return as_splits(import_object(spec, what="dataset"), source=spec)
+
+
+def select_splits(splits: Mapping[str, Split], which: str) -> dict[str, Split]:
+    """Keep ``test``, ``train`` or ``both`` (test first); a set with other splits keeps all."""
+    if which not in SPLITS:
+        raise CkptscopeError(f"split {which!r} is not one of {SPLITS}.")
+    wanted = ["test", "train"] if which == "both" else [which]
+    if not set(splits) & {"test", "train"}:
+        return dict(splits)
+    missing = [s for s in wanted if s not in splits]
+    if missing:
+        raise CkptscopeError(f"the data has no {missing[0]!r} split (it has {sorted(splits)}).")
+    return {s: splits[s] for s in wanted}
+
+
+# Register the built-in datasets.
+from ckptscope.data import digits, spiral  # noqa: E402,F401

@@ -1,0 +1,274 @@
+"""The batched evaluator: loss and accuracy at every alpha of a path, on preloaded data.
+
+Two strategies compute the same numbers:
+
+- ``loop``: one forward pass per alpha. The moving tensors are written in place into the
+  module's own parameters with ``torch._foreach_copy_`` + ``torch._foreach_lerp_`` (no
+  ``load_state_dict``, no allocation per alpha). On a CPU this wins: a batched pass of a small
+  net does no more useful work per flop than a plain one.
+- ``vmap``: ``torch.func.functional_call`` under ``torch.vmap`` over a chunk of alphas, with only
+  the moving group's tensors replicated. On a GPU this fills the device that one small forward
+  pass leaves idle. The chunk size comes from a memory budget, so peak memory does not grow
+  with the number of alphas.
+
+``strategy="auto"`` picks ``loop`` on the CPU and ``vmap`` on CUDA (see ``benchmarks/``).
+Every pass runs in eval mode, without autograd, in float32 unless asked otherwise; the loss is
+the sum over all examples divided by N.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ckptscope.errors import CkptscopeError
+from ckptscope.losses import LossFn, get_loss, target_dtype
+from ckptscope.path import plan_path
+
+STRATEGIES = ("auto", "loop", "vmap")
+Data = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+Progress = Callable[[int], None]
+
+_CPU_BUDGET = 1 << 30  # bytes; a quarter of a small laptop's free memory
+_CUDA_FRACTION = 0.5  # of the free device memory
+_MAX_BATCH = 4096
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """Return the device for ``None``/``"auto"`` (CUDA when present), or the one named."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise CkptscopeError(f"device {device!r} is not a torch device; use auto, cpu or cuda[:i].") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CkptscopeError(f"device {device!r} was asked for but CUDA is not available; use cpu.")
+    return dev
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How to evaluate.
+
+    Attributes:
+        device: where the model and data live.
+        dtype: the floating dtype of weights and inputs (float32 by default).
+        batch_size: examples per forward pass; ``None`` picks one from the memory budget.
+        strategy: ``auto``, ``loop`` or ``vmap`` (see the module docstring).
+        memory_budget: bytes the evaluator may use for replicated tensors and activations;
+            ``None``: 1 GiB on the CPU, half the free memory on CUDA.
+    """
+
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    batch_size: int | None = None
+    strategy: str = "auto"
+    memory_budget: int | None = None
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise CkptscopeError(f"strategy {self.strategy!r} is not one of {STRATEGIES}.")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise CkptscopeError(f"batch_size={self.batch_size} must be a positive integer.")
+        if not self.dtype.is_floating_point:
+            raise CkptscopeError(f"dtype {self.dtype} is not a floating dtype.")
+
+    @property
+    def resolved_strategy(self) -> str:
+        if self.strategy != "auto":
+            return self.strategy
+        return "vmap" if self.device.type == "cuda" else "loop"
+
+    @property
+    def budget(self) -> int:
+        if self.memory_budget is not None:
+            return int(self.memory_budget)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return int(free * _CUDA_FRACTION)
+        return _CPU_BUDGET
+
+
+def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class Evaluator:
+    """Holds one model and the evaluation data on the device, and evaluates paths on them.
+
+    Args:
+        module: the architecture; its own weights are ignored (a private copy is used).
+        a, b: the endpoint states, keys matching ``module.state_dict()``.
+        data: split -> (inputs, targets), moved to the device once.
+        loss: a loss name from :mod:`ckptscope.losses` or a callable of that form.
+        config: device, dtype, batch size, strategy, memory budget.
+    """
+
+    def __init__(self, module: nn.Module, a: Mapping[str, torch.Tensor],
+                 b: Mapping[str, torch.Tensor], data: Data, *, loss: str | LossFn,
+                 config: EvalConfig):
+        self.config = config
+        self.loss_fn = get_loss(loss)
+        dev, dtype = config.device, config.dtype
+        self.module = copy.deepcopy(module).to(device=dev, dtype=dtype).eval()
+        self.slots = {**dict(self.module.named_parameters(remove_duplicate=False)),
+                      **dict(self.module.named_buffers(remove_duplicate=False))}
+        self.parameter_keys = tuple(k for k, _ in self.module.named_parameters())
+        self.a = {k: self._to_device(v) for k, v in a.items()}
+        self.b = {k: self._to_device(v) for k, v in b.items()}
+        tdtype = target_dtype(loss)
+        self.data = {
+            split: (self._to_device(x), y.to(dev) if tdtype is None else y.to(dev, tdtype))
+            for split, (x, y) in data.items()
+        }
+        # One probe forward pass, before any path: checks that the data fits the model and
+        # measures the activations that size the batches and alpha chunks.
+        self._activation_bytes = self._probe_activation_bytes()
+        self._batch_size = self._pick_batch_size()
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        dtype = self.config.dtype if t.is_floating_point() else t.dtype
+        return t.to(device=self.config.device, dtype=dtype)
+
+    # --- sizing -------------------------------------------------------------------------------
+    def _probe_activation_bytes(self) -> int:
+        """Bytes of module outputs per example in one forward pass, measured with hooks."""
+        split, (x_all, _) = next(iter(self.data.items()))
+        x = x_all[:8]
+        total = [0]
+
+        def hook(_mod, _inp, out):
+            if isinstance(out, torch.Tensor):
+                total[0] += out.numel() * out.element_size()
+
+        handles = [m.register_forward_hook(hook) for m in self.module.modules()]
+        try:
+            self._load_state(self.b)
+            with torch.no_grad():
+                self._forward_checked(x, split)
+        finally:
+            for h in handles:
+                h.remove()
+        return max(1, math.ceil(total[0] / len(x)))
+
+    def _pick_batch_size(self) -> int:
+        n_max = max(len(x) for x, _ in self.data.values())
+        if self.config.batch_size is not None:
+            return min(self.config.batch_size, n_max)
+        return max(1, min(n_max, _MAX_BATCH, self.config.budget // (4 * self._activation_bytes)))
+
+    def batch_size(self) -> int:
+        """Examples per forward pass: the configured number, or what a quarter of the budget holds."""
+        return self._batch_size
+
+    def chunk_size(self, moving: Sequence[str], n_alpha: int) -> int:
+        """Alphas per vectorised pass: as many as the memory budget holds, at least one."""
+        per_alpha = (_nbytes([self.a[k] for k in moving])
+                     + self._batch_size * self._activation_bytes)
+        return max(1, min(n_alpha, self.config.budget // max(1, per_alpha)))
+
+    # --- evaluation ---------------------------------------------------------------------------
+    def _forward_checked(self, x: torch.Tensor, split: str) -> torch.Tensor:
+        try:
+            return self.module(x)
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            reason = (str(err).splitlines() or [type(err).__name__])[0]
+            raise CkptscopeError(
+                f"the model failed on the {split!r} inputs of shape {tuple(x.shape)} ({reason[:200]}); "
+                f"check that the data fits the adapter (--data / --adapter)."
+            ) from None
+
+    def _load_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        keys = [k for k in self.slots if k in state]
+        with torch.no_grad():
+            torch._foreach_copy_([self.slots[k] for k in keys], [state[k] for k in keys])
+
+    def path(self, keys: Sequence[str], alphas: np.ndarray, *, hold: str = "end",
+             progress: Progress | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Evaluate the path on which ``keys`` move and the rest is held.
+
+        Args:
+            keys: the group's keys (integer tensors among them do not move).
+            alphas: (n,) the points, as from :func:`ckptscope.path.alpha_grid`.
+            hold: "end" (the rest at b) or "start" (the rest at a).
+            progress: called with the number of alphas just finished.
+
+        Returns:
+            split -> (loss, accuracy), each (n,) float64: the mean loss over the split's
+            examples and the fraction classified correctly.
+        """
+        plan = plan_path(self.a, self.b, keys, hold=hold)
+        if self.config.resolved_strategy == "vmap" and plan.moving:
+            sums = self._path_vmap(plan, alphas, progress)
+        else:
+            sums = self._path_loop(plan, alphas, progress)
+        return {split: (loss / len(self.data[split][0]), correct / len(self.data[split][0]))
+                for split, (loss, correct) in sums.items()}
+
+    def _accumulate(self, outputs_fn, split: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sum loss and correctness over the split's batches; ``outputs_fn(x) -> (k, B, ...)``."""
+        x_all, y_all = self.data[split]
+        batch = self.batch_size()
+        loss = torch.zeros(k, dtype=torch.float64, device=self.config.device)
+        correct = torch.zeros(k, dtype=torch.float64, device=self.config.device)
+        for lo in range(0, len(x_all), batch):
+            x, y = x_all[lo:lo + batch], y_all[lo:lo + batch]
+            batch_loss, batch_correct = self.loss_fn(outputs_fn(x), y)
+            loss += batch_loss.double()
+            correct += batch_correct.double()
+        return loss.cpu().numpy(), correct.cpu().numpy()
+
+    @torch.no_grad()
+    def _path_loop(self, plan, alphas, progress):
+        self._load_state(plan.base)
+        moving = [self.slots[k] for k in plan.moving]
+        starts = [plan.start[k] for k in plan.moving]
+        ends = [plan.end[k] for k in plan.moving]
+        out = {split: (np.empty(len(alphas)), np.empty(len(alphas))) for split in self.data}
+        for i, alpha in enumerate(alphas):
+            if moving:
+                torch._foreach_copy_(moving, starts)
+                torch._foreach_lerp_(moving, ends, float(alpha))
+            for split in self.data:
+                loss, correct = self._accumulate(
+                    lambda x, s=split: self._forward_checked(x, s).unsqueeze(0), split, 1)
+                out[split][0][i], out[split][1][i] = loss[0], correct[0]
+            if progress:
+                progress(1)
+        return out
+
+    @torch.no_grad()
+    def _path_vmap(self, plan, alphas, progress):
+        from torch.func import functional_call, vmap
+
+        fixed = {k: v for k, v in plan.base.items() if k not in plan.start}
+        chunk = self.chunk_size(plan.moving, len(alphas))
+        out = {split: (np.empty(len(alphas)), np.empty(len(alphas))) for split in self.data}
+        self._load_state(plan.base)  # for any state the module holds outside its state dict
+
+        def forward(moving, x):
+            return functional_call(self.module, (fixed, moving), (x,))
+
+        batched = vmap(forward, in_dims=(0, None))
+        for lo in range(0, len(alphas), chunk):
+            part = alphas[lo:lo + chunk]
+            weight = torch.as_tensor(part, dtype=self.config.dtype, device=self.config.device)
+            moving = {
+                k: torch.lerp(plan.start[k].unsqueeze(0), plan.end[k].unsqueeze(0),
+                              weight.view(-1, *([1] * plan.start[k].dim())))
+                for k in plan.moving
+            }
+            for split in self.data:
+                loss, correct = self._accumulate(lambda x: batched(moving, x), split, len(part))
+                out[split][0][lo:lo + len(part)] = loss
+                out[split][1][lo:lo + len(part)] = correct
+            if progress:
+                progress(len(part))
+        return out

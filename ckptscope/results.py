@@ -1,0 +1,208 @@
+"""Result datasets: the one place that builds, validates, saves and opens them.
+
+The contract (see ``docs/results.md``):
+
+- dims ``run``, ``group``, ``split``, ``alpha``;
+- ``loss(run, group, split, alpha)``: mean loss over the split's examples;
+  ``accuracy(run, group, split, alpha)``: fraction correct in [0, 1];
+  ``distance(run, group)``: eq. 4 over the group's parameters;
+- coords ``alpha``, ``group`` (``all`` is the whole model), ``pattern(group)``,
+  ``n_tensors(group)``, ``n_params(group)``, ``split``, ``n_examples(split)``, ``run`` and per run
+  ``start_path``, ``end_path``, ``start_sha256``, ``end_sha256``;
+- provenance in ``ds.attrs``.
+
+Files are NetCDF (version 3, written with scipy, so no extra library is needed), written to a
+temporary name in the target folder and renamed, so a crash never leaves a half-written result.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from ckptscope.errors import CkptscopeError
+
+SCHEMA_VERSION = 1
+DIMS = ("run", "group", "split", "alpha")
+CURVE_VARS = ("loss", "accuracy")
+_ENGINE = "scipy"
+
+VAR_ATTRS = {
+    "loss": {"long_name": "loss", "description": "sum of per-example losses over the split / N"},
+    "accuracy": {"long_name": "accuracy", "units": "1",
+                 "description": "fraction of the split's examples classified correctly"},
+    "distance": {"long_name": "relative distance",
+                 "description": "||theta_end - theta_start||_F / ||theta_start||_F over the "
+                                "group's parameters (paper, appendix E, eq. 4); buffers excluded"},
+    "alpha": {"long_name": "interpolation coefficient",
+              "description": "theta(alpha) = (1 - alpha) theta_start + alpha theta_end"},
+    "pattern": {"description": "regex matched (re.match) against state-dict keys"},
+    "n_tensors": {"description": "state-dict entries in the group"},
+    "n_params": {"description": "scalar parameters in the group (tied tensors once)"},
+    "n_examples": {"description": "examples in the split"},
+}
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One checkpoint pair: a label and where the endpoints came from."""
+
+    name: str
+    start_path: str = ""
+    end_path: str = ""
+    start_sha256: str = ""
+    end_sha256: str = ""
+
+
+def build_result(*, loss: np.ndarray, accuracy: np.ndarray, distance: np.ndarray,
+                 alphas: Sequence[float], groups: Sequence[str], patterns: Sequence[str],
+                 n_tensors: Sequence[int], n_params: Sequence[int], splits: Sequence[str],
+                 n_examples: Sequence[int], runs: Sequence[RunInfo],
+                 attrs: Mapping[str, object]) -> xr.Dataset:
+    """Return a result dataset from plain arrays.
+
+    Args:
+        loss, accuracy: (run, group, split, alpha).
+        distance: (run, group).
+        attrs: provenance; values must be strings or numbers.
+    """
+    dims = DIMS
+    ds = xr.Dataset(
+        data_vars={
+            "loss": (dims, np.asarray(loss, dtype=np.float64), VAR_ATTRS["loss"]),
+            "accuracy": (dims, np.asarray(accuracy, dtype=np.float64), VAR_ATTRS["accuracy"]),
+            "distance": (("run", "group"), np.asarray(distance, dtype=np.float64),
+                         VAR_ATTRS["distance"]),
+        },
+        coords={
+            "run": ("run", [r.name for r in runs]),
+            "group": ("group", list(groups)),
+            "split": ("split", list(splits)),
+            "alpha": ("alpha", np.asarray(alphas, dtype=np.float64), VAR_ATTRS["alpha"]),
+            "pattern": ("group", list(patterns), VAR_ATTRS["pattern"]),
+            "n_tensors": ("group", np.asarray(n_tensors, dtype=np.int32), VAR_ATTRS["n_tensors"]),
+            # float64: NetCDF3 has no int64 and parameter counts can pass 2**31.
+            "n_params": ("group", np.asarray(n_params, dtype=np.float64), VAR_ATTRS["n_params"]),
+            "n_examples": ("split", np.asarray(n_examples, dtype=np.int32), VAR_ATTRS["n_examples"]),
+            "start_path": ("run", [r.start_path for r in runs]),
+            "end_path": ("run", [r.end_path for r in runs]),
+            "start_sha256": ("run", [r.start_sha256 for r in runs]),
+            "end_sha256": ("run", [r.end_sha256 for r in runs]),
+        },
+        attrs={"ckptscope_schema": SCHEMA_VERSION, **dict(attrs)},
+    )
+    validate_result(ds)
+    return ds
+
+
+def validate_result(ds: xr.Dataset, *, source: str = "the result") -> xr.Dataset:
+    """Raise unless ``ds`` follows the result contract; return it.
+
+    Raises:
+        CkptscopeError: naming the first thing missing or malformed.
+    """
+    def fail(what: str):
+        raise CkptscopeError(
+            f"{source} is not a valid ckptscope result: {what}; write it again with "
+            f"`ckptscope path` (or ckptscope.save_result)."
+        )
+
+    for name in ("loss", "accuracy", "distance"):
+        if name not in ds.data_vars:
+            fail(f"variable {name!r} is missing")
+    for name in CURVE_VARS:
+        if tuple(ds[name].dims) != DIMS:
+            fail(f"{name!r} has dims {tuple(ds[name].dims)}, expected {DIMS}")
+    if tuple(ds["distance"].dims) != ("run", "group"):
+        fail(f"'distance' has dims {tuple(ds['distance'].dims)}, expected ('run', 'group')")
+    for name in ("run", "group", "split", "alpha", "pattern"):
+        if name not in ds.coords:
+            fail(f"coordinate {name!r} is missing")
+    alpha = np.asarray(ds["alpha"].values, dtype=np.float64)
+    if alpha.size == 0 or not np.all(np.isfinite(alpha)) or np.any(np.diff(alpha) <= 0):
+        fail("'alpha' is not a finite, strictly increasing grid")
+    acc = np.asarray(ds["accuracy"].values)
+    if np.any((acc < 0) | (acc > 1)):
+        fail("'accuracy' holds values outside [0, 1]")
+    for name in ("run", "group", "split"):
+        values = [str(v) for v in ds[name].values]
+        if len(set(values)) != len(values):
+            fail(f"{name!r} labels repeat")
+    version = ds.attrs.get("ckptscope_schema")
+    if version is None:
+        fail("attribute 'ckptscope_schema' is missing")
+    if int(version) > SCHEMA_VERSION:
+        raise CkptscopeError(
+            f"{source} uses result schema {int(version)}, newer than this ckptscope reads "
+            f"({SCHEMA_VERSION}); upgrade ckptscope."
+        )
+    return ds
+
+
+def save_result(ds: xr.Dataset, path: str | os.PathLike) -> Path:
+    """Write a result as NetCDF atomically (temporary name in the same folder, then rename)."""
+    validate_result(ds)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        ds.to_netcdf(tmp, engine=_ENGINE)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def open_result(path: str | os.PathLike) -> xr.Dataset:
+    """Read a result file into memory and validate it.
+
+    Raises:
+        CkptscopeError: the file is missing, not NetCDF, or not a ckptscope result.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CkptscopeError(f"result {str(path)!r} does not exist or is not a file.")
+    try:
+        with xr.open_dataset(path, engine=_ENGINE) as f:
+            ds = f.load()
+    except Exception as err:  # any reader failure is the file's fault here
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise CkptscopeError(
+            f"{str(path)!r} is not a readable NetCDF result ({reason[:160]}); write it with "
+            f"`ckptscope path --out`."
+        ) from None
+    return validate_result(ds, source=repr(str(path)))
+
+
+def summary(ds: xr.Dataset, *, run: int = 0) -> list[dict]:
+    """Return one row per (group, split) of one run: the loss at the first, highest and last
+    alpha, the accuracy at the ends, and the distance.
+
+    The "first" and "last" alphas are 0 and 1 on the default grid.
+    """
+    rows = []
+    sub = ds.isel(run=run)
+    for group in sub["group"].values:
+        for split in sub["split"].values:
+            loss = sub["loss"].sel(group=group, split=split).values
+            acc = sub["accuracy"].sel(group=group, split=split).values
+            finite = np.isfinite(loss)
+            peak = int(np.nanargmax(np.where(finite, loss, -np.inf))) if finite.any() else 0
+            rows.append({
+                "group": str(group), "split": str(split),
+                "loss_start": float(loss[0]), "loss_max": float(loss[peak]) if finite.any()
+                else float("nan"), "alpha_max": float(sub["alpha"].values[peak]),
+                "loss_end": float(loss[-1]), "acc_start": float(acc[0]), "acc_end": float(acc[-1]),
+                "distance": float(sub["distance"].sel(group=group)),
+            })
+    return rows
