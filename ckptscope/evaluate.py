@@ -96,6 +96,18 @@ class EvalConfig:
         return _CPU_BUDGET
 
 
+def _lerp_stack(start: torch.Tensor, end: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Return ``(k, *shape)``: lerp(start, end, w) for each of the k weights, the ends exact.
+
+    At w = 0 and w = 1 the endpoint itself is taken, so a NaN in one endpoint never reaches
+    the other.
+    """
+    w = weight.view(-1, *([1] * start.dim()))
+    out = torch.lerp(start.unsqueeze(0), end.unsqueeze(0), w)
+    out = torch.where(w == 0, start.unsqueeze(0), out)
+    return torch.where(w == 1, end.unsqueeze(0), out)
+
+
 def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -234,8 +246,11 @@ class Evaluator:
         out = {split: (np.empty(len(alphas)), np.empty(len(alphas))) for split in self.data}
         for i, alpha in enumerate(alphas):
             if moving:
-                torch._foreach_copy_(moving, starts)
-                torch._foreach_lerp_(moving, ends, float(alpha))
+                # The ends are copied, not lerped: 0 * inf would turn a NaN in one endpoint into
+                # a NaN at the other.
+                torch._foreach_copy_(moving, ends if alpha == 1 else starts)
+                if alpha not in (0, 1):
+                    torch._foreach_lerp_(moving, ends, float(alpha))
             for split in self.data:
                 loss, correct = self._accumulate(
                     lambda x, s=split: self._forward_checked(x, s).unsqueeze(0), split, 1)
@@ -260,11 +275,7 @@ class Evaluator:
         for lo in range(0, len(alphas), chunk):
             part = alphas[lo:lo + chunk]
             weight = torch.as_tensor(part, dtype=self.config.dtype, device=self.config.device)
-            moving = {
-                k: torch.lerp(plan.start[k].unsqueeze(0), plan.end[k].unsqueeze(0),
-                              weight.view(-1, *([1] * plan.start[k].dim())))
-                for k in plan.moving
-            }
+            moving = {k: _lerp_stack(plan.start[k], plan.end[k], weight) for k in plan.moving}
             for split in self.data:
                 loss, correct = self._accumulate(lambda x: batched(moving, x), split, len(part))
                 out[split][0][lo:lo + len(part)] = loss

@@ -4,8 +4,8 @@ Eq. 1 (whole model): theta(alpha) = (1 - alpha) theta_a + alpha theta_b.
 Eq. 2 (one group): the group's tensors follow eq. 1; every other tensor stays at the held
 endpoint (``hold="end"``: theta_b, as in the paper; ``hold="start"``: theta_a).
 
-Each point is computed fresh with :func:`torch.lerp`, which returns theta_a exactly at alpha = 0
-and theta_b exactly at alpha = 1. Integer tensors (``num_batches_tracked``) never move: they are
+Each point is computed fresh with :func:`torch.lerp`; at alpha = 0 and alpha = 1 the endpoint
+itself is taken (so the ends are exact, and a NaN in one endpoint does not reach the other). Integer tensors (``num_batches_tracked``) never move: they are
 always taken from the held endpoint.
 """
 
@@ -101,5 +101,8 @@ def state_at(plan: PathPlan, alpha: float) -> dict[str, torch.Tensor]:
     """Return the full state at ``alpha`` (the slow, obvious form; the evaluator is faster)."""
     state = dict(plan.base)
     for k in plan.moving:
-        state[k] = torch.lerp(plan.start[k], plan.end[k], float(alpha))
+        if alpha in (0, 1):  # the endpoint itself: a NaN in the other end stays out
+            state[k] = plan.end[k] if alpha == 1 else plan.start[k]
+        else:
+            state[k] = torch.lerp(plan.start[k], plan.end[k], float(alpha))
     return state

@@ -1,0 +1,154 @@
+"""The batched evaluator against the plain load_state_dict loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ckptscope.errors import CkptscopeError
+from ckptscope.evaluate import EvalConfig, Evaluator
+from tests.reference import plain_eval, reference_path
+
+ALPHAS = np.linspace(0, 1, 7)
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("hold", ["end", "start"])
+def test_path_matches_reference_mlp(mlp_pair, spiral_small, strategy, hold):
+    module, a, b = mlp_pair
+    x, y = spiral_small["test"]
+    keys = ["layers.1.weight", "layers.1.bias"]
+    ev = Evaluator(module, a, b, {"test": (x, y)}, loss="bce",
+                   config=EvalConfig(strategy=strategy, batch_size=64))
+    loss, acc = ev.path(keys, ALPHAS, hold=hold)["test"]
+    ref_loss, ref_acc = reference_path(module, a, b, keys, ALPHAS, x, y, loss="bce", hold=hold)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(acc, ref_acc, atol=1.5 / len(x))
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("keys", [None, ["bn.weight", "bn.bias", "bn.running_mean",
+                                         "bn.running_var", "bn.num_batches_tracked"]])
+def test_path_matches_reference_conv_bn(conv_pair, image_data, strategy, keys):
+    module, a, b = conv_pair
+    keys = keys or list(a)
+    x, y = image_data["test"]
+    ev = Evaluator(module, a, b, image_data, loss="cross_entropy",
+                   config=EvalConfig(strategy=strategy, batch_size=10))
+    loss, acc = ev.path(keys, ALPHAS)["test"]
+    ref_loss, ref_acc = reference_path(module, a, b, keys, ALPHAS, x, y)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(acc, ref_acc, atol=1.5 / len(x))
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_path_endpoints_equal_plain_evaluation(conv_pair, image_data, strategy):
+    module, a, b = conv_pair
+    x, y = image_data["test"]
+    ev = Evaluator(module, a, b, image_data, loss="cross_entropy",
+                   config=EvalConfig(strategy=strategy, batch_size=10))
+    loss, acc = ev.path(list(a), np.array([0.0, 0.5, 1.0]))["test"]
+    for i, state in ((0, a), (2, b)):
+        ref_loss, ref_acc = plain_eval(module, state, x, y, batch_size=10)
+        np.testing.assert_allclose(loss[i], ref_loss[0], rtol=1e-6)
+        assert acc[i] == ref_acc[0]
+
+
+def test_loop_state_at_endpoints_is_bitwise_the_endpoint(conv_pair, image_data):
+    module, a, b = conv_pair
+    ev = Evaluator(module, a, b, image_data, loss="cross_entropy",
+                   config=EvalConfig(strategy="loop"))
+    for alpha, state in ((0.0, a), (1.0, b)):
+        ev.path(list(a), np.array([alpha]))
+        for k, v in state.items():
+            assert torch.equal(ev.slots[k], v if v.is_floating_point() else b[k]), k
+
+
+def test_loss_is_sum_over_examples_not_mean_of_batch_means(mlp_pair, spiral_small):
+    module, a, b = mlp_pair
+    x, y = spiral_small["test"][0][:101], spiral_small["test"][1][:101]
+    results = []
+    for bs in (101, 10, 7):
+        ev = Evaluator(module, a, b, {"test": (x, y)}, loss="bce", config=EvalConfig(batch_size=bs))
+        results.append(ev.path(list(a), np.array([0.3]))["test"][0][0])
+    np.testing.assert_allclose(results, results[0], rtol=1e-6)
+
+
+def test_vmap_chunking_does_not_change_results(conv_pair, image_data):
+    module, a, b = conv_pair
+    grid = np.linspace(-0.5, 1.5, 9)
+    curves = []
+    for budget in (None, 1):  # budget of 1 byte forces one alpha per chunk
+        ev = Evaluator(module, a, b, image_data, loss="cross_entropy",
+                       config=EvalConfig(strategy="vmap", batch_size=16, memory_budget=budget))
+        curves.append(ev.path(list(a), grid)["test"][0])
+    assert ev.chunk_size(list(a), len(grid)) == 1
+    np.testing.assert_allclose(curves[0], curves[1], rtol=1e-6)
+
+
+def test_chunk_size_bounded_by_budget(conv_pair, image_data):
+    module, a, b = conv_pair
+    ev = Evaluator(module, a, b, image_data, loss="cross_entropy",
+                   config=EvalConfig(strategy="vmap", batch_size=16, memory_budget=200_000))
+    small, large = ev.chunk_size(list(a), 10), ev.chunk_size(list(a), 10_000)
+    assert small <= 10
+    assert large == ev.chunk_size(list(a), 100_000) < 10_000
+
+
+def test_integer_buffers_taken_from_held_endpoint(conv_pair, image_data):
+    module, a, b = conv_pair
+    for hold, want in (("end", b), ("start", a)):
+        ev = Evaluator(module, a, b, image_data, loss="cross_entropy",
+                       config=EvalConfig(strategy="loop"))
+        ev.path(list(a), np.array([0.0, 0.5]), hold=hold)
+        got = ev.slots["bn.num_batches_tracked"]
+        assert int(got) == int(want["bn.num_batches_tracked"])
+
+
+def test_progress_reports_every_alpha(mlp_pair, spiral_small):
+    module, a, b = mlp_pair
+    seen = []
+    ev = Evaluator(module, a, b, spiral_small, loss="bce", config=EvalConfig(strategy="vmap",
+                                                                             memory_budget=1))
+    ev.path(list(a), ALPHAS, progress=seen.append)
+    assert sum(seen) == len(ALPHAS)
+
+
+def test_model_data_mismatch_is_one_line_error(conv_pair):
+    module, a, b = conv_pair
+    bad = {"test": (torch.randn(4, 2), torch.zeros(4, dtype=torch.long))}
+    with pytest.raises(CkptscopeError, match="the model failed on the 'test' inputs"):
+        Evaluator(module, a, b, bad, loss="cross_entropy", config=EvalConfig())
+
+
+def test_eval_config_rejects_bad_values():
+    with pytest.raises(CkptscopeError, match="strategy"):
+        EvalConfig(strategy="fast")
+    with pytest.raises(CkptscopeError, match="batch_size"):
+        EvalConfig(batch_size=0)
+
+
+def test_float64_evaluation_matches_reference_tightly(mlp_pair, spiral_small):
+    module, a, b = mlp_pair
+    x, y = spiral_small["test"]
+    ev = Evaluator(module.double(), a, b, {"test": (x, y)}, loss="bce",
+                   config=EvalConfig(dtype=torch.float64))
+    loss, _ = ev.path(list(a), ALPHAS)["test"]
+    ref, _ = reference_path(module.double(), {k: v.double() for k, v in a.items()},
+                            {k: v.double() for k, v in b.items()}, list(a), ALPHAS,
+                            x.double(), y, loss="bce")
+    np.testing.assert_allclose(loss, ref, rtol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_cuda_matches_cpu(conv_pair, image_data, strategy):
+    module, a, b = conv_pair
+    curves = []
+    for device in ("cpu", "cuda"):
+        ev = Evaluator(module, a, b, image_data, loss="cross_entropy",
+                       config=EvalConfig(device=torch.device(device), strategy=strategy))
+        curves.append(ev.path(list(a), ALPHAS)["test"][0])
+    np.testing.assert_allclose(curves[0], curves[1], rtol=1e-4)

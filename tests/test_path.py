@@ -1,0 +1,51 @@
+"""The alpha grid and the interpolated state (eq. 1 and 2)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ckptscope.errors import CkptscopeError
+from ckptscope.path import alpha_grid, parse_alpha_range, plan_path, state_at
+
+
+def test_alpha_grid_count_includes_both_ends():
+    grid = alpha_grid(51)
+    assert grid[0] == 0.0 and grid[-1] == 1.0 and len(grid) == 51
+    np.testing.assert_allclose(np.diff(grid), 0.02)
+
+
+def test_alpha_grid_sequence_and_extrapolation():
+    np.testing.assert_array_equal(alpha_grid([-0.5, 0, 1.5]), [-0.5, 0, 1.5])
+    np.testing.assert_allclose(parse_alpha_range("-0.5:1.5:5"), [-0.5, 0, 0.5, 1, 1.5])
+
+
+@pytest.mark.parametrize("bad, match", [(1, "too few"), ([], "empty"), ([0, 0.5, 0.5], "increasing"),
+                                        ([0, float("nan")], "NaN")])
+def test_alpha_grid_errors(bad, match):
+    with pytest.raises(CkptscopeError, match=match):
+        alpha_grid(bad)
+
+
+@pytest.mark.parametrize("text", ["0:1", "a:b:3", "1:0:5", "0:1:1"])
+def test_parse_alpha_range_errors(text):
+    with pytest.raises(CkptscopeError, match="alpha range"):
+        parse_alpha_range(text)
+
+
+def test_state_at_group_moves_rest_held():
+    a = {"w": torch.zeros(2), "v": torch.zeros(2), "n": torch.tensor(1)}
+    b = {"w": torch.ones(2), "v": torch.full((2,), 2.0), "n": torch.tensor(9)}
+    plan = plan_path(a, b, ["w", "n"], hold="end")
+    assert plan.moving == ("w",)
+    s = state_at(plan, 0.25)
+    assert torch.equal(s["w"], torch.full((2,), 0.25))
+    assert torch.equal(s["v"], b["v"]) and int(s["n"]) == 9
+    s = state_at(plan_path(a, b, ["w"], hold="start"), 0.25)
+    assert torch.equal(s["v"], a["v"]) and int(s["n"]) == 1
+
+
+def test_plan_path_rejects_bad_hold():
+    with pytest.raises(CkptscopeError, match="hold"):
+        plan_path({}, {}, [], hold="middle")

@@ -1,0 +1,85 @@
+"""Building, saving (atomically) and opening result datasets."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from ckptscope.errors import CkptscopeError
+from ckptscope.results import RunInfo, build_result, open_result, save_result, summary
+
+
+def make_result(n_alpha=5, groups=("all", "fc"), splits=("test",)):
+    rng = np.random.default_rng(0)
+    shape = (1, len(groups), len(splits), n_alpha)
+    return build_result(
+        loss=rng.random(shape), accuracy=rng.random(shape), distance=rng.random((1, len(groups))),
+        alphas=np.linspace(0, 1, n_alpha), groups=list(groups), patterns=[".*", "fc"][:len(groups)],
+        n_tensors=[4, 2][:len(groups)], n_params=[100, 10][:len(groups)], splits=list(splits),
+        n_examples=[50] * len(splits), runs=[RunInfo("0", "a.pt", "b.pt", "aa", "bb")],
+        attrs={"adapter": "mlp", "hold": "end"},
+    )
+
+
+def test_save_open_roundtrip_identical(tmp_path):
+    ds = make_result()
+    path = save_result(ds, tmp_path / "r.nc")
+    back = open_result(path)
+    assert back.identical(ds)
+    with xr.open_dataset(path) as plain:
+        assert plain.load().identical(ds)
+    assert os.listdir(tmp_path) == ["r.nc"]
+
+
+def test_save_result_failure_leaves_nothing(tmp_path, monkeypatch):
+    ds = make_result()
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(xr.Dataset, "to_netcdf", boom)
+    with pytest.raises(RuntimeError):
+        save_result(ds, tmp_path / "r.nc")
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_result_replaces_existing_file(tmp_path):
+    path = tmp_path / "r.nc"
+    save_result(make_result(n_alpha=3), path)
+    save_result(make_result(n_alpha=7), path)
+    assert open_result(path).sizes["alpha"] == 7
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda ds: ds.drop_vars("loss"), "variable 'loss' is missing"),
+    (lambda ds: ds.assign(accuracy=ds.accuracy * 3), "outside"),
+    (lambda ds: ds.assign_coords(alpha=ds.alpha[::-1].values), "increasing"),
+    (lambda ds: ds.assign(loss=ds.loss.transpose("alpha", ...)), "dims"),
+    (lambda ds: ds.assign_attrs(ckptscope_schema=99), "newer"),
+])
+def test_open_result_validates(tmp_path, mutate, match):
+    path = tmp_path / "bad.nc"
+    mutate(make_result()).to_netcdf(path, engine="scipy")
+    with pytest.raises(CkptscopeError, match=match):
+        open_result(path)
+
+
+def test_open_result_not_netcdf(tmp_path):
+    path = tmp_path / "x.nc"
+    path.write_text("not netcdf")
+    with pytest.raises(CkptscopeError, match="not a readable NetCDF"):
+        open_result(path)
+    with pytest.raises(CkptscopeError, match="does not exist"):
+        open_result(tmp_path / "missing.nc")
+
+
+def test_summary_rows():
+    ds = make_result()
+    rows = summary(ds)
+    assert [r["group"] for r in rows] == ["all", "fc"]
+    loss = ds.loss.sel(group="fc", split="test").values[0]
+    assert rows[1]["loss_max"] == loss.max()
+    assert rows[1]["loss_start"] == loss[0] and rows[1]["loss_end"] == loss[-1]
