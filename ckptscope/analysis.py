@@ -34,9 +34,12 @@ def _version() -> str:
     return __version__
 
 
-def resolve_model(model: nn.Module | str | Adapter | None, a: Checkpoint, b: Checkpoint,
-                  adapter_options: Mapping[str, object] | None = None
-                  ) -> tuple[nn.Module, Adapter | None, dict]:
+def resolve_model(
+    model: nn.Module | str | Adapter | None,
+    a: Checkpoint,
+    b: Checkpoint,
+    adapter_options: Mapping[str, object] | None = None,
+) -> tuple[nn.Module, Adapter | None, dict]:
     """Return (module, adapter or None, options) for a module, an adapter, or the metadata."""
     if isinstance(model, nn.Module):
         return model, None, {}
@@ -50,7 +53,9 @@ def resolve_model(model: nn.Module | str | Adapter | None, a: Checkpoint, b: Che
     adapter = get_adapter(model)
     if adapter_options is None:
         stored = a.metadata.get("adapter_options") or b.metadata.get("adapter_options")
-        adapter_options = json.loads(stored) if stored and a.metadata.get("adapter") == adapter.name else None
+        adapter_options = (
+            json.loads(stored) if stored and a.metadata.get("adapter") == adapter.name else None
+        )
     options = adapter.options_for(a.state, adapter_options)
     return adapter.make(options), adapter, options
 
@@ -65,22 +70,41 @@ def _data_spec(data, a: Checkpoint, adapter: Adapter | None) -> object:
 
 
 def _warn_nonfinite(ckpt: Checkpoint, label: str) -> None:
-    bad = sorted(k for k, v in ckpt.state.items()
-                 if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    bad = sorted(
+        k
+        for k, v in ckpt.state.items()
+        if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    )
     if bad:
-        warnings.warn(f"checkpoint {label} has NaN/Inf in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
-                      f"{', ...' if len(bad) > 3 else ''}); the curves will hold NaN there.",
-                      stacklevel=3)
+        warnings.warn(
+            f"checkpoint {label} has NaN/Inf in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}); the curves will hold NaN there.",
+            stacklevel=3,
+        )
 
 
-def linear_path(start: StateSource, end: StateSource, model: nn.Module | str | Adapter | None = None,
-                data: object = None, *, groups: Sequence[str] | Mapping[str, str] | None = None,
-                alphas: int | Sequence[float] = 51, full: bool = True, loss: str | Callable | None = None,
-                hold: str = "end", device: str | torch.device | None = None,
-                batch_size: int | None = None, split: str = "test",
-                adapter_options: Mapping[str, object] | None = None, dtype: str = "float32",
-                strategy: str = "auto", memory_budget: int | None = None, seed: int = 0,
-                run: str = "0", progress: Callable[[int, int], None] | None = None) -> xr.Dataset:
+def linear_path(
+    start: StateSource,
+    end: StateSource,
+    model: nn.Module | str | Adapter | None = None,
+    data: object = None,
+    *,
+    groups: Sequence[str] | Mapping[str, str] | None = None,
+    alphas: int | Sequence[float] = 51,
+    full: bool = True,
+    loss: str | Callable | None = None,
+    hold: str = "end",
+    device: str | torch.device | None = None,
+    batch_size: int | None = None,
+    split: str = "test",
+    adapter_options: Mapping[str, object] | None = None,
+    dtype: str = "float32",
+    strategy: str = "auto",
+    memory_budget: int | None = None,
+    seed: int = 0,
+    run: str = "0",
+    progress: Callable[[int, int], None] | None = None,
+) -> xr.Dataset:
     """Evaluate loss and accuracy on the straight line from ``start`` to ``end``.
 
     The whole-model path (group ``all``, eq. 1 of the paper) and, per group, the path on which
@@ -129,10 +153,15 @@ def linear_path(start: StateSource, end: StateSource, model: nn.Module | str | A
     _warn_nonfinite(b, b.path or "end")
     module, adapter, options = resolve_model(model, a, b, adapter_options)
     expected = module.state_dict()
-    check_pair({k: v for k, v in expected.items()}, a.state,
-               names=(f"the model ({adapter.name if adapter else module_name(module)})",
-                      f"the checkpoint {a.path or 'start'}"),
-               fix="pick the adapter and options the checkpoint was saved from")
+    check_pair(
+        {k: v for k, v in expected.items()},
+        a.state,
+        names=(
+            f"the model ({adapter.name if adapter else module_name(module)})",
+            f"the checkpoint {a.path or 'start'}",
+        ),
+        fix="pick the adapter and options the checkpoint was saved from",
+    )
 
     spec = _data_spec(data, a, adapter)
     if isinstance(spec, str):
@@ -147,8 +176,13 @@ def linear_path(start: StateSource, end: StateSource, model: nn.Module | str | A
     resolved = resolve_groups(keys, normalise_groups(groups), full=full, source=a.path or "A")
     if not resolved:
         raise CkptscopeError("nothing to evaluate: full=False and no groups; add a group.")
-    config = EvalConfig(device=resolve_device(device), dtype=DTYPES[dtype],
-                        batch_size=batch_size, strategy=strategy, memory_budget=memory_budget)
+    config = EvalConfig(
+        device=resolve_device(device),
+        dtype=DTYPES[dtype],
+        batch_size=batch_size,
+        strategy=strategy,
+        memory_budget=memory_budget,
+    )
     evaluator = Evaluator(module, a.state, b.state, splits, loss=loss, config=config)
 
     total, done = len(resolved) * len(grid), 0
@@ -170,10 +204,16 @@ def linear_path(start: StateSource, end: StateSource, model: nn.Module | str | A
     distance = np.array([group_distances(a.state, b.state, [g.keys for g in resolved], params)])
     n_params = [sum(a.state[k].numel() for k in g.keys if k in params) for g in resolved]
     return build_result(
-        loss=losses, accuracy=accuracies, distance=distance, alphas=grid,
-        groups=[g.name for g in resolved], patterns=[g.pattern for g in resolved],
-        n_tensors=[len(g.keys) for g in resolved], n_params=n_params,
-        splits=list(splits), n_examples=[len(x) for x, _ in splits.values()],
+        loss=losses,
+        accuracy=accuracies,
+        distance=distance,
+        alphas=grid,
+        groups=[g.name for g in resolved],
+        patterns=[g.pattern for g in resolved],
+        n_tensors=[len(g.keys) for g in resolved],
+        n_params=n_params,
+        splits=list(splits),
+        n_examples=[len(x) for x, _ in splits.values()],
         runs=[RunInfo(run, a.path, b.path, a.sha256, b.sha256)],
         attrs={
             "ckptscope_version": _version(),
@@ -193,4 +233,3 @@ def linear_path(start: StateSource, end: StateSource, model: nn.Module | str | A
             "notes": "; ".join(a.notes + b.notes),
         },
     )
-

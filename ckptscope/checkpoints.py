@@ -82,7 +82,9 @@ def _check_path(path: Path) -> None:
             f"checkpoint {str(path)!r} is a directory; pass a .safetensors or torch file in it."
         )
     if path.stat().st_size == 0:
-        raise CkptscopeError(f"checkpoint {str(path)!r} is empty (0 bytes); it was not saved fully.")
+        raise CkptscopeError(
+            f"checkpoint {str(path)!r} is empty (0 bytes); it was not saved fully."
+        )
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -91,7 +93,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
-            state = {key: f.get_tensor(key) for key in f.keys()}
+            state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CkptscopeError(
@@ -124,7 +126,9 @@ def _read_torch(path: Path, kind: str) -> object:
         ) from None
 
 
-def unwrap_state(obj: object, *, source: str = "state") -> tuple[dict[str, torch.Tensor], list[str]]:
+def unwrap_state(
+    obj: object, *, source: str = "state"
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Return the tensor state dict inside ``obj`` and notes on what was unwrapped.
 
     Args:
@@ -157,7 +161,9 @@ def unwrap_state(obj: object, *, source: str = "state") -> tuple[dict[str, torch
     return state, notes
 
 
-def _normalise(state: dict[str, torch.Tensor], source: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _normalise(
+    state: dict[str, torch.Tensor], source: str
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     out: dict[str, torch.Tensor] = {}
     upcast = []
     for key, value in state.items():
@@ -198,7 +204,9 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     metadata: dict[str, str] = {}
     if kind == "safetensors":
         state, raw_meta = _read_safetensors(path)
-        metadata = {k[len(META_PREFIX) :]: v for k, v in raw_meta.items() if k.startswith(META_PREFIX)}
+        metadata = {
+            k[len(META_PREFIX) :]: v for k, v in raw_meta.items() if k.startswith(META_PREFIX)
+        }
         notes: list[str] = []
     elif kind in ("torch-zip", "torch-legacy"):
         state, notes = unwrap_state(_read_torch(path, kind), source=repr(str(path)))
@@ -211,7 +219,9 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(state, str(path), file_sha256(path), metadata, tuple(notes + more))
 
 
-def as_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor] | Checkpoint) -> Checkpoint:
+def as_checkpoint(
+    source: str | os.PathLike | Mapping[str, torch.Tensor] | Checkpoint,
+) -> Checkpoint:
     """Return a :class:`Checkpoint` from a path, an in-memory state dict or a checkpoint."""
     if isinstance(source, Checkpoint):
         return source
@@ -228,9 +238,13 @@ def _diff_list(keys: list[str], limit: int = 10) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def check_pair(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], *,
-               names: tuple[str, str] = ("A", "B"),
-               fix: str = "they must be two states of one architecture") -> None:
+def check_pair(
+    a: Mapping[str, torch.Tensor],
+    b: Mapping[str, torch.Tensor],
+    *,
+    names: tuple[str, str] = ("A", "B"),
+    fix: str = "they must be two states of one architecture",
+) -> None:
     """Raise unless ``a`` and ``b`` have the same keys, shapes and kinds of dtype.
 
     Args:
@@ -250,21 +264,29 @@ def check_pair(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], *,
         problems.append(f"only in {names[1]}: {_diff_list(only_b)}")
     shapes = sorted(k for k in set(a) & set(b) if a[k].shape != b[k].shape)
     if shapes:
-        problems.append("shapes differ: " + _diff_list(
-            [f"{k} {tuple(a[k].shape)} vs {tuple(b[k].shape)}" for k in shapes]))
-    kinds = sorted(k for k in set(a) & set(b)
-                   if a[k].is_floating_point() != b[k].is_floating_point())
+        problems.append(
+            "shapes differ: "
+            + _diff_list([f"{k} {tuple(a[k].shape)} vs {tuple(b[k].shape)}" for k in shapes])
+        )
+    kinds = sorted(
+        k for k in set(a) & set(b) if a[k].is_floating_point() != b[k].is_floating_point()
+    )
     if kinds:
-        problems.append("dtypes differ: " + _diff_list(
-            [f"{k} {a[k].dtype} vs {b[k].dtype}" for k in kinds]))
+        problems.append(
+            "dtypes differ: " + _diff_list([f"{k} {a[k].dtype} vs {b[k].dtype}" for k in kinds])
+        )
     if problems:
         raise CkptscopeError(
             f"{names[0]} and {names[1]} do not match ({'; '.join(problems)}); {fix}."
         )
 
 
-def save_checkpoint(path: str | os.PathLike, state: Mapping[str, torch.Tensor], *,
-                    metadata: Mapping[str, object] | None = None) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike,
+    state: Mapping[str, torch.Tensor],
+    *,
+    metadata: Mapping[str, object] | None = None,
+) -> Path:
     """Write ``state`` as safetensors atomically, with ckptscope metadata.
 
     Args:
@@ -277,8 +299,10 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, torch.Tensor], 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    meta = {META_PREFIX + k: v if isinstance(v, str) else json.dumps(v)
-            for k, v in (metadata or {}).items()}
+    meta = {
+        META_PREFIX + k: v if isinstance(v, str) else json.dumps(v)
+        for k, v in (metadata or {}).items()
+    }
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:

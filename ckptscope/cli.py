@@ -35,23 +35,45 @@ class ProgressBar:
         filled = int(width * done / max(total, 1))
         elapsed = time.monotonic() - self.start
         eta = elapsed / done * (total - done) if done else 0.0
-        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
-                         f"{done}/{total} {elapsed:5.1f}s eta {eta:5.1f}s")
+        sys.stderr.write(
+            f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+            f"{done}/{total} {elapsed:5.1f}s eta {eta:5.1f}s"
+        )
         if done >= total:
             sys.stderr.write("\n")
         sys.stderr.flush()
 
 
 def _format_table(rows: list[dict]) -> str:
-    headers = ["group", "split", "L(start)", "L(max)", "at alpha", "L(end)", "acc(start)",
-               "acc(end)", "distance"]
-    cells = [[r["group"], r["split"], f"{r['loss_start']:.4g}", f"{r['loss_max']:.4g}",
-              f"{r['alpha_max']:.2f}", f"{r['loss_end']:.4g}", f"{r['acc_start']:.3f}",
-              f"{r['acc_end']:.3f}", f"{r['distance']:.4g}"] for r in rows]
+    headers = [
+        "group",
+        "split",
+        "L(start)",
+        "L(max)",
+        "at alpha",
+        "L(end)",
+        "acc(start)",
+        "acc(end)",
+        "distance",
+    ]
+    cells = [
+        [
+            r["group"],
+            r["split"],
+            f"{r['loss_start']:.4g}",
+            f"{r['loss_max']:.4g}",
+            f"{r['alpha_max']:.2f}",
+            f"{r['loss_end']:.4g}",
+            f"{r['acc_start']:.3f}",
+            f"{r['acc_end']:.3f}",
+            f"{r['distance']:.4g}",
+        ]
+        for r in rows
+    ]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(lines)
 
 
@@ -75,7 +97,9 @@ def _parse_options(pairs: tuple[str, ...]) -> dict | None:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise CkptscopeError(f"adapter option {pair!r} is not KEY=VALUE (e.g. widths=[2,50,1]).")
+            raise CkptscopeError(
+                f"adapter option {pair!r} is not KEY=VALUE (e.g. widths=[2,50,1])."
+            )
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -83,8 +107,13 @@ def _parse_options(pairs: tuple[str, ...]) -> dict | None:
     return options
 
 
-def _groups(adapter_spec: str | None, presets: tuple[str, ...], groups: tuple[str, ...],
-            keys: list[str], metadata: dict) -> dict[str, str]:
+def _groups(
+    adapter_spec: str | None,
+    presets: tuple[str, ...],
+    groups: tuple[str, ...],
+    keys: list[str],
+    metadata: dict,
+) -> dict[str, str]:
     """Group specs from ``--preset`` (through the adapter) and ``--group``, in that order."""
     from ckptscope.adapters import get_adapter
     from ckptscope.groups import normalise_groups
@@ -97,8 +126,10 @@ def _groups(adapter_spec: str | None, presets: tuple[str, ...], groups: tuple[st
         adapter = get_adapter(spec)
         for name in presets:
             if name not in adapter.presets:
-                raise CkptscopeError(f"adapter {adapter.name!r} has no preset {name!r}; known: "
-                                     f"{sorted(adapter.presets) or 'none'}.")
+                raise CkptscopeError(
+                    f"adapter {adapter.name!r} has no preset {name!r}; known: "
+                    f"{sorted(adapter.presets) or 'none'}."
+                )
             out.update(adapter.presets[name](keys))
     for name, pattern in normalise_groups(list(groups)).items():
         out[name] = pattern
@@ -113,11 +144,17 @@ def cli():
 
 
 @cli.command()
-@click.option("--out", type=click.Path(file_okay=False), default="ckptscope-demo", show_default=True,
-              help="Folder for the checkpoints, result.nc and paths.png.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default="ckptscope-demo",
+    show_default=True,
+    help="Folder for the checkpoints, result.nc and paths.png.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--epochs", type=click.IntRange(min=0), default=None,
-              help="Training epochs (default 600).")
+@click.option(
+    "--epochs", type=click.IntRange(min=0), default=None, help="Training epochs (default 600)."
+)
 def demo(out, seed, epochs):
     """Train the paper's spiral MLP and show its whole-model and per-layer paths."""
     from ckptscope.demo import DEMO_TRAIN, run_demo
@@ -130,14 +167,16 @@ def demo(out, seed, epochs):
         bar(record["epoch"], total)
 
     click.echo(f"training the spiral MLP (2x50 ReLU, Adam 5e-4) for {total} epochs ...", err=True)
-    result = run_demo(out, seed=seed, epochs=epochs, on_epoch=on_epoch,
-                      progress=ProgressBar("evaluating"))
+    result = run_demo(
+        out, seed=seed, epochs=epochs, on_epoch=on_epoch, progress=ProgressBar("evaluating")
+    )
     figure = Path(out) / "paths.png"
     _save_figure(result.figure, figure)
     last = result.history[-1] if result.history else {}
     if last:
-        click.echo(f"trained: test accuracy {last['test_accuracy']:.3f}, test loss "
-                   f"{last['test_loss']:.4f}")
+        click.echo(
+            f"trained: test accuracy {last['test_accuracy']:.3f}, test loss {last['test_loss']:.4f}"
+        )
     click.echo(_format_table(summary(result.result)))
     click.echo(f"wrote {result.start}, {result.end}, {result.result_path}, {figure}")
 
@@ -145,37 +184,105 @@ def demo(out, seed, epochs):
 @cli.command()
 @click.argument("start", type=click.Path(dir_okay=True))
 @click.argument("end", type=click.Path(dir_okay=True))
-@click.option("--group", "groups", multiple=True, metavar="[NAME=]REGEX",
-              help="A group of tensors (re.match on the key); repeatable.")
-@click.option("--preset", "presets", multiple=True, metavar="NAME",
-              help="The adapter's group preset (mlp: layers); repeatable.")
-@click.option("--alphas", type=click.IntRange(min=2), default=None,
-              help="Points evenly spaced on [0, 1], both ends included (default 51).")
-@click.option("--alpha-range", default=None, metavar="START:STOP:N",
-              help="Points on [START, STOP] instead (extrapolation allowed).")
-@click.option("--adapter", default=None, metavar="NAME|pkg.module:attr",
-              help="The architecture (default: from the checkpoint's metadata).")
-@click.option("--adapter-opt", "adapter_opts", multiple=True, metavar="KEY=VALUE",
-              help="An adapter option, e.g. widths=[2,50,50,1]; repeatable.")
-@click.option("--data", default=None, metavar="NAME[:ARG]|pkg.module:attr",
-              help="The evaluation data (default: from the metadata or the adapter).")
-@click.option("--split", type=click.Choice(["test", "train", "both"]), default="test",
-              show_default=True)
-@click.option("--hold", type=click.Choice(["end", "start"]), default="end", show_default=True,
-              help="Where the tensors outside a group stay.")
+@click.option(
+    "--group",
+    "groups",
+    multiple=True,
+    metavar="[NAME=]REGEX",
+    help="A group of tensors (re.match on the key); repeatable.",
+)
+@click.option(
+    "--preset",
+    "presets",
+    multiple=True,
+    metavar="NAME",
+    help="The adapter's group preset (mlp: layers); repeatable.",
+)
+@click.option(
+    "--alphas",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Points evenly spaced on [0, 1], both ends included (default 51).",
+)
+@click.option(
+    "--alpha-range",
+    default=None,
+    metavar="START:STOP:N",
+    help="Points on [START, STOP] instead (extrapolation allowed).",
+)
+@click.option(
+    "--adapter",
+    default=None,
+    metavar="NAME|pkg.module:attr",
+    help="The architecture (default: from the checkpoint's metadata).",
+)
+@click.option(
+    "--adapter-opt",
+    "adapter_opts",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="An adapter option, e.g. widths=[2,50,50,1]; repeatable.",
+)
+@click.option(
+    "--data",
+    default=None,
+    metavar="NAME[:ARG]|pkg.module:attr",
+    help="The evaluation data (default: from the metadata or the adapter).",
+)
+@click.option(
+    "--split", type=click.Choice(["test", "train", "both"]), default="test", show_default=True
+)
+@click.option(
+    "--hold",
+    type=click.Choice(["end", "start"]),
+    default="end",
+    show_default=True,
+    help="Where the tensors outside a group stay.",
+)
 @click.option("--no-full", is_flag=True, help="Leave out the whole-model path.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i].")
-@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
-              show_default=True)
+@click.option(
+    "--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
-@click.option("--strategy", type=click.Choice(["auto", "loop", "vmap"]), default="auto",
-              show_default=True, help="Evaluator strategy.")
+@click.option(
+    "--strategy",
+    type=click.Choice(["auto", "loop", "vmap"]),
+    default="auto",
+    show_default=True,
+    help="Evaluator strategy.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of generated data.")
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the result (.nc).")
-@click.option("--plot", type=click.Path(dir_okay=False), default=None,
-              help="Write a figure (.png, .pdf, .svg).")
-def path(start, end, groups, presets, alphas, alpha_range, adapter, adapter_opts, data, split,
-         hold, no_full, device, dtype, batch_size, strategy, seed, out, plot):
+@click.option(
+    "--out", type=click.Path(dir_okay=False), default=None, help="Write the result (.nc)."
+)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write a figure (.png, .pdf, .svg).",
+)
+def path(
+    start,
+    end,
+    groups,
+    presets,
+    alphas,
+    alpha_range,
+    adapter,
+    adapter_opts,
+    data,
+    split,
+    hold,
+    no_full,
+    device,
+    dtype,
+    batch_size,
+    strategy,
+    seed,
+    out,
+    plot,
+):
     """Evaluate loss and accuracy on the straight line from START to END."""
     from ckptscope.analysis import linear_path
     from ckptscope.checkpoints import load_checkpoint
@@ -189,10 +296,24 @@ def path(start, end, groups, presets, alphas, alpha_range, adapter, adapter_opts
     grid = parse_alpha_range(alpha_range) if alpha_range else (alphas or 51)
     a, b = load_checkpoint(start), load_checkpoint(end)
     group_specs = _groups(adapter, presets, groups, list(a.state), a.metadata)
-    ds = linear_path(a, b, adapter, data, groups=group_specs, alphas=grid, full=not no_full,
-                     hold=hold, device=device, batch_size=batch_size, split=split,
-                     adapter_options=_parse_options(adapter_opts), dtype=dtype,
-                     strategy=strategy, seed=seed, progress=ProgressBar("evaluating"))
+    ds = linear_path(
+        a,
+        b,
+        adapter,
+        data,
+        groups=group_specs,
+        alphas=grid,
+        full=not no_full,
+        hold=hold,
+        device=device,
+        batch_size=batch_size,
+        split=split,
+        adapter_options=_parse_options(adapter_opts),
+        dtype=dtype,
+        strategy=strategy,
+        seed=seed,
+        progress=ProgressBar("evaluating"),
+    )
     if out:
         save_result(ds, out)
     if plot:
@@ -225,8 +346,10 @@ def inspect(start, end, groups, presets, adapter, keys):
     if b is not None:
         check_pair(a.state, b.state, names=(a.path, b.path))
     params = parameter_keys(a.state)
-    click.echo(f"{a.path}  sha256 {a.sha256[:16]}  {len(a.state)} tensors, "
-               f"{sum(a.state[k].numel() for k in params):,} parameters ({describe_dtypes(a.state)})")
+    click.echo(
+        f"{a.path}  sha256 {a.sha256[:16]}  {len(a.state)} tensors, "
+        f"{sum(a.state[k].numel() for k in params):,} parameters ({describe_dtypes(a.state)})"
+    )
     if a.metadata:
         click.echo("metadata: " + ", ".join(f"{k}={v}" for k, v in sorted(a.metadata.items())))
     for note in a.notes:
@@ -235,8 +358,10 @@ def inspect(start, end, groups, presets, adapter, keys):
         width = max(len(k) for k in a.state)
         for k, v in a.state.items():
             kind = "param" if k in params else "buffer"
-            click.echo(f"  {k.ljust(width)}  {str(tuple(v.shape)):>18}  "
-                       f"{str(v.dtype).replace('torch.', ''):>8}  {kind}")
+            click.echo(
+                f"  {k.ljust(width)}  {str(tuple(v.shape)):>18}  "
+                f"{str(v.dtype).replace('torch.', ''):>8}  {kind}"
+            )
     specs = _groups(adapter, presets, groups, list(a.state), a.metadata)
     resolved = resolve_groups(list(a.state), specs, full=True, source=a.path)
     click.echo("groups:")
@@ -244,7 +369,8 @@ def inspect(start, end, groups, presets, adapter, keys):
         n = sum(a.state[k].numel() for k in g.keys if k in params)
         line = f"  {g.name:<16} {g.pattern!r:<24} {len(g.keys):>4} tensors {n:>12,} params"
         if b is not None:
-            line += f"  distance {relative_distance(a.state, b.state, [k for k in g.keys if k in params]):.4g}"
+            moved = relative_distance(a.state, b.state, [k for k in g.keys if k in params])
+            line += f"  distance {moved:.4g}"
         click.echo(line)
 
 
@@ -271,8 +397,10 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("interrupted", err=True)
         return 130
     except OSError as err:
-        click.echo(f"error: {err.strerror or err} ({err.filename or ''}); check the path and "
-                   f"permissions.", err=True)
+        click.echo(
+            f"error: {err.strerror or err} ({err.filename or ''}); check the path and permissions.",
+            err=True,
+        )
         return 2
     return 0
 

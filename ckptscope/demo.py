@@ -39,9 +39,15 @@ class DemoOutput:
     history: list[dict]
 
 
-def run_demo(out: str | Path = "ckptscope-demo", *, seed: int = 0, epochs: int | None = None,
-             alphas: int = 51, on_epoch: Callable[[dict], None] | None = None,
-             progress: Callable[[int, int], None] | None = None) -> DemoOutput:
+def run_demo(
+    out: str | Path = "ckptscope-demo",
+    *,
+    seed: int = 0,
+    epochs: int | None = None,
+    alphas: int = 51,
+    on_epoch: Callable[[dict], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> DemoOutput:
     """Train, save both endpoints, evaluate the paths, write ``result.nc``; return the figure.
 
     Args:
@@ -60,19 +66,39 @@ def run_demo(out: str | Path = "ckptscope-demo", *, seed: int = 0, epochs: int |
     options = {"widths": WIDTHS}
     torch.manual_seed(seed)
     module = adapter.make(options)
-    metadata = {"adapter": "mlp", "adapter_options": options, "data": "spiral", "seed": seed,
-                "version": __version__}
-    start = save_checkpoint(out / "init.safetensors", module.state_dict(),
-                            metadata={**metadata, "epoch": 0})
-    config = TrainConfig(**{**DEMO_TRAIN.__dict__, "seed": seed,
-                            **({"epochs": epochs} if epochs is not None else {})})
-    history = fit(module, load_data("spiral", seed=seed), loss=adapter.loss(options),
-                  config=config, on_epoch=on_epoch)
-    end = save_checkpoint(out / "final.safetensors", module.state_dict(),
-                          metadata={**metadata, "epoch": config.epochs})
+    metadata = {
+        "adapter": "mlp",
+        "adapter_options": options,
+        "data": "spiral",
+        "seed": seed,
+        "version": __version__,
+    }
+    start = save_checkpoint(
+        out / "init.safetensors", module.state_dict(), metadata={**metadata, "epoch": 0}
+    )
+    config = TrainConfig(
+        **{
+            **DEMO_TRAIN.__dict__,
+            "seed": seed,
+            **({"epochs": epochs} if epochs is not None else {}),
+        }
+    )
+    history = fit(
+        module,
+        load_data("spiral", seed=seed),
+        loss=adapter.loss(options),
+        config=config,
+        on_epoch=on_epoch,
+    )
+    end = save_checkpoint(
+        out / "final.safetensors",
+        module.state_dict(),
+        metadata={**metadata, "epoch": config.epochs},
+    )
     groups = adapter.presets["layers"](list(module.state_dict()))
-    ds = linear_path(start, end, groups=groups, alphas=alphas, split="test", seed=seed,
-                     progress=progress)
+    ds = linear_path(
+        start, end, groups=groups, alphas=alphas, split="test", seed=seed, progress=progress
+    )
     result_path = save_result(ds, out / "result.nc")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     plot_path(ds, variable="loss", ax=axes[0], title="spiral MLP: test loss")

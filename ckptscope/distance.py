@@ -37,8 +37,9 @@ def parameter_keys(state: Mapping[str, torch.Tensor], module: nn.Module | None =
     return keys
 
 
-def relative_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
-                      keys: Iterable[str]) -> float:
+def relative_distance(
+    a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], keys: Iterable[str]
+) -> float:
     """Return ||b - a||_F / ||a||_F over ``keys`` (eq. 4); NaN for no keys or ||a|| = 0 = ||b - a||.
 
     Returns ``inf`` when ``a`` is zero over the keys but ``b`` is not.
@@ -47,13 +48,17 @@ def relative_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tenso
     for k in keys:
         x, y = a[k].double(), b[k].double()
         num += float(torch.sum((y - x) ** 2))
-        den += float(torch.sum(x ** 2))
+        den += float(torch.sum(x**2))
     if den == 0.0:
         return math.inf if num > 0 else math.nan
     return math.sqrt(num) / math.sqrt(den)
 
 
-def group_distances(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
-                    groups: Sequence[Sequence[str]], params: set[str]) -> list[float]:
+def group_distances(
+    a: Mapping[str, torch.Tensor],
+    b: Mapping[str, torch.Tensor],
+    groups: Sequence[Sequence[str]],
+    params: set[str],
+) -> list[float]:
     """Return eq. 4 for each group's keys, restricted to ``params``."""
     return [relative_distance(a, b, [k for k in keys if k in params]) for keys in groups]

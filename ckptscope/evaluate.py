@@ -47,7 +47,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise CkptscopeError(f"device {device!r} is not a torch device; use auto, cpu or cuda[:i].") from None
+        raise CkptscopeError(
+            f"device {device!r} is not a torch device; use auto, cpu or cuda[:i]."
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CkptscopeError(f"device {device!r} was asked for but CUDA is not available; use cpu.")
     return dev
@@ -123,15 +125,24 @@ class Evaluator:
         config: device, dtype, batch size, strategy, memory budget.
     """
 
-    def __init__(self, module: nn.Module, a: Mapping[str, torch.Tensor],
-                 b: Mapping[str, torch.Tensor], data: Data, *, loss: str | LossFn,
-                 config: EvalConfig):
+    def __init__(
+        self,
+        module: nn.Module,
+        a: Mapping[str, torch.Tensor],
+        b: Mapping[str, torch.Tensor],
+        data: Data,
+        *,
+        loss: str | LossFn,
+        config: EvalConfig,
+    ):
         self.config = config
         self.loss_fn = get_loss(loss)
         dev, dtype = config.device, config.dtype
         self.module = copy.deepcopy(module).to(device=dev, dtype=dtype).eval()
-        self.slots = {**dict(self.module.named_parameters(remove_duplicate=False)),
-                      **dict(self.module.named_buffers(remove_duplicate=False))}
+        self.slots = {
+            **dict(self.module.named_parameters(remove_duplicate=False)),
+            **dict(self.module.named_buffers(remove_duplicate=False)),
+        }
         self.parameter_keys = tuple(k for k, _ in self.module.named_parameters())
         self.a = {k: self._to_device(v) for k, v in a.items()}
         self.b = {k: self._to_device(v) for k, v in b.items()}
@@ -177,13 +188,12 @@ class Evaluator:
         return max(1, min(n_max, _MAX_BATCH, self.config.budget // (4 * self._activation_bytes)))
 
     def batch_size(self) -> int:
-        """Examples per forward pass: the configured number, or what a quarter of the budget holds."""
+        """Examples per forward pass: as configured, or what a quarter of the budget holds."""
         return self._batch_size
 
     def chunk_size(self, moving: Sequence[str], n_alpha: int) -> int:
         """Alphas per vectorised pass: as many as the memory budget holds, at least one."""
-        per_alpha = (_nbytes([self.a[k] for k in moving])
-                     + self._batch_size * self._activation_bytes)
+        per_alpha = _nbytes([self.a[k] for k in moving]) + self._batch_size * self._activation_bytes
         return max(1, min(n_alpha, self.config.budget // max(1, per_alpha)))
 
     # --- evaluation ---------------------------------------------------------------------------
@@ -193,8 +203,8 @@ class Evaluator:
         except (RuntimeError, ValueError, TypeError, IndexError) as err:
             reason = (str(err).splitlines() or [type(err).__name__])[0]
             raise CkptscopeError(
-                f"the model failed on the {split!r} inputs of shape {tuple(x.shape)} ({reason[:200]}); "
-                f"check that the data fits the adapter (--data / --adapter)."
+                f"the model failed on the {split!r} inputs of shape {tuple(x.shape)} "
+                f"({reason[:200]}); check that the data fits the adapter (--data / --adapter)."
             ) from None
 
     def _load_state(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -202,8 +212,14 @@ class Evaluator:
         with torch.no_grad():
             torch._foreach_copy_([self.slots[k] for k in keys], [state[k] for k in keys])
 
-    def path(self, keys: Sequence[str], alphas: np.ndarray, *, hold: str = "end",
-             progress: Progress | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def path(
+        self,
+        keys: Sequence[str],
+        alphas: np.ndarray,
+        *,
+        hold: str = "end",
+        progress: Progress | None = None,
+    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Evaluate the path on which ``keys`` move and the rest is held.
 
         Args:
@@ -221,8 +237,10 @@ class Evaluator:
             sums = self._path_vmap(plan, alphas, progress)
         else:
             sums = self._path_loop(plan, alphas, progress)
-        return {split: (loss / len(self.data[split][0]), correct / len(self.data[split][0]))
-                for split, (loss, correct) in sums.items()}
+        return {
+            split: (loss / len(self.data[split][0]), correct / len(self.data[split][0]))
+            for split, (loss, correct) in sums.items()
+        }
 
     def _accumulate(self, outputs_fn, split: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Sum loss and correctness over the split's batches; ``outputs_fn(x) -> (k, B, ...)``."""
@@ -231,7 +249,7 @@ class Evaluator:
         loss = torch.zeros(k, dtype=torch.float64, device=self.config.device)
         correct = torch.zeros(k, dtype=torch.float64, device=self.config.device)
         for lo in range(0, len(x_all), batch):
-            x, y = x_all[lo:lo + batch], y_all[lo:lo + batch]
+            x, y = x_all[lo : lo + batch], y_all[lo : lo + batch]
             batch_loss, batch_correct = self.loss_fn(outputs_fn(x), y)
             loss += batch_loss.double()
             correct += batch_correct.double()
@@ -253,7 +271,8 @@ class Evaluator:
                     torch._foreach_lerp_(moving, ends, float(alpha))
             for split in self.data:
                 loss, correct = self._accumulate(
-                    lambda x, s=split: self._forward_checked(x, s).unsqueeze(0), split, 1)
+                    lambda x, s=split: self._forward_checked(x, s).unsqueeze(0), split, 1
+                )
                 out[split][0][i], out[split][1][i] = loss[0], correct[0]
             if progress:
                 progress(1)
@@ -273,13 +292,15 @@ class Evaluator:
 
         batched = vmap(forward, in_dims=(0, None))
         for lo in range(0, len(alphas), chunk):
-            part = alphas[lo:lo + chunk]
+            part = alphas[lo : lo + chunk]
             weight = torch.as_tensor(part, dtype=self.config.dtype, device=self.config.device)
             moving = {k: _lerp_stack(plan.start[k], plan.end[k], weight) for k in plan.moving}
             for split in self.data:
-                loss, correct = self._accumulate(lambda x: batched(moving, x), split, len(part))
-                out[split][0][lo:lo + len(part)] = loss
-                out[split][1][lo:lo + len(part)] = correct
+                loss, correct = self._accumulate(
+                    lambda x, moving=moving: batched(moving, x), split, len(part)
+                )
+                out[split][0][lo : lo + len(part)] = loss
+                out[split][1][lo : lo + len(part)] = correct
             if progress:
                 progress(len(part))
         return out

@@ -51,7 +51,9 @@ def normalise_groups(groups: None | str | Sequence[str] | Mapping[str, str]) -> 
         return {}
     if isinstance(groups, str):
         groups = [groups]
-    pairs = list(groups.items()) if isinstance(groups, Mapping) else [parse_group(g) for g in groups]
+    pairs = (
+        list(groups.items()) if isinstance(groups, Mapping) else [parse_group(g) for g in groups]
+    )
     out: dict[str, str] = {}
     for name, pattern in pairs:
         if name in out:
@@ -63,13 +65,20 @@ def normalise_groups(groups: None | str | Sequence[str] | Mapping[str, str]) -> 
         try:
             re.compile(pattern)
         except re.error as err:
-            raise CkptscopeError(f"group {name!r}: {pattern!r} is not a valid regex ({err}).") from None
+            raise CkptscopeError(
+                f"group {name!r}: {pattern!r} is not a valid regex ({err})."
+            ) from None
         out[name] = pattern
     return out
 
 
-def resolve_groups(keys: Iterable[str], groups: Mapping[str, str], *, full: bool = True,
-                   source: str = "the checkpoint") -> list[Group]:
+def resolve_groups(
+    keys: Iterable[str],
+    groups: Mapping[str, str],
+    *,
+    full: bool = True,
+    source: str = "the checkpoint",
+) -> list[Group]:
     """Select each group's keys.
 
     Args:

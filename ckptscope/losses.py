@@ -18,7 +18,9 @@ from ckptscope.errors import CkptscopeError
 LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def cross_entropy(
+    outputs: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax cross entropy on logits ``(k, B, C)`` with class-index targets ``(B,)``."""
     k, batch, classes = outputs.shape[0], outputs.shape[1], outputs.shape[-1]
     flat = outputs.reshape(k * batch, classes)
@@ -27,8 +29,9 @@ def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.T
     return losses.sum(-1), correct
 
 
-def binary_cross_entropy(outputs: torch.Tensor,
-                         targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def binary_cross_entropy(
+    outputs: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Binary cross entropy on logits ``(k, B)`` or ``(k, B, 1)`` with 0/1 targets ``(B,)``."""
     logits = outputs.reshape(outputs.shape[0], outputs.shape[1])
     target = targets.to(logits.dtype).expand_as(logits)
@@ -60,4 +63,6 @@ def get_loss(loss: str | LossFn) -> LossFn:
 
 def target_dtype(loss: str | LossFn) -> torch.dtype | None:
     """The dtype targets are cast to for a named loss (``None``: leave them as given)."""
-    return {"cross_entropy": torch.long, "bce": torch.float32}.get(loss if isinstance(loss, str) else "")
+    return {"cross_entropy": torch.long, "bce": torch.float32}.get(
+        loss if isinstance(loss, str) else ""
+    )

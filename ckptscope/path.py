@@ -5,8 +5,9 @@ Eq. 2 (one group): the group's tensors follow eq. 1; every other tensor stays at
 endpoint (``hold="end"``: theta_b, as in the paper; ``hold="start"``: theta_a).
 
 Each point is computed fresh with :func:`torch.lerp`; at alpha = 0 and alpha = 1 the endpoint
-itself is taken (so the ends are exact, and a NaN in one endpoint does not reach the other). Integer tensors (``num_batches_tracked``) never move: they are
-always taken from the held endpoint.
+itself is taken (so the ends are exact, and a NaN in one endpoint does not reach the other).
+Integer tensors (``num_batches_tracked``) never move: they are always taken from the held
+endpoint.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ def alpha_grid(alphas: int | Sequence[float] | np.ndarray) -> np.ndarray:
     if not np.all(np.isfinite(grid)):
         raise CkptscopeError(f"the alpha grid holds NaN or Inf ({grid.tolist()[:8]}).")
     if grid.size > 1 and not np.all(np.diff(grid) > 0):
-        raise CkptscopeError("the alpha grid must be strictly increasing; sort it and drop repeats.")
+        raise CkptscopeError(
+            "the alpha grid must be strictly increasing; sort it and drop repeats."
+        )
     return grid
 
 
@@ -76,8 +79,13 @@ class PathPlan:
     base: dict[str, torch.Tensor]
 
 
-def plan_path(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
-              keys: Sequence[str], *, hold: str = "end") -> PathPlan:
+def plan_path(
+    a: Mapping[str, torch.Tensor],
+    b: Mapping[str, torch.Tensor],
+    keys: Sequence[str],
+    *,
+    hold: str = "end",
+) -> PathPlan:
     """Return the plan for moving ``keys`` from ``a`` to ``b`` with the rest held.
 
     Args:

@@ -7,8 +7,14 @@ import xarray as xr
 from ckptscope.groups import WHOLE_MODEL
 
 
-def plot_path(ds: xr.Dataset, *, variable: str = "loss", split: str | None = None,
-              ax=None, title: str | None = None):
+def plot_path(
+    ds: xr.Dataset,
+    *,
+    variable: str = "loss",
+    split: str | None = None,
+    ax=None,
+    title: str | None = None,
+):
     """Draw ``variable`` against alpha, one line per group, the whole-model path dashed.
 
     With several runs the line is the mean over runs and a band shows +-1 std.
@@ -37,10 +43,14 @@ def plot_path(ds: xr.Dataset, *, variable: str = "loss", split: str | None = Non
         runs = curves.sel(group=group)
         mean, std = runs.mean("run").values, runs.std("run").values
         whole = str(group) == WHOLE_MODEL
-        (line,) = ax.plot(alpha, mean, linestyle="--" if whole else "-",
-                          color="tab:blue" if whole else palette[n_group % len(palette)],
-                          linewidth=2 if whole else 1.5,
-                          label="full model" if whole else str(group))
+        (line,) = ax.plot(
+            alpha,
+            mean,
+            linestyle="--" if whole else "-",
+            color="tab:blue" if whole else palette[n_group % len(palette)],
+            linewidth=2 if whole else 1.5,
+            label="full model" if whole else str(group),
+        )
         n_group += 0 if whole else 1
         if runs.sizes["run"] > 1:
             ax.fill_between(alpha, mean - std, mean + std, color=line.get_color(), alpha=0.2)

@@ -38,9 +38,14 @@ def import_object(spec: str, *, what: str) -> object:
 def is_import_spec(spec: str) -> bool:
     """True for ``pkg.module:attr`` (a dotted or plain module name, a colon, an attribute)."""
     head, sep, tail = spec.partition(":")
-    return bool(sep and tail and head.replace(".", "").replace("_", "").isalnum()
-                and tail.replace(".", "").replace("_", "").isalnum() and not tail[0].isdigit()
-                and ("." in head or "/" not in tail))
+    return bool(
+        sep
+        and tail
+        and head.replace(".", "").replace("_", "").isalnum()
+        and tail.replace(".", "").replace("_", "").isalnum()
+        and not tail[0].isdigit()
+        and ("." in head or "/" not in tail)
+    )
 
 
 class Registry(Generic[T]):

@@ -35,13 +35,20 @@ _ENGINE = "scipy"
 
 VAR_ATTRS = {
     "loss": {"long_name": "loss", "description": "sum of per-example losses over the split / N"},
-    "accuracy": {"long_name": "accuracy", "units": "1",
-                 "description": "fraction of the split's examples classified correctly"},
-    "distance": {"long_name": "relative distance",
-                 "description": "||theta_end - theta_start||_F / ||theta_start||_F over the "
-                                "group's parameters (paper, appendix E, eq. 4); buffers excluded"},
-    "alpha": {"long_name": "interpolation coefficient",
-              "description": "theta(alpha) = (1 - alpha) theta_start + alpha theta_end"},
+    "accuracy": {
+        "long_name": "accuracy",
+        "units": "1",
+        "description": "fraction of the split's examples classified correctly",
+    },
+    "distance": {
+        "long_name": "relative distance",
+        "description": "||theta_end - theta_start||_F / ||theta_start||_F over the "
+        "group's parameters (paper, appendix E, eq. 4); buffers excluded",
+    },
+    "alpha": {
+        "long_name": "interpolation coefficient",
+        "description": "theta(alpha) = (1 - alpha) theta_start + alpha theta_end",
+    },
     "pattern": {"description": "regex matched (re.match) against state-dict keys"},
     "n_tensors": {"description": "state-dict entries in the group"},
     "n_params": {"description": "scalar parameters in the group (tied tensors once)"},
@@ -60,11 +67,21 @@ class RunInfo:
     end_sha256: str = ""
 
 
-def build_result(*, loss: np.ndarray, accuracy: np.ndarray, distance: np.ndarray,
-                 alphas: Sequence[float], groups: Sequence[str], patterns: Sequence[str],
-                 n_tensors: Sequence[int], n_params: Sequence[int], splits: Sequence[str],
-                 n_examples: Sequence[int], runs: Sequence[RunInfo],
-                 attrs: Mapping[str, object]) -> xr.Dataset:
+def build_result(
+    *,
+    loss: np.ndarray,
+    accuracy: np.ndarray,
+    distance: np.ndarray,
+    alphas: Sequence[float],
+    groups: Sequence[str],
+    patterns: Sequence[str],
+    n_tensors: Sequence[int],
+    n_params: Sequence[int],
+    splits: Sequence[str],
+    n_examples: Sequence[int],
+    runs: Sequence[RunInfo],
+    attrs: Mapping[str, object],
+) -> xr.Dataset:
     """Return a result dataset from plain arrays.
 
     Args:
@@ -77,8 +94,11 @@ def build_result(*, loss: np.ndarray, accuracy: np.ndarray, distance: np.ndarray
         data_vars={
             "loss": (dims, np.asarray(loss, dtype=np.float64), VAR_ATTRS["loss"]),
             "accuracy": (dims, np.asarray(accuracy, dtype=np.float64), VAR_ATTRS["accuracy"]),
-            "distance": (("run", "group"), np.asarray(distance, dtype=np.float64),
-                         VAR_ATTRS["distance"]),
+            "distance": (
+                ("run", "group"),
+                np.asarray(distance, dtype=np.float64),
+                VAR_ATTRS["distance"],
+            ),
         },
         coords={
             "run": ("run", [r.name for r in runs]),
@@ -89,7 +109,11 @@ def build_result(*, loss: np.ndarray, accuracy: np.ndarray, distance: np.ndarray
             "n_tensors": ("group", np.asarray(n_tensors, dtype=np.int32), VAR_ATTRS["n_tensors"]),
             # float64: NetCDF3 has no int64 and parameter counts can pass 2**31.
             "n_params": ("group", np.asarray(n_params, dtype=np.float64), VAR_ATTRS["n_params"]),
-            "n_examples": ("split", np.asarray(n_examples, dtype=np.int32), VAR_ATTRS["n_examples"]),
+            "n_examples": (
+                "split",
+                np.asarray(n_examples, dtype=np.int32),
+                VAR_ATTRS["n_examples"],
+            ),
             "start_path": ("run", [r.start_path for r in runs]),
             "end_path": ("run", [r.end_path for r in runs]),
             "start_sha256": ("run", [r.start_sha256 for r in runs]),
@@ -107,6 +131,7 @@ def validate_result(ds: xr.Dataset, *, source: str = "the result") -> xr.Dataset
     Raises:
         CkptscopeError: naming the first thing missing or malformed.
     """
+
     def fail(what: str):
         raise CkptscopeError(
             f"{source} is not a valid ckptscope result: {what}; write it again with "
@@ -198,11 +223,17 @@ def summary(ds: xr.Dataset, *, run: int = 0) -> list[dict]:
             acc = sub["accuracy"].sel(group=group, split=split).values
             finite = np.isfinite(loss)
             peak = int(np.nanargmax(np.where(finite, loss, -np.inf))) if finite.any() else 0
-            rows.append({
-                "group": str(group), "split": str(split),
-                "loss_start": float(loss[0]), "loss_max": float(loss[peak]) if finite.any()
-                else float("nan"), "alpha_max": float(sub["alpha"].values[peak]),
-                "loss_end": float(loss[-1]), "acc_start": float(acc[0]), "acc_end": float(acc[-1]),
-                "distance": float(sub["distance"].sel(group=group)),
-            })
+            rows.append(
+                {
+                    "group": str(group),
+                    "split": str(split),
+                    "loss_start": float(loss[0]),
+                    "loss_max": float(loss[peak]) if finite.any() else float("nan"),
+                    "alpha_max": float(sub["alpha"].values[peak]),
+                    "loss_end": float(loss[-1]),
+                    "acc_start": float(acc[0]),
+                    "acc_end": float(acc[-1]),
+                    "distance": float(sub["distance"].sel(group=group)),
+                }
+            )
     return rows

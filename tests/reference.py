@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 
-def reference_path(module, a, b, keys, alphas, x, y, *, loss="cross_entropy", hold="end",
-                   batch_size=None):
+def reference_path(
+    module, a, b, keys, alphas, x, y, *, loss="cross_entropy", hold="end", batch_size=None
+):
     """Return (loss, accuracy) arrays over ``alphas`` computed the plain way."""
     model = copy.deepcopy(module).eval()
     held = b if hold == "end" else a
@@ -27,12 +28,15 @@ def reference_path(module, a, b, keys, alphas, x, y, *, loss="cross_entropy", ho
         bs = batch_size or len(x)
         with torch.no_grad():
             for lo in range(0, len(x), bs):
-                out = model(x[lo:lo + bs])
-                t = y[lo:lo + bs]
+                out = model(x[lo : lo + bs])
+                t = y[lo : lo + bs]
                 if loss == "bce":
                     logits = out.reshape(-1)
-                    total += float(F.binary_cross_entropy_with_logits(
-                        logits, t.to(logits.dtype), reduction="sum"))
+                    total += float(
+                        F.binary_cross_entropy_with_logits(
+                            logits, t.to(logits.dtype), reduction="sum"
+                        )
+                    )
                     correct += float(((logits > 0) == (t > 0.5)).sum())
                 else:
                     total += float(F.cross_entropy(out, t, reduction="sum"))
@@ -44,5 +48,4 @@ def reference_path(module, a, b, keys, alphas, x, y, *, loss="cross_entropy", ho
 
 def plain_eval(module, state, x, y, *, loss="cross_entropy", batch_size=None):
     """Loss and accuracy of one state, the plain way."""
-    return reference_path(module, state, state, [], [0.0], x, y, loss=loss,
-                          batch_size=batch_size)
+    return reference_path(module, state, state, [], [0.0], x, y, loss=loss, batch_size=batch_size)

@@ -14,8 +14,16 @@ from tests.reference import plain_eval, reference_path
 
 def test_linear_path_contract(mlp_pair, spiral_small):
     module, a, b = mlp_pair
-    ds = ckptscope.linear_path(a, b, module, spiral_small, groups=["layers.0", "out=layers\\.2\\."],
-                               alphas=5, loss="bce", split="both")
+    ds = ckptscope.linear_path(
+        a,
+        b,
+        module,
+        spiral_small,
+        groups=["layers.0", "out=layers\\.2\\."],
+        alphas=5,
+        loss="bce",
+        split="both",
+    )
     assert ds.loss.dims == ("run", "group", "split", "alpha")
     assert list(ds.group.values) == ["all", "layers.0", "out"]
     assert list(ds.pattern.values) == [".*", "layers.0", "layers\\.2\\."]
@@ -23,30 +31,45 @@ def test_linear_path_contract(mlp_pair, spiral_small):
     np.testing.assert_array_equal(ds.alpha.values, np.linspace(0, 1, 5))
     assert ds.distance.dims == ("run", "group")
     assert ((ds.accuracy >= 0) & (ds.accuracy <= 1)).all()
-    for attr in ("ckptscope_version", "torch_version", "device", "dtype", "adapter", "data",
-                 "bn_policy", "hold", "created"):
+    for attr in (
+        "ckptscope_version",
+        "torch_version",
+        "device",
+        "dtype",
+        "adapter",
+        "data",
+        "bn_policy",
+        "hold",
+        "created",
+    ):
         assert attr in ds.attrs
 
 
 def test_linear_path_endpoints_equal_plain_evaluation(mlp_pair, spiral_small):
     module, a, b = mlp_pair
     x, y = spiral_small["test"]
-    ds = ckptscope.linear_path(a, b, module, spiral_small, groups=["layers.1"], alphas=3, loss="bce")
+    ds = ckptscope.linear_path(
+        a, b, module, spiral_small, groups=["layers.1"], alphas=3, loss="bce"
+    )
     for i, state in ((0, a), (-1, b)):
         want, acc = plain_eval(module, state, x, y, loss="bce")
         np.testing.assert_allclose(ds.loss.sel(group="all").values[0, 0, i], want[0], rtol=1e-6)
         assert ds.accuracy.sel(group="all").values[0, 0, i] == acc[0]
     # Group path at alpha=1 is B itself (the rest is held at B).
-    np.testing.assert_allclose(ds.loss.sel(group="layers.1").values[0, 0, -1],
-                               ds.loss.sel(group="all").values[0, 0, -1], rtol=1e-6)
+    np.testing.assert_allclose(
+        ds.loss.sel(group="layers.1").values[0, 0, -1],
+        ds.loss.sel(group="all").values[0, 0, -1],
+        rtol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("hold", ["end", "start"])
 def test_linear_path_group_matches_reference(conv_pair, image_data, hold):
     module, a, b = conv_pair
     x, y = image_data["test"]
-    ds = ckptscope.linear_path(a, b, module, image_data, groups={"bn": "bn\\."}, alphas=6,
-                               hold=hold, full=False)
+    ds = ckptscope.linear_path(
+        a, b, module, image_data, groups={"bn": "bn\\."}, alphas=6, hold=hold, full=False
+    )
     keys = [k for k in a if k.startswith("bn.")]
     want, _ = reference_path(module, a, b, keys, ds.alpha.values, x, y, hold=hold)
     np.testing.assert_allclose(ds.loss.values[0, 0, 0], want, rtol=1e-5)
@@ -65,7 +88,11 @@ def test_linear_path_distance_eq4_parameters_only(conv_pair, image_data):
 
 def test_linear_path_from_files_uses_metadata(tmp_path, mlp_pair):
     module, a, b = mlp_pair
-    meta = {"adapter": "mlp", "adapter_options": {"widths": [2, 16, 16, 1]}, "data": "spiral:100,80"}
+    meta = {
+        "adapter": "mlp",
+        "adapter_options": {"widths": [2, 16, 16, 1]},
+        "data": "spiral:100,80",
+    }
     pa = save_checkpoint(tmp_path / "init.safetensors", a, metadata=meta)
     pb = save_checkpoint(tmp_path / "final.safetensors", b, metadata=meta)
     ds = ckptscope.linear_path(pa, pb, alphas=3)
@@ -97,23 +124,29 @@ def test_linear_path_nan_weights_warn_and_keep_nan(mlp_pair, spiral_small, strat
     b["layers.0.weight"] = b["layers.0.weight"].clone()
     b["layers.0.weight"][0, 0] = float("nan")
     with pytest.warns(UserWarning, match="NaN/Inf"):
-        ds = ckptscope.linear_path(a, b, module, spiral_small, alphas=3, loss="bce",
-                                   strategy=strategy)
+        ds = ckptscope.linear_path(
+            a, b, module, spiral_small, alphas=3, loss="bce", strategy=strategy
+        )
     assert np.isnan(ds.loss.values[0, 0, 0, -1])
     assert np.isfinite(ds.loss.values[0, 0, 0, 0])
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"model": None}, "name no adapter"),
-    ({"model": "resnet9000"}, "unknown adapter 'resnet9000'"),
-    ({"model": "mlp", "data": "imagenet"}, "unknown dataset 'imagenet'"),
-    ({"model": "mlp", "data": "spiral", "groups": ["nothing"]}, "matched no tensor"),
-    ({"model": "mlp", "data": "spiral", "hold": "middle"}, "hold"),
-    ({"model": "mlp", "data": "spiral", "adapter_options": {"widths": [2, 5, 1]}},
-     "do not match"),
-    ({"model": "mlp", "data": "spiral", "adapter_options": {"depth": 3}}, "bad options"),
-    ({"model": "mlp", "data": "nosuchmodule.sub:thing"}, "cannot import"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"model": None}, "name no adapter"),
+        ({"model": "resnet9000"}, "unknown adapter 'resnet9000'"),
+        ({"model": "mlp", "data": "imagenet"}, "unknown dataset 'imagenet'"),
+        ({"model": "mlp", "data": "spiral", "groups": ["nothing"]}, "matched no tensor"),
+        ({"model": "mlp", "data": "spiral", "hold": "middle"}, "hold"),
+        (
+            {"model": "mlp", "data": "spiral", "adapter_options": {"widths": [2, 5, 1]}},
+            "do not match",
+        ),
+        ({"model": "mlp", "data": "spiral", "adapter_options": {"depth": 3}}, "bad options"),
+        ({"model": "mlp", "data": "nosuchmodule.sub:thing"}, "cannot import"),
+    ],
+)
 def test_linear_path_bad_input(mlp_pair, kwargs, match):
     _, a, b = mlp_pair
     with pytest.raises(CkptscopeError, match=match):
@@ -129,8 +162,9 @@ def test_linear_path_mismatched_pair(mlp_pair):
 
 def test_linear_path_custom_data_and_adapter_by_import(mlp_pair):
     _, a, b = mlp_pair
-    ds = ckptscope.linear_path(a, b, "tests.plugins:make_mlp", "tests.plugins:tiny_spiral",
-                               alphas=2, loss="bce")
+    ds = ckptscope.linear_path(
+        a, b, "tests.plugins:make_mlp", "tests.plugins:tiny_spiral", alphas=2, loss="bce"
+    )
     assert ds.attrs["adapter"] == "tests.plugins:make_mlp"
     assert list(ds.split.values) == ["eval"]
 
@@ -144,8 +178,10 @@ def test_linear_path_extrapolation_grid(mlp_pair, spiral_small):
 
 def test_linear_path_batch_size_does_not_change_result(conv_pair, image_data):
     module, a, b = conv_pair
-    r = [ckptscope.linear_path(a, b, module, image_data, alphas=4, batch_size=bs).loss.values
-         for bs in (5, 37)]
+    r = [
+        ckptscope.linear_path(a, b, module, image_data, alphas=4, batch_size=bs).loss.values
+        for bs in (5, 37)
+    ]
     np.testing.assert_allclose(r[0], r[1], rtol=1e-6)
 
 
@@ -153,8 +189,10 @@ def test_import_leaves_matplotlib_and_click_out():
     import subprocess
     import sys
 
-    code = ("import sys, ckptscope; "
-            "print(sorted(m for m in ('matplotlib', 'click') if m in sys.modules))")
+    code = (
+        "import sys, ckptscope; "
+        "print(sorted(m for m in ('matplotlib', 'click') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     assert torch is not None

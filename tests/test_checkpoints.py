@@ -22,13 +22,19 @@ from ckptscope.errors import CkptscopeError
 @pytest.fixture
 def state():
     torch.manual_seed(0)
-    return {"layers.0.weight": torch.randn(3, 2), "layers.0.bias": torch.randn(3),
-            "bn.num_batches_tracked": torch.tensor(5)}
+    return {
+        "layers.0.weight": torch.randn(3, 2),
+        "layers.0.bias": torch.randn(3),
+        "bn.num_batches_tracked": torch.tensor(5),
+    }
 
 
 def test_load_checkpoint_safetensors_roundtrip_with_metadata(tmp_path, state):
-    path = save_checkpoint(tmp_path / "a.safetensors", state,
-                           metadata={"adapter": "mlp", "adapter_options": {"widths": [2, 3]}})
+    path = save_checkpoint(
+        tmp_path / "a.safetensors",
+        state,
+        metadata={"adapter": "mlp", "adapter_options": {"widths": [2, 3]}},
+    )
     ckpt = load_checkpoint(path)
     assert set(ckpt.state) == set(state)
     for k, v in state.items():
@@ -61,7 +67,9 @@ def test_load_checkpoint_format_from_bytes_not_suffix(tmp_path, state):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_load_checkpoint_upcasts_half_precision(tmp_path, state, dtype):
     path = tmp_path / "a.safetensors"
-    save_file({k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}, str(path))
+    save_file(
+        {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}, str(path)
+    )
     ckpt = load_checkpoint(path)
     assert ckpt.state["layers.0.weight"].dtype == torch.float32
     assert ckpt.state["bn.num_batches_tracked"].dtype == torch.int64
@@ -94,16 +102,19 @@ def test_load_checkpoint_refuses_plain_pickle_payload(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("case, match", [
-    ("missing", "does not exist"),
-    ("empty", "empty"),
-    ("text", "neither a safetensors file nor a torch checkpoint"),
-    ("dir", "is a directory"),
-    ("dangling", "dangling symlink"),
-    ("truncated_st", "not a readable safetensors file"),
-    ("truncated_pt", "not a complete zip archive|not a readable torch checkpoint"),
-    ("zip", "not a readable torch checkpoint"),
-])
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("missing", "does not exist"),
+        ("empty", "empty"),
+        ("text", "neither a safetensors file nor a torch checkpoint"),
+        ("dir", "is a directory"),
+        ("dangling", "dangling symlink"),
+        ("truncated_st", "not a readable safetensors file"),
+        ("truncated_pt", "not a complete zip archive|not a readable torch checkpoint"),
+        ("zip", "not a readable torch checkpoint"),
+    ],
+)
 def test_load_checkpoint_bad_files_one_line_errors(tmp_path, state, case, match):
     path = tmp_path / "bad.safetensors"
     if case == "empty":

@@ -22,16 +22,37 @@ def run(argv, capsys):
 @pytest.fixture
 def ckpts(tmp_path, mlp_pair):
     _, a, b = mlp_pair
-    meta = {"adapter": "mlp", "adapter_options": {"widths": [2, 16, 16, 1]}, "data": "spiral:120,90"}
-    return (save_checkpoint(tmp_path / "init.safetensors", a, metadata=meta),
-            save_checkpoint(tmp_path / "final.safetensors", b, metadata=meta))
+    meta = {
+        "adapter": "mlp",
+        "adapter_options": {"widths": [2, 16, 16, 1]},
+        "data": "spiral:120,90",
+    }
+    return (
+        save_checkpoint(tmp_path / "init.safetensors", a, metadata=meta),
+        save_checkpoint(tmp_path / "final.safetensors", b, metadata=meta),
+    )
 
 
 def test_path_needs_no_flags_for_ckptscope_checkpoints(ckpts, tmp_path, capsys):
     out = tmp_path / "r.nc"
-    code, stdout, err = run(["path", str(ckpts[0]), str(ckpts[1]), "--group", "layers.0.*",
-                             "--preset", "layers", "--alphas", "5", "--out", str(out),
-                             "--plot", str(tmp_path / "f.png")], capsys)
+    code, stdout, err = run(
+        [
+            "path",
+            str(ckpts[0]),
+            str(ckpts[1]),
+            "--group",
+            "layers.0.*",
+            "--preset",
+            "layers",
+            "--alphas",
+            "5",
+            "--out",
+            str(out),
+            "--plot",
+            str(tmp_path / "f.png"),
+        ],
+        capsys,
+    )
     assert code == 0, err
     ds = open_result(out)
     assert list(ds.group.values) == ["all", "layer1", "layer2", "layer3", "layers.0.*"]
@@ -42,37 +63,62 @@ def test_path_needs_no_flags_for_ckptscope_checkpoints(ckpts, tmp_path, capsys):
 
 def test_path_alpha_range_split_hold(ckpts, tmp_path, capsys):
     out = tmp_path / "r.nc"
-    code, _, err = run(["path", *map(str, ckpts), "--alpha-range=-0.5:1.5:9", "--split", "both",
-                        "--hold", "start", "--group", "head=layers\\.2\\.", "--out", str(out)],
-                       capsys)
+    code, _, err = run(
+        [
+            "path",
+            *map(str, ckpts),
+            "--alpha-range=-0.5:1.5:9",
+            "--split",
+            "both",
+            "--hold",
+            "start",
+            "--group",
+            "head=layers\\.2\\.",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
     assert code == 0, err
     ds = open_result(out)
     assert ds.alpha.values[0] == -0.5 and ds.alpha.values[-1] == 1.5
     assert list(ds.split.values) == ["test", "train"] and ds.attrs["hold"] == "start"
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["path", "{a}", "{missing}"], "does not exist"),
-    (["path", "{a}", "{b}", "--group", "nothing"], "matched no tensor"),
-    (["path", "{a}", "{b}", "--adapter", "nope"], "unknown adapter 'nope'"),
-    (["path", "{a}", "{b}", "--data", "nope"], "unknown dataset 'nope'"),
-    (["path", "{a}", "{b}", "--alphas", "5", "--alpha-range", "0:1:3"], "not both"),
-    (["path", "{a}", "{b}", "--out", "{tmp}/r.txt"], "should end in .nc"),
-    (["path", "{a}", "{text}"], "neither a safetensors file"),
-    (["path", "{a}", "{b}", "--preset", "blocks"], "no preset 'blocks'"),
-    (["path", "{a}", "{b}", "--adapter-opt", "widths"], "KEY=VALUE"),
-    (["inspect", "{a}", "{other}"], "do not match"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["path", "{a}", "{missing}"], "does not exist"),
+        (["path", "{a}", "{b}", "--group", "nothing"], "matched no tensor"),
+        (["path", "{a}", "{b}", "--adapter", "nope"], "unknown adapter 'nope'"),
+        (["path", "{a}", "{b}", "--data", "nope"], "unknown dataset 'nope'"),
+        (["path", "{a}", "{b}", "--alphas", "5", "--alpha-range", "0:1:3"], "not both"),
+        (["path", "{a}", "{b}", "--out", "{tmp}/r.txt"], "should end in .nc"),
+        (["path", "{a}", "{text}"], "neither a safetensors file"),
+        (["path", "{a}", "{b}", "--preset", "blocks"], "no preset 'blocks'"),
+        (["path", "{a}", "{b}", "--adapter-opt", "widths"], "KEY=VALUE"),
+        (["inspect", "{a}", "{other}"], "do not match"),
+    ],
+)
 def test_bad_input_one_line_exit_2_no_output(ckpts, tmp_path, capsys, argv, match):
     text = tmp_path / "notes.txt"
     text.write_text("hello")
     other = save_checkpoint(tmp_path / "other.safetensors", {"w": __import__("torch").zeros(2)})
-    fmt = {"a": ckpts[0], "b": ckpts[1], "missing": tmp_path / "nope.pt", "text": text,
-           "tmp": tmp_path, "other": other}
+    fmt = {
+        "a": ckpts[0],
+        "b": ckpts[1],
+        "missing": tmp_path / "nope.pt",
+        "text": text,
+        "tmp": tmp_path,
+        "other": other,
+    }
     before = set(os.listdir(tmp_path))
-    code, _, err = run([x.format(**fmt) for x in argv] + ["--out", str(tmp_path / "o.nc")]
-                       if argv[0] == "path" and "--out" not in argv else
-                       [x.format(**fmt) for x in argv], capsys)
+    code, _, err = run(
+        [x.format(**fmt) for x in argv] + ["--out", str(tmp_path / "o.nc")]
+        if argv[0] == "path" and "--out" not in argv
+        else [x.format(**fmt) for x in argv],
+        capsys,
+    )
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert match in err
@@ -81,8 +127,9 @@ def test_bad_input_one_line_exit_2_no_output(ckpts, tmp_path, capsys, argv, matc
 
 
 def test_inspect_lists_keys_groups_distance(ckpts, capsys):
-    code, out, err = run(["inspect", *map(str, ckpts), "--preset", "layers",
-                          "--group", "layers.1"], capsys)
+    code, out, err = run(
+        ["inspect", *map(str, ckpts), "--preset", "layers", "--group", "layers.1"], capsys
+    )
     assert code == 0, err
     assert "layers.0.weight" in out and "(16, 2)" in out
     assert "layer1" in out and "distance" in out and "adapter=mlp" in out
@@ -100,10 +147,12 @@ def test_demo_writes_everything(tmp_path, capsys):
 
 
 def test_module_entry_point_and_version():
-    res = subprocess.run([sys.executable, "-m", "ckptscope", "--version"], capture_output=True,
-                         text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "ckptscope", "--version"], capture_output=True, text=True
+    )
     assert res.returncode == 0 and "0.1.0" in res.stdout
-    res = subprocess.run([sys.executable, "-m", "ckptscope", "path", "x.pt", "y.pt"],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "ckptscope", "path", "x.pt", "y.pt"], capture_output=True, text=True
+    )
     assert res.returncode == 2 and res.stderr.startswith("error: ")
     assert "Traceback" not in res.stderr

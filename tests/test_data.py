@@ -32,16 +32,18 @@ def test_spiral_follows_eq3():
 def test_spiral_sizes_and_seed():
     s = load_data("spiral")
     assert len(s["train"][0]) == 10_000 and len(s["test"][0]) == 5_000
-    assert torch.equal(load_data("spiral:10,10", seed=3)["test"][0],
-                       load_data("spiral:10,10", seed=3)["test"][0])
-    assert not torch.equal(load_data("spiral:10,10", seed=3)["test"][0],
-                           load_data("spiral:10,10", seed=4)["test"][0])
+    assert torch.equal(
+        load_data("spiral:10,10", seed=3)["test"][0], load_data("spiral:10,10", seed=3)["test"][0]
+    )
+    assert not torch.equal(
+        load_data("spiral:10,10", seed=3)["test"][0], load_data("spiral:10,10", seed=4)["test"][0]
+    )
 
 
 def test_digits_shipped_offline():
     s = load_data("digits")
     assert s["train"][0].shape == (1297, 64) and s["test"][0].shape == (500, 64)
-    assert 0 <= float(s["test"][0].min()) and float(s["test"][0].max()) <= 1
+    assert float(s["test"][0].min()) >= 0 and float(s["test"][0].max()) <= 1
     assert sorted(set(s["test"][1].tolist())) == list(range(10))
 
 
@@ -54,11 +56,14 @@ def test_select_splits():
         select_splits({"test": s["test"]}, "train")
 
 
-@pytest.mark.parametrize("data, match", [
-    ((torch.zeros(3, 2), torch.zeros(2)), "must be equal"),
-    ("text", "give \\(inputs, targets\\)"),
-    ({"test": torch.zeros(3)}, "not an \\(inputs, targets\\) pair"),
-])
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ((torch.zeros(3, 2), torch.zeros(2)), "must be equal"),
+        ("text", "give \\(inputs, targets\\)"),
+        ({"test": torch.zeros(3)}, "not an \\(inputs, targets\\) pair"),
+    ],
+)
 def test_as_splits_errors(data, match):
     with pytest.raises(CkptscopeError, match=match):
         as_splits(data)

@@ -19,8 +19,14 @@ def test_path_matches_reference_mlp(mlp_pair, spiral_small, strategy, hold):
     module, a, b = mlp_pair
     x, y = spiral_small["test"]
     keys = ["layers.1.weight", "layers.1.bias"]
-    ev = Evaluator(module, a, b, {"test": (x, y)}, loss="bce",
-                   config=EvalConfig(strategy=strategy, batch_size=64))
+    ev = Evaluator(
+        module,
+        a,
+        b,
+        {"test": (x, y)},
+        loss="bce",
+        config=EvalConfig(strategy=strategy, batch_size=64),
+    )
     loss, acc = ev.path(keys, ALPHAS, hold=hold)["test"]
     ref_loss, ref_acc = reference_path(module, a, b, keys, ALPHAS, x, y, loss="bce", hold=hold)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
@@ -28,14 +34,22 @@ def test_path_matches_reference_mlp(mlp_pair, spiral_small, strategy, hold):
 
 
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])
-@pytest.mark.parametrize("keys", [None, ["bn.weight", "bn.bias", "bn.running_mean",
-                                         "bn.running_var", "bn.num_batches_tracked"]])
+@pytest.mark.parametrize(
+    "keys",
+    [None, ["bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "bn.num_batches_tracked"]],
+)
 def test_path_matches_reference_conv_bn(conv_pair, image_data, strategy, keys):
     module, a, b = conv_pair
     keys = keys or list(a)
     x, y = image_data["test"]
-    ev = Evaluator(module, a, b, image_data, loss="cross_entropy",
-                   config=EvalConfig(strategy=strategy, batch_size=10))
+    ev = Evaluator(
+        module,
+        a,
+        b,
+        image_data,
+        loss="cross_entropy",
+        config=EvalConfig(strategy=strategy, batch_size=10),
+    )
     loss, acc = ev.path(keys, ALPHAS)["test"]
     ref_loss, ref_acc = reference_path(module, a, b, keys, ALPHAS, x, y)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
@@ -46,8 +60,14 @@ def test_path_matches_reference_conv_bn(conv_pair, image_data, strategy, keys):
 def test_path_endpoints_equal_plain_evaluation(conv_pair, image_data, strategy):
     module, a, b = conv_pair
     x, y = image_data["test"]
-    ev = Evaluator(module, a, b, image_data, loss="cross_entropy",
-                   config=EvalConfig(strategy=strategy, batch_size=10))
+    ev = Evaluator(
+        module,
+        a,
+        b,
+        image_data,
+        loss="cross_entropy",
+        config=EvalConfig(strategy=strategy, batch_size=10),
+    )
     loss, acc = ev.path(list(a), np.array([0.0, 0.5, 1.0]))["test"]
     for i, state in ((0, a), (2, b)):
         ref_loss, ref_acc = plain_eval(module, state, x, y, batch_size=10)
@@ -57,8 +77,9 @@ def test_path_endpoints_equal_plain_evaluation(conv_pair, image_data, strategy):
 
 def test_loop_state_at_endpoints_is_bitwise_the_endpoint(conv_pair, image_data):
     module, a, b = conv_pair
-    ev = Evaluator(module, a, b, image_data, loss="cross_entropy",
-                   config=EvalConfig(strategy="loop"))
+    ev = Evaluator(
+        module, a, b, image_data, loss="cross_entropy", config=EvalConfig(strategy="loop")
+    )
     for alpha, state in ((0.0, a), (1.0, b)):
         ev.path(list(a), np.array([alpha]))
         for k, v in state.items():
@@ -80,8 +101,14 @@ def test_vmap_chunking_does_not_change_results(conv_pair, image_data):
     grid = np.linspace(-0.5, 1.5, 9)
     curves = []
     for budget in (None, 1):  # budget of 1 byte forces one alpha per chunk
-        ev = Evaluator(module, a, b, image_data, loss="cross_entropy",
-                       config=EvalConfig(strategy="vmap", batch_size=16, memory_budget=budget))
+        ev = Evaluator(
+            module,
+            a,
+            b,
+            image_data,
+            loss="cross_entropy",
+            config=EvalConfig(strategy="vmap", batch_size=16, memory_budget=budget),
+        )
         curves.append(ev.path(list(a), grid)["test"][0])
     assert ev.chunk_size(list(a), len(grid)) == 1
     np.testing.assert_allclose(curves[0], curves[1], rtol=1e-6)
@@ -89,8 +116,14 @@ def test_vmap_chunking_does_not_change_results(conv_pair, image_data):
 
 def test_chunk_size_bounded_by_budget(conv_pair, image_data):
     module, a, b = conv_pair
-    ev = Evaluator(module, a, b, image_data, loss="cross_entropy",
-                   config=EvalConfig(strategy="vmap", batch_size=16, memory_budget=200_000))
+    ev = Evaluator(
+        module,
+        a,
+        b,
+        image_data,
+        loss="cross_entropy",
+        config=EvalConfig(strategy="vmap", batch_size=16, memory_budget=200_000),
+    )
     small, large = ev.chunk_size(list(a), 10), ev.chunk_size(list(a), 10_000)
     assert small <= 10
     assert large == ev.chunk_size(list(a), 100_000) < 10_000
@@ -99,8 +132,9 @@ def test_chunk_size_bounded_by_budget(conv_pair, image_data):
 def test_integer_buffers_taken_from_held_endpoint(conv_pair, image_data):
     module, a, b = conv_pair
     for hold, want in (("end", b), ("start", a)):
-        ev = Evaluator(module, a, b, image_data, loss="cross_entropy",
-                       config=EvalConfig(strategy="loop"))
+        ev = Evaluator(
+            module, a, b, image_data, loss="cross_entropy", config=EvalConfig(strategy="loop")
+        )
         ev.path(list(a), np.array([0.0, 0.5]), hold=hold)
         got = ev.slots["bn.num_batches_tracked"]
         assert int(got) == int(want["bn.num_batches_tracked"])
@@ -109,8 +143,9 @@ def test_integer_buffers_taken_from_held_endpoint(conv_pair, image_data):
 def test_progress_reports_every_alpha(mlp_pair, spiral_small):
     module, a, b = mlp_pair
     seen = []
-    ev = Evaluator(module, a, b, spiral_small, loss="bce", config=EvalConfig(strategy="vmap",
-                                                                             memory_budget=1))
+    ev = Evaluator(
+        module, a, b, spiral_small, loss="bce", config=EvalConfig(strategy="vmap", memory_budget=1)
+    )
     ev.path(list(a), ALPHAS, progress=seen.append)
     assert sum(seen) == len(ALPHAS)
 
@@ -132,12 +167,20 @@ def test_eval_config_rejects_bad_values():
 def test_float64_evaluation_matches_reference_tightly(mlp_pair, spiral_small):
     module, a, b = mlp_pair
     x, y = spiral_small["test"]
-    ev = Evaluator(module.double(), a, b, {"test": (x, y)}, loss="bce",
-                   config=EvalConfig(dtype=torch.float64))
+    ev = Evaluator(
+        module.double(), a, b, {"test": (x, y)}, loss="bce", config=EvalConfig(dtype=torch.float64)
+    )
     loss, _ = ev.path(list(a), ALPHAS)["test"]
-    ref, _ = reference_path(module.double(), {k: v.double() for k, v in a.items()},
-                            {k: v.double() for k, v in b.items()}, list(a), ALPHAS,
-                            x.double(), y, loss="bce")
+    ref, _ = reference_path(
+        module.double(),
+        {k: v.double() for k, v in a.items()},
+        {k: v.double() for k, v in b.items()},
+        list(a),
+        ALPHAS,
+        x.double(),
+        y,
+        loss="bce",
+    )
     np.testing.assert_allclose(loss, ref, rtol=1e-12)
 
 
@@ -148,7 +191,13 @@ def test_cuda_matches_cpu(conv_pair, image_data, strategy):
     module, a, b = conv_pair
     curves = []
     for device in ("cpu", "cuda"):
-        ev = Evaluator(module, a, b, image_data, loss="cross_entropy",
-                       config=EvalConfig(device=torch.device(device), strategy=strategy))
+        ev = Evaluator(
+            module,
+            a,
+            b,
+            image_data,
+            loss="cross_entropy",
+            config=EvalConfig(device=torch.device(device), strategy=strategy),
+        )
         curves.append(ev.path(list(a), ALPHAS)["test"][0])
     np.testing.assert_allclose(curves[0], curves[1], rtol=1e-4)

@@ -7,16 +7,27 @@ import pytest
 from ckptscope.errors import CkptscopeError
 from ckptscope.groups import normalise_groups, parse_group, resolve_groups
 
-KEYS = ["conv1.weight", "bn1.weight", "layer1.0.conv1.weight", "layer3.0.conv1.weight",
-        "layer3.1.bn2.running_mean", "model.layer3.x", "fc.weight", "fc.bias"]
+KEYS = [
+    "conv1.weight",
+    "bn1.weight",
+    "layer1.0.conv1.weight",
+    "layer3.0.conv1.weight",
+    "layer3.1.bn2.running_mean",
+    "model.layer3.x",
+    "fc.weight",
+    "fc.bias",
+]
 
 
-@pytest.mark.parametrize("spec, expected", [
-    ("layer3.*", ("layer3.*", "layer3.*")),
-    ("b3=layer3\\.", ("b3", "layer3\\.")),
-    ("(?P<x>fc)=?", ("(?P<x>fc)=?", "(?P<x>fc)=?")),
-    ("fc", ("fc", "fc")),
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("layer3.*", ("layer3.*", "layer3.*")),
+        ("b3=layer3\\.", ("b3", "layer3\\.")),
+        ("(?P<x>fc)=?", ("(?P<x>fc)=?", "(?P<x>fc)=?")),
+        ("fc", ("fc", "fc")),
+    ],
+)
 def test_parse_group(spec, expected):
     assert parse_group(spec) == expected
 
@@ -40,11 +51,14 @@ def test_resolve_groups_matching_nothing_points_to_inspect():
         resolve_groups(KEYS, {"x": "layer9"}, source="a.pt")
 
 
-@pytest.mark.parametrize("groups, match", [
-    (["fc", "fc"], "given twice"),
-    ({"all": "fc"}, "reserved"),
-    (["bad=("], "not a valid regex"),
-])
+@pytest.mark.parametrize(
+    "groups, match",
+    [
+        (["fc", "fc"], "given twice"),
+        ({"all": "fc"}, "reserved"),
+        (["bad=("], "not a valid regex"),
+    ],
+)
 def test_normalise_groups_errors(groups, match):
     with pytest.raises(CkptscopeError, match=match):
         normalise_groups(groups)

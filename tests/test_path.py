@@ -21,8 +21,10 @@ def test_alpha_grid_sequence_and_extrapolation():
     np.testing.assert_allclose(parse_alpha_range("-0.5:1.5:5"), [-0.5, 0, 0.5, 1, 1.5])
 
 
-@pytest.mark.parametrize("bad, match", [(1, "too few"), ([], "empty"), ([0, 0.5, 0.5], "increasing"),
-                                        ([0, float("nan")], "NaN")])
+@pytest.mark.parametrize(
+    "bad, match",
+    [(1, "too few"), ([], "empty"), ([0, 0.5, 0.5], "increasing"), ([0, float("nan")], "NaN")],
+)
 def test_alpha_grid_errors(bad, match):
     with pytest.raises(CkptscopeError, match=match):
         alpha_grid(bad)

@@ -16,10 +16,17 @@ def make_result(n_alpha=5, groups=("all", "fc"), splits=("test",)):
     rng = np.random.default_rng(0)
     shape = (1, len(groups), len(splits), n_alpha)
     return build_result(
-        loss=rng.random(shape), accuracy=rng.random(shape), distance=rng.random((1, len(groups))),
-        alphas=np.linspace(0, 1, n_alpha), groups=list(groups), patterns=[".*", "fc"][:len(groups)],
-        n_tensors=[4, 2][:len(groups)], n_params=[100, 10][:len(groups)], splits=list(splits),
-        n_examples=[50] * len(splits), runs=[RunInfo("0", "a.pt", "b.pt", "aa", "bb")],
+        loss=rng.random(shape),
+        accuracy=rng.random(shape),
+        distance=rng.random((1, len(groups))),
+        alphas=np.linspace(0, 1, n_alpha),
+        groups=list(groups),
+        patterns=[".*", "fc"][: len(groups)],
+        n_tensors=[4, 2][: len(groups)],
+        n_params=[100, 10][: len(groups)],
+        splits=list(splits),
+        n_examples=[50] * len(splits),
+        runs=[RunInfo("0", "a.pt", "b.pt", "aa", "bb")],
         attrs={"adapter": "mlp", "hold": "end"},
     )
 
@@ -53,13 +60,16 @@ def test_save_result_replaces_existing_file(tmp_path):
     assert open_result(path).sizes["alpha"] == 7
 
 
-@pytest.mark.parametrize("mutate, match", [
-    (lambda ds: ds.drop_vars("loss"), "variable 'loss' is missing"),
-    (lambda ds: ds.assign(accuracy=ds.accuracy * 3), "outside"),
-    (lambda ds: ds.assign_coords(alpha=ds.alpha[::-1].values), "increasing"),
-    (lambda ds: ds.assign(loss=ds.loss.transpose("alpha", ...)), "dims"),
-    (lambda ds: ds.assign_attrs(ckptscope_schema=99), "newer"),
-])
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda ds: ds.drop_vars("loss"), "variable 'loss' is missing"),
+        (lambda ds: ds.assign(accuracy=ds.accuracy * 3), "outside"),
+        (lambda ds: ds.assign_coords(alpha=ds.alpha[::-1].values), "increasing"),
+        (lambda ds: ds.assign(loss=ds.loss.transpose("alpha", ...)), "dims"),
+        (lambda ds: ds.assign_attrs(ckptscope_schema=99), "newer"),
+    ],
+)
 def test_open_result_validates(tmp_path, mutate, match):
     path = tmp_path / "bad.nc"
     mutate(make_result()).to_netcdf(path, engine="scipy")

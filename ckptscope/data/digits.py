@@ -33,4 +33,6 @@ def load(arg: str | None, *, seed: int = 0) -> dict:
     return {"train": (x[:-N_TEST], y[:-N_TEST]), "test": (x[-N_TEST:], y[-N_TEST:])}
 
 
-DATASETS.register("digits")(Dataset("digits", load, "scikit-learn's 8x8 digits (1297 train / 500 test)"))
+DATASETS.register("digits")(
+    Dataset("digits", load, "scikit-learn's 8x8 digits (1297 train / 500 test)")
+)

@@ -1,7 +1,8 @@
 """The two-arm spiral of the paper's appendix A, eq. 3.
 
-Class 0: x = 2 sqrt(t) cos(8 sqrt(t) pi) + 0.02 N(0,1), y = 2 sqrt(t) sin(8 sqrt(t) pi) + 0.02 N(0,1),
-t ~ U(0, 1); class 1 shifts the argument of both trigonometric functions by pi.
+Class 0: x = 2 sqrt(t) cos(8 sqrt(t) pi) + 0.02 N(0,1),
+         y = 2 sqrt(t) sin(8 sqrt(t) pi) + 0.02 N(0,1),   t ~ U(0, 1);
+class 1 shifts the argument of both trigonometric functions by pi.
 10,000 training and 5,000 test points (classes balanced), seeded.
 """
 
@@ -33,7 +34,7 @@ def make_spiral(n: int, *, generator: torch.Generator) -> tuple[torch.Tensor, to
 
 
 def load(arg: str | None, *, seed: int = 0) -> dict:
-    """Train and test splits of eq. 3; ``arg`` may give ``TRAIN,TEST`` sizes (default 10000,5000)."""
+    """Train and test splits of eq. 3; ``arg`` may give ``TRAIN,TEST`` sizes (10000,5000)."""
     n_train, n_test = N_TRAIN, N_TEST
     if arg:
         try:
@@ -41,10 +42,16 @@ def load(arg: str | None, *, seed: int = 0) -> dict:
         except ValueError:
             from ckptscope.errors import CkptscopeError
 
-            raise CkptscopeError(f"spiral:{arg} is not spiral:TRAIN,TEST (e.g. spiral:2000,1000).") from None
+            raise CkptscopeError(
+                f"spiral:{arg} is not spiral:TRAIN,TEST (e.g. spiral:2000,1000)."
+            ) from None
     generator = torch.Generator().manual_seed(int(seed))
-    return {"train": make_spiral(n_train, generator=generator),
-            "test": make_spiral(n_test, generator=generator)}
+    return {
+        "train": make_spiral(n_train, generator=generator),
+        "test": make_spiral(n_test, generator=generator),
+    }
 
 
-DATASETS.register("spiral")(Dataset("spiral", load, "the paper's spiral (eq. 3), 10000 train / 5000 test"))
+DATASETS.register("spiral")(
+    Dataset("spiral", load, "the paper's spiral (eq. 3), 10000 train / 5000 test")
+)

@@ -53,9 +53,14 @@ def _evaluate(module: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn) -> t
     return float(loss[0]) / len(x), float(correct[0]) / len(x)
 
 
-def fit(module: nn.Module, splits: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *,
-        loss: str = "cross_entropy", config: TrainConfig = TrainConfig(),
-        on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+def fit(
+    module: nn.Module,
+    splits: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    loss: str = "cross_entropy",
+    config: TrainConfig = TrainConfig(),
+    on_epoch: Callable[[dict], None] | None = None,
+) -> list[dict]:
     """Train ``module`` in place on ``splits["train"]``; return one metrics dict per epoch.
 
     Each dict holds ``epoch``, ``train_loss``, ``train_accuracy`` and, when there is a test
@@ -79,7 +84,7 @@ def fit(module: nn.Module, splits: Mapping[str, tuple[torch.Tensor, torch.Tensor
     for epoch in range(1, config.epochs + 1):
         order = torch.randperm(len(x), generator=generator)
         for lo in range(0, len(x), config.batch_size):
-            idx = order[lo:lo + config.batch_size]
+            idx = order[lo : lo + config.batch_size]
             opt.zero_grad(set_to_none=True)
             batch_loss, _ = loss_fn(module(x[idx]).unsqueeze(0), y[idx])
             (batch_loss[0] / len(idx)).backward()
