@@ -21,7 +21,8 @@ from ckptscope.errors import CkptscopeError
 from ckptscope.evaluate import EvalConfig, Evaluator, resolve_device
 from ckptscope.groups import normalise_groups, resolve_groups
 from ckptscope.path import HOLDS, alpha_grid
-from ckptscope.results import RunInfo, build_result
+from ckptscope.results import RunInfo, build_result, merge_results
+from ckptscope.shape import classify
 
 StateSource = str | os.PathLike | Mapping[str, torch.Tensor] | Checkpoint
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -103,6 +104,7 @@ def linear_path(
     memory_budget: int | None = None,
     seed: int = 0,
     run: str = "0",
+    tolerances: Mapping[str, float] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> xr.Dataset:
     """Evaluate loss and accuracy on the straight line from ``start`` to ``end``.
@@ -131,11 +133,14 @@ def linear_path(
         memory_budget: bytes for replicated tensors and activations (``None``: automatic).
         seed: seed for generated datasets.
         run: the label of this pair in the ``run`` dim.
+        tolerances: ``rtol``, ``atol``, ``plateau_alpha`` for the shape verdicts
+            (:func:`ckptscope.classify`); recorded in the result's attrs.
         progress: called as ``progress(done, total)`` after each alpha of each group.
 
     Returns:
-        A dataset with ``loss`` and ``accuracy`` (run, group, split, alpha) and ``distance``
-        (run, group); see ``docs/results.md``.
+        A dataset with ``loss`` and ``accuracy`` (run, group, split, alpha), ``distance``
+        (run, group), and the shape verdict ``shape`` (run, group, split) with its metrics;
+        see ``docs/results.md`` and ``docs/metrics.md``.
 
     Example:
         >>> ds = ckptscope.linear_path("init.safetensors", "final.safetensors",
@@ -203,7 +208,7 @@ def linear_path(
     params = parameter_keys(a.state, evaluator.module)
     distance = np.array([group_distances(a.state, b.state, [g.keys for g in resolved], params)])
     n_params = [sum(a.state[k].numel() for k in g.keys if k in params) for g in resolved]
-    return build_result(
+    result = build_result(
         loss=losses,
         accuracy=accuracies,
         distance=distance,
@@ -233,3 +238,38 @@ def linear_path(
             "notes": "; ".join(a.notes + b.notes),
         },
     )
+    return classify(result, **dict(tolerances or {}))
+
+
+def linear_paths(pairs: Mapping[str, tuple[StateSource, StateSource]]
+                 | Sequence[tuple[StateSource, StateSource]],
+                 model: nn.Module | str | Adapter | None = None, data: object = None,
+                 *, progress: Callable[[str, int, int], None] | None = None,
+                 **options) -> xr.Dataset:
+    """Evaluate several checkpoint pairs (seeds, conditions) into one result with a ``run`` dim.
+
+    Args:
+        pairs: run label -> (start, end), or a sequence of (start, end) labelled "0", "1", ...
+        model, data: as for :func:`linear_path` (shared by every pair).
+        progress: called as ``progress(run, done, total)``.
+        options: any other :func:`linear_path` keyword (groups, alphas, hold, tolerances, ...).
+
+    Returns:
+        The runs joined along ``run`` (:func:`ckptscope.results.merge_results`), classified.
+    """
+    items = list(pairs.items()) if isinstance(pairs, Mapping) else [
+        (str(i), pair) for i, pair in enumerate(pairs)]
+    if not items:
+        raise CkptscopeError("no checkpoint pairs given; pass at least one (start, end).")
+    results = []
+    for label, (start, end) in items:
+        report = None
+        if progress:
+            def report(done, total, label=label):
+                progress(label, done, total)
+        results.append(linear_path(start, end, model, data, run=label, progress=report, **options))
+    if len(results) == 1:
+        return results[0]
+    merged = merge_results(results, sources=[label for label, _ in items])
+    merged.attrs.pop("merged_from", None)
+    return classify(merged, **dict(options.get("tolerances") or {}))

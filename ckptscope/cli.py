@@ -1,7 +1,8 @@
 """The ``ckptscope`` command: thin click shells over the library.
 
 Each command parses its options, makes one library call, writes and prints. Bad input is one
-line on stderr (``error: ...``) and exit status 2, without a traceback.
+line on stderr (``error: ...``) and exit status 2, without a traceback; ``check`` and
+``compare`` exit 1 when an expectation fails.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 import click
 
 from ckptscope.errors import CkptscopeError
+
+EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 
 
 # --- output helpers ------------------------------------------------------------------------
@@ -44,37 +47,28 @@ class ProgressBar:
         sys.stderr.flush()
 
 
-def _format_table(rows: list[dict]) -> str:
-    headers = [
-        "group",
-        "split",
-        "L(start)",
-        "L(max)",
-        "at alpha",
-        "L(end)",
-        "acc(start)",
-        "acc(end)",
-        "distance",
-    ]
+def _table(headers: list[str], cells: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
+def _path_table(rows: list[dict]) -> str:
+    many = len({r["run"] for r in rows}) > 1
+    headers = ["run"] * many + ["group", "split", "L(0)", "L(max)", "at alpha", "L(1)",
+                                "acc(0)", "acc(1)", "distance", "shape", "barrier"]
     cells = [
-        [
-            r["group"],
-            r["split"],
-            f"{r['loss_start']:.4g}",
-            f"{r['loss_max']:.4g}",
-            f"{r['alpha_max']:.2f}",
-            f"{r['loss_end']:.4g}",
-            f"{r['acc_start']:.3f}",
-            f"{r['acc_end']:.3f}",
-            f"{r['distance']:.4g}",
+        [r["run"]] * many + [
+            r["group"], r["split"], f"{r['loss_start']:.4g}", f"{r['loss_max']:.4g}",
+            f"{r['alpha_max']:.2f}", f"{r['loss_end']:.4g}", f"{r['acc_start']:.3f}",
+            f"{r['acc_end']:.3f}", f"{r['distance']:.4g}", r["shape"],
+            f"{r['barrier_height']:.3g}",
         ]
         for r in rows
     ]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(lines)
+    return _table(headers, cells)
 
 
 def _save_figure(fig, path: Path) -> None:
@@ -89,7 +83,12 @@ def _save_figure(fig, path: Path) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def _parse_options(pairs: tuple[str, ...]) -> dict | None:
+def _check_suffix(path: str | None, suffixes: tuple[str, ...], option: str) -> None:
+    if path is not None and Path(path).suffix.lower() not in suffixes:
+        raise CkptscopeError(f"{option} {path!r} should end in {' or '.join(suffixes)}.")
+
+
+def _key_values(pairs: tuple[str, ...], what: str) -> dict | None:
     """``key=value`` pairs; values are JSON where they parse (``widths=[2,50,1]``), else text."""
     if not pairs:
         return None
@@ -97,9 +96,7 @@ def _parse_options(pairs: tuple[str, ...]) -> dict | None:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise CkptscopeError(
-                f"adapter option {pair!r} is not KEY=VALUE (e.g. widths=[2,50,1])."
-            )
+            raise CkptscopeError(f"{what} {pair!r} is not KEY=VALUE.")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -107,13 +104,20 @@ def _parse_options(pairs: tuple[str, ...]) -> dict | None:
     return options
 
 
-def _groups(
-    adapter_spec: str | None,
-    presets: tuple[str, ...],
-    groups: tuple[str, ...],
-    keys: list[str],
-    metadata: dict,
-) -> dict[str, str]:
+def _tolerances(pairs: tuple[str, ...]) -> dict:
+    options = _key_values(pairs, "--tolerance") or {}
+    known = ("rtol", "atol", "plateau_alpha")
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise CkptscopeError(f"--tolerance {unknown[0]!r} is not one of {known}.")
+    for key, value in options.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise CkptscopeError(f"--tolerance {key}={value!r} is not a number.")
+    return options
+
+
+def _groups(adapter_spec: str | None, presets: tuple[str, ...], groups: tuple[str, ...],
+            keys: list[str], metadata: dict) -> dict[str, str]:
     """Group specs from ``--preset`` (through the adapter) and ``--group``, in that order."""
     from ckptscope.adapters import get_adapter
     from ckptscope.groups import normalise_groups
@@ -128,12 +132,42 @@ def _groups(
             if name not in adapter.presets:
                 raise CkptscopeError(
                     f"adapter {adapter.name!r} has no preset {name!r}; known: "
-                    f"{sorted(adapter.presets) or 'none'}."
+                    f"{', '.join(sorted(adapter.presets)) or 'none'}."
                 )
             out.update(adapter.presets[name](keys))
-    for name, pattern in normalise_groups(list(groups)).items():
-        out[name] = pattern
+    out.update(normalise_groups(list(groups)))
     return out
+
+
+def _run_dir(path: str) -> tuple[str, str]:
+    """The (init, final) checkpoints of a run directory written by ckptscope."""
+    folder = Path(path)
+    start, end = folder / "init.safetensors", folder / "final.safetensors"
+    if not (start.is_file() and end.is_file()):
+        raise CkptscopeError(
+            f"run directory {path!r} lacks init.safetensors and final.safetensors; pass the "
+            f"files with --pair START END instead."
+        )
+    return str(start), str(end)
+
+
+def _pairs(start, end, pairs, run_dirs) -> dict[str, tuple[str, str]]:
+    """Run label -> (start, end) from the positional pair, ``--pair`` and ``--run-dir``."""
+    if (start is None) != (end is None):
+        raise CkptscopeError("give both START and END, or use --pair START END.")
+    items: list[tuple[str, tuple[str, str]]] = []
+    if start is not None:
+        items.append(("0", (start, end)))
+    items += [(str(len(items) + i), tuple(p)) for i, p in enumerate(pairs)]
+    items += [(Path(d).name or d, _run_dir(d)) for d in run_dirs]
+    if not items:
+        raise CkptscopeError(
+            "no checkpoints given: ckptscope path START END (or --pair / --run-dir)."
+        )
+    labels = [label for label, _ in items]
+    if len(set(labels)) != len(labels):
+        items = [(str(i), pair) for i, (_, pair) in enumerate(items)]
+    return dict(items)
 
 
 # --- commands ------------------------------------------------------------------------------
@@ -144,193 +178,113 @@ def cli():
 
 
 @cli.command()
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False),
-    default="ckptscope-demo",
-    show_default=True,
-    help="Folder for the checkpoints, result.nc and paths.png.",
-)
+@click.option("--out", type=click.Path(file_okay=False), default="ckptscope-demo",
+              show_default=True, help="Folder for the checkpoints, result.nc and paths.png.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--epochs", type=click.IntRange(min=0), default=None, help="Training epochs (default 600)."
-)
+@click.option("--epochs", type=click.IntRange(min=0), default=None,
+              help="Training epochs (default 600).")
 def demo(out, seed, epochs):
     """Train the paper's spiral MLP and show its whole-model and per-layer paths."""
     from ckptscope.demo import DEMO_TRAIN, run_demo
-    from ckptscope.results import summary
+    from ckptscope.shape import summary
 
     total = epochs if epochs is not None else DEMO_TRAIN.epochs
     bar = ProgressBar("training  ")
-
-    def on_epoch(record):
-        bar(record["epoch"], total)
-
     click.echo(f"training the spiral MLP (2x50 ReLU, Adam 5e-4) for {total} epochs ...", err=True)
-    result = run_demo(
-        out, seed=seed, epochs=epochs, on_epoch=on_epoch, progress=ProgressBar("evaluating")
-    )
+    result = run_demo(out, seed=seed, epochs=epochs, on_epoch=lambda r: bar(r["epoch"], total),
+                      progress=ProgressBar("evaluating"))
     figure = Path(out) / "paths.png"
     _save_figure(result.figure, figure)
-    last = result.history[-1] if result.history else {}
-    if last:
-        click.echo(
-            f"trained: test accuracy {last['test_accuracy']:.3f}, test loss {last['test_loss']:.4f}"
-        )
-    click.echo(_format_table(summary(result.result)))
+    if result.history:
+        last = result.history[-1]
+        click.echo(f"trained: test accuracy {last['test_accuracy']:.3f}, "
+                   f"test loss {last['test_loss']:.4f}")
+    click.echo(_path_table(summary(result.result)))
     click.echo(f"wrote {result.start}, {result.end}, {result.result_path}, {figure}")
 
 
 @cli.command()
-@click.argument("start", type=click.Path(dir_okay=True))
-@click.argument("end", type=click.Path(dir_okay=True))
-@click.option(
-    "--group",
-    "groups",
-    multiple=True,
-    metavar="[NAME=]REGEX",
-    help="A group of tensors (re.match on the key); repeatable.",
-)
-@click.option(
-    "--preset",
-    "presets",
-    multiple=True,
-    metavar="NAME",
-    help="The adapter's group preset (mlp: layers); repeatable.",
-)
-@click.option(
-    "--alphas",
-    type=click.IntRange(min=2),
-    default=None,
-    help="Points evenly spaced on [0, 1], both ends included (default 51).",
-)
-@click.option(
-    "--alpha-range",
-    default=None,
-    metavar="START:STOP:N",
-    help="Points on [START, STOP] instead (extrapolation allowed).",
-)
-@click.option(
-    "--adapter",
-    default=None,
-    metavar="NAME|pkg.module:attr",
-    help="The architecture (default: from the checkpoint's metadata).",
-)
-@click.option(
-    "--adapter-opt",
-    "adapter_opts",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="An adapter option, e.g. widths=[2,50,50,1]; repeatable.",
-)
-@click.option(
-    "--data",
-    default=None,
-    metavar="NAME[:ARG]|pkg.module:attr",
-    help="The evaluation data (default: from the metadata or the adapter).",
-)
-@click.option(
-    "--split", type=click.Choice(["test", "train", "both"]), default="test", show_default=True
-)
-@click.option(
-    "--hold",
-    type=click.Choice(["end", "start"]),
-    default="end",
-    show_default=True,
-    help="Where the tensors outside a group stay.",
-)
+@click.argument("start", type=click.Path(), required=False)
+@click.argument("end", type=click.Path(), required=False)
+@click.option("--pair", "pairs", type=(click.Path(), click.Path()), multiple=True,
+              metavar="START END", help="Another checkpoint pair (a run); repeatable.")
+@click.option("--run-dir", "run_dirs", multiple=True, metavar="DIR",
+              help="A run directory with init.safetensors and final.safetensors; repeatable.")
+@click.option("--group", "groups", multiple=True, metavar="[NAME=]REGEX",
+              help="A group of tensors (re.match on the key); repeatable.")
+@click.option("--preset", "presets", multiple=True, metavar="NAME",
+              help="The adapter's group preset (mlp: layers); repeatable.")
+@click.option("--alphas", type=click.IntRange(min=2), default=None,
+              help="Points evenly spaced on [0, 1], both ends included (default 51).")
+@click.option("--alpha-range", default=None, metavar="START:STOP:N",
+              help="Points on [START, STOP] instead (extrapolation allowed).")
+@click.option("--adapter", default=None, metavar="NAME|pkg.module:attr",
+              help="The architecture (default: from the checkpoint's metadata).")
+@click.option("--adapter-opt", "adapter_opts", multiple=True, metavar="KEY=VALUE",
+              help="An adapter option, e.g. widths=[2,50,50,1]; repeatable.")
+@click.option("--data", default=None, metavar="NAME[:ARG]|pkg.module:attr",
+              help="The evaluation data (default: from the metadata or the adapter).")
+@click.option("--split", type=click.Choice(["test", "train", "both"]), default="test",
+              show_default=True)
+@click.option("--hold", type=click.Choice(["end", "start"]), default="end", show_default=True,
+              help="Where the tensors outside a group stay.")
 @click.option("--no-full", is_flag=True, help="Leave out the whole-model path.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i].")
-@click.option(
-    "--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True
-)
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32",
+              show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
-@click.option(
-    "--strategy",
-    type=click.Choice(["auto", "loop", "vmap"]),
-    default="auto",
-    show_default=True,
-    help="Evaluator strategy.",
-)
+@click.option("--strategy", type=click.Choice(["auto", "loop", "vmap"]), default="auto",
+              show_default=True, help="Evaluator strategy.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of generated data.")
-@click.option(
-    "--out", type=click.Path(dir_okay=False), default=None, help="Write the result (.nc)."
-)
-@click.option(
-    "--plot",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Write a figure (.png, .pdf, .svg).",
-)
-def path(
-    start,
-    end,
-    groups,
-    presets,
-    alphas,
-    alpha_range,
-    adapter,
-    adapter_opts,
-    data,
-    split,
-    hold,
-    no_full,
-    device,
-    dtype,
-    batch_size,
-    strategy,
-    seed,
-    out,
-    plot,
-):
+@click.option("--tolerance", "tolerances", multiple=True, metavar="KEY=VALUE",
+              help="Shape tolerance: rtol, atol or plateau_alpha; repeatable.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write the result (.nc).")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Write a figure (.png, .pdf, .svg).")
+def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adapter,
+         adapter_opts, data, split, hold, no_full, device, dtype, batch_size, strategy, seed,
+         tolerances, out, plot):
     """Evaluate loss and accuracy on the straight line from START to END."""
-    from ckptscope.analysis import linear_path
+    from ckptscope.analysis import linear_paths
     from ckptscope.checkpoints import load_checkpoint
     from ckptscope.path import parse_alpha_range
-    from ckptscope.results import save_result, summary
+    from ckptscope.results import save_result
+    from ckptscope.shape import summary
 
     if alphas is not None and alpha_range is not None:
         raise CkptscopeError("give --alphas or --alpha-range, not both.")
-    if out is not None and Path(out).suffix != ".nc":
-        raise CkptscopeError(f"--out {out!r} should end in .nc (the result is NetCDF).")
+    _check_suffix(out, (".nc",), "--out")
+    _check_suffix(plot, (".png", ".pdf", ".svg"), "--plot")
     grid = parse_alpha_range(alpha_range) if alpha_range else (alphas or 51)
-    a, b = load_checkpoint(start), load_checkpoint(end)
-    group_specs = _groups(adapter, presets, groups, list(a.state), a.metadata)
-    ds = linear_path(
-        a,
-        b,
-        adapter,
-        data,
-        groups=group_specs,
-        alphas=grid,
-        full=not no_full,
-        hold=hold,
-        device=device,
-        batch_size=batch_size,
-        split=split,
-        adapter_options=_parse_options(adapter_opts),
-        dtype=dtype,
-        strategy=strategy,
-        seed=seed,
-        progress=ProgressBar("evaluating"),
+    runs = {label: (load_checkpoint(a), load_checkpoint(b))
+            for label, (a, b) in _pairs(start, end, pairs, run_dirs).items()}
+    first = next(iter(runs.values()))[0]
+    group_specs = _groups(adapter, presets, groups, list(first.state), first.metadata)
+    bars = {label: ProgressBar(f"run {label}" if len(runs) > 1 else "evaluating")
+            for label in runs}
+    ds = linear_paths(
+        runs, adapter, data, groups=group_specs, alphas=grid, full=not no_full, hold=hold,
+        device=device, batch_size=batch_size, split=split,
+        adapter_options=_key_values(adapter_opts, "--adapter-opt"), dtype=dtype,
+        strategy=strategy, seed=seed, tolerances=_tolerances(tolerances),
+        progress=lambda label, done, total: bars[label](done, total),
     )
     if out:
         save_result(ds, out)
     if plot:
-        from ckptscope.plots import plot_path
+        from ckptscope.plots import plot_result
 
-        ax = plot_path(ds)
-        ax.figure.tight_layout()
-        _save_figure(ax.figure, Path(plot))
-    click.echo(_format_table(summary(ds)))
+        _save_figure(plot_result(ds), Path(plot))
+    click.echo(_path_table(summary(ds)))
     for target in (out, plot):
         if target:
             click.echo(f"wrote {target}")
 
 
 @cli.command()
-@click.argument("start", type=click.Path(dir_okay=True))
-@click.argument("end", type=click.Path(dir_okay=True), required=False)
+@click.argument("start", type=click.Path())
+@click.argument("end", type=click.Path(), required=False)
 @click.option("--group", "groups", multiple=True, metavar="[NAME=]REGEX")
 @click.option("--preset", "presets", multiple=True, metavar="NAME")
 @click.option("--adapter", default=None, metavar="NAME|pkg.module:attr")
@@ -346,10 +300,9 @@ def inspect(start, end, groups, presets, adapter, keys):
     if b is not None:
         check_pair(a.state, b.state, names=(a.path, b.path))
     params = parameter_keys(a.state)
-    click.echo(
-        f"{a.path}  sha256 {a.sha256[:16]}  {len(a.state)} tensors, "
-        f"{sum(a.state[k].numel() for k in params):,} parameters ({describe_dtypes(a.state)})"
-    )
+    n_params = sum(a.state[k].numel() for k in params)
+    click.echo(f"{a.path}  sha256 {a.sha256[:16]}  {len(a.state)} tensors, {n_params:,} "
+               f"parameters ({describe_dtypes(a.state)})")
     if a.metadata:
         click.echo("metadata: " + ", ".join(f"{k}={v}" for k, v in sorted(a.metadata.items())))
     for note in a.notes:
@@ -358,20 +311,156 @@ def inspect(start, end, groups, presets, adapter, keys):
         width = max(len(k) for k in a.state)
         for k, v in a.state.items():
             kind = "param" if k in params else "buffer"
-            click.echo(
-                f"  {k.ljust(width)}  {str(tuple(v.shape)):>18}  "
-                f"{str(v.dtype).replace('torch.', ''):>8}  {kind}"
-            )
+            click.echo(f"  {k.ljust(width)}  {str(tuple(v.shape)):>18}  "
+                       f"{str(v.dtype).replace('torch.', ''):>8}  {kind}")
     specs = _groups(adapter, presets, groups, list(a.state), a.metadata)
-    resolved = resolve_groups(list(a.state), specs, full=True, source=a.path)
     click.echo("groups:")
-    for g in resolved:
+    for g in resolve_groups(list(a.state), specs, full=True, source=a.path):
         n = sum(a.state[k].numel() for k in g.keys if k in params)
         line = f"  {g.name:<16} {g.pattern!r:<24} {len(g.keys):>4} tensors {n:>12,} params"
         if b is not None:
             moved = relative_distance(a.state, b.state, [k for k in g.keys if k in params])
             line += f"  distance {moved:.4g}"
         click.echo(line)
+
+
+@cli.command()
+@click.argument("start", type=click.Path())
+@click.argument("end", type=click.Path())
+@click.option("--group", "groups", multiple=True, metavar="[NAME=]REGEX")
+@click.option("--preset", "presets", multiple=True, metavar="NAME")
+@click.option("--adapter", default=None, metavar="NAME|pkg.module:attr",
+              help="Decides which tensors are parameters (default: names ending in "
+                   "running_mean/var are buffers).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write the distances (.nc).")
+def distance(start, end, groups, presets, adapter, out):
+    """Distances between two checkpoints per group: eq. 4, L2 and cosine similarity."""
+    from ckptscope.checkpoints import load_checkpoint
+    from ckptscope.distance import distances
+    from ckptscope.results import write_netcdf
+
+    _check_suffix(out, (".nc",), "--out")
+    a, b = load_checkpoint(start), load_checkpoint(end)
+    specs = _groups(adapter, presets, groups, list(a.state), a.metadata)
+    ds = distances(a, b, groups=specs, adapter=adapter)
+    if out:
+        write_netcdf(ds, out)
+    cells = [[str(g), str(p), f"{int(n):,}", f"{r:.4g}", f"{l2:.4g}", f"{c:.4f}"]
+             for g, p, n, r, l2, c in zip(ds.group.values, ds.pattern.values,
+                                          ds.n_params.values, ds.relative.values, ds.l2.values,
+                                          ds.cosine.values, strict=True)]
+    click.echo(_table(["group", "pattern", "params", "relative (eq. 4)", "L2", "cosine"], cells))
+    if out:
+        click.echo(f"wrote {out}")
+
+
+@cli.command()
+@click.argument("result", type=click.Path())
+@click.option("--expect", "expects", multiple=True, required=True, metavar="FILE|EXPR",
+              help="An expectations TOML file, or GROUP[@SPLIT]:METRIC OP VALUE; repeatable.")
+@click.option("--tolerance", "tolerances", multiple=True, metavar="KEY=VALUE",
+              help="Re-classify with these shape tolerances first.")
+@click.option("--junit", type=click.Path(dir_okay=False), default=None,
+              help="Write a JUnit XML report.")
+def check(result, expects, tolerances, junit):
+    """Hold a result against expectations; exit 0 if all pass, 1 if any fails."""
+    from ckptscope.check import check as run_check
+    from ckptscope.check import load_expectations, parse_expectation, to_junit
+    from ckptscope.results import open_result
+
+    ds = open_result(result)
+    expectations = []
+    for item in expects:
+        if Path(item).suffix.lower() == ".toml" or Path(item).is_file():
+            expectations += load_expectations(item)
+        else:
+            expectations.append(parse_expectation(item))
+    rows = run_check(ds, expectations, **_tolerances(tolerances))
+    _write_text(junit, to_junit(rows))
+    cells = [["PASS" if r.passed else "FAIL", str(r.expectation), r.run, r.group, r.split,
+              _fmt(r.actual), r.message] for r in rows]
+    click.echo(_table(["", "expectation", "run", "group", "split", "actual", "note"], cells))
+    failed = sum(not r.passed for r in rows)
+    click.echo(f"{len(rows) - failed} passed, {failed} failed")
+    sys.exit(EXIT_FAILED if failed else 0)
+
+
+@cli.command()
+@click.argument("baseline", type=click.Path())
+@click.argument("new", type=click.Path())
+@click.option("--rtol", type=float, default=None, help="Relative drift allowed (default 0.05).")
+@click.option("--atol", type=float, default=None, help="Absolute drift allowed (default 1e-3).")
+@click.option("--junit", type=click.Path(dir_okay=False), default=None)
+def compare(baseline, new, rtol, atol, junit):
+    """Verdict changes and metric drifts from BASELINE to NEW; exit 1 on any."""
+    from ckptscope.check import compare as run_compare
+    from ckptscope.check import to_junit
+    from ckptscope.results import open_result
+
+    tol = {k: v for k, v in (("rtol", rtol), ("atol", atol)) if v is not None}
+    rows = run_compare(open_result(baseline), open_result(new), **tol)
+    _write_text(junit, to_junit(rows))
+    cells = [["PASS" if r.passed else "FAIL", r.group, r.split, r.metric, _fmt(r.baseline),
+              _fmt(r.new), r.message] for r in rows]
+    click.echo(_table(["", "group", "split", "metric", "baseline", "new", "note"], cells))
+    failed = sum(not r.passed for r in rows)
+    click.echo(f"{len(rows) - failed} passed, {failed} failed")
+    sys.exit(EXIT_FAILED if failed else 0)
+
+
+@cli.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--out", type=click.Path(dir_okay=False), required=True)
+def merge(results, out):
+    """Join results computed separately into one, along the run dim."""
+    from ckptscope.results import merge_results, open_result, save_result
+    from ckptscope.shape import classify
+
+    _check_suffix(out, (".nc",), "--out")
+    datasets = [open_result(r) for r in results]
+    shape_options = {k[len("shape_"):]: v for k, v in datasets[0].attrs.items()
+                     if k in ("shape_rtol", "shape_atol", "shape_plateau_alpha")}
+    merged = classify(merge_results(datasets, sources=list(results)), **shape_options)
+    save_result(merged, out)
+    click.echo(f"wrote {out}: {merged.sizes['run']} runs, {merged.sizes['group']} groups")
+
+
+@cli.command()
+@click.argument("result", type=click.Path())
+@click.option("-o", "--out", type=click.Path(dir_okay=False), required=True,
+              help="The figure (.png, .pdf, .svg).")
+@click.option("--variable", type=click.Choice(["loss", "accuracy", "both"]), default="loss",
+              show_default=True)
+@click.option("--layout", type=click.Choice(["split", "run"]), default="split",
+              show_default=True, help="One panel per split, or per run (conditions).")
+@click.option("--title", default=None)
+def plot(result, out, variable, layout, title):
+    """Draw a result in the paper's style."""
+    from ckptscope.plots import plot_result
+    from ckptscope.results import open_result
+
+    _check_suffix(out, (".png", ".pdf", ".svg"), "--out")
+    ds = open_result(result)
+    variables = ("loss", "accuracy") if variable == "both" else (variable,)
+    _save_figure(plot_result(ds, variables=variables, layout=layout, title=title), Path(out))
+    click.echo(f"wrote {out}")
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _write_text(path: str | None, text: str) -> None:
+    """Write a text file atomically (nothing for ``None``)."""
+    if path is None:
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, target)
 
 
 # --- entry point ---------------------------------------------------------------------------
@@ -386,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         cli.main(args=argv, prog_name="ckptscope", standalone_mode=False)
     except CkptscopeError as err:
         click.echo(f"error: {err}", err=True)
-        return 2
+        return EXIT_BAD_INPUT
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
@@ -397,11 +486,11 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("interrupted", err=True)
         return 130
     except OSError as err:
-        click.echo(
-            f"error: {err.strerror or err} ({err.filename or ''}); check the path and permissions.",
-            err=True,
-        )
-        return 2
+        click.echo(f"error: {err.strerror or err} ({err.filename or ''}); check the path and "
+                   f"permissions.", err=True)
+        return EXIT_BAD_INPUT
+    except SystemExit as err:  # check/compare give their verdict as the exit status
+        return int(err.code or 0)
     return 0
 
 

@@ -62,3 +62,61 @@ def group_distances(
 ) -> list[float]:
     """Return eq. 4 for each group's keys, restricted to ``params``."""
     return [relative_distance(a, b, [k for k in keys if k in params]) for keys in groups]
+
+
+def l2_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+                keys: Iterable[str]) -> float:
+    """Return ||b - a||_F over ``keys``, in float64."""
+    return math.sqrt(sum(float(torch.sum((b[k].double() - a[k].double()) ** 2)) for k in keys))
+
+
+def cosine_similarity(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
+                      keys: Iterable[str]) -> float:
+    """Return <a, b> / (||a|| ||b||) over ``keys`` flattened into one vector; NaN if either is 0."""
+    dot = na = nb = 0.0
+    for k in keys:
+        x, y = a[k].double(), b[k].double()
+        dot += float(torch.sum(x * y))
+        na += float(torch.sum(x * x))
+        nb += float(torch.sum(y * y))
+    if na == 0.0 or nb == 0.0:
+        return math.nan
+    return dot / math.sqrt(na * nb)
+
+
+def distances(a, b, *, groups: Mapping[str, str] | None = None, adapter=None,
+              module: nn.Module | None = None):
+    """Return a dataset of distances per group (the whole model ``all`` first).
+
+    Args:
+        a, b: checkpoints, state dicts or paths (see :func:`ckptscope.checkpoints.as_checkpoint`).
+        groups: name -> regex.
+        adapter: an adapter (name) whose module decides which tensors are parameters; without
+            one (or ``module``), names decide (BatchNorm running statistics are buffers).
+        module: a module that decides which tensors are parameters.
+
+    Returns:
+        ``relative`` (eq. 4), ``l2`` and ``cosine`` over ``group``, with ``n_params``.
+    """
+    from ckptscope.adapters import get_adapter
+    from ckptscope.checkpoints import as_checkpoint, check_pair
+    from ckptscope.groups import normalise_groups, resolve_groups
+    from ckptscope.results import build_distances
+
+    a, b = as_checkpoint(a), as_checkpoint(b)
+    check_pair(a.state, b.state, names=(a.path or "A", b.path or "B"))
+    if module is None and adapter is not None:
+        adapter = get_adapter(adapter)
+        module = adapter.make(adapter.options_for(a.state, None))
+    params = parameter_keys(a.state, module)
+    resolved = resolve_groups(list(a.state), normalise_groups(groups), source=a.path or "A")
+    keys = [[k for k in g.keys if k in params] for g in resolved]
+    return build_distances(
+        groups=[g.name for g in resolved], patterns=[g.pattern for g in resolved],
+        relative=[relative_distance(a.state, b.state, k) for k in keys],
+        l2=[l2_distance(a.state, b.state, k) for k in keys],
+        cosine=[cosine_similarity(a.state, b.state, k) for k in keys],
+        n_params=[sum(a.state[x].numel() for x in k) for k in keys],
+        attrs={"start_path": a.path, "end_path": b.path, "start_sha256": a.sha256,
+               "end_sha256": b.sha256},
+    )

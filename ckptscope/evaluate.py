@@ -171,7 +171,9 @@ class Evaluator:
             if isinstance(out, torch.Tensor):
                 total[0] += out.numel() * out.element_size()
 
-        handles = [m.register_forward_hook(hook) for m in self.module.modules()]
+        # Leaf modules only: a container's output is its last child's, counted already.
+        leaves = [m for m in self.module.modules() if not any(True for _ in m.children())]
+        handles = [m.register_forward_hook(hook) for m in leaves]
         try:
             self._load_state(self.b)
             with torch.no_grad():

@@ -89,6 +89,14 @@ def build_result(
         distance: (run, group).
         attrs: provenance; values must be strings or numbers.
     """
+    for key, value in attrs.items():
+        if not isinstance(value, (str, int, float, np.integer, np.floating)) or isinstance(
+            value, bool
+        ):
+            raise TypeError(
+                f"result attribute {key!r} is a {type(value).__name__}; NetCDF stores strings "
+                f"and numbers only (encode it with json.dumps)."
+            )
     dims = DIMS
     ds = xr.Dataset(
         data_vars={
@@ -173,19 +181,7 @@ def validate_result(ds: xr.Dataset, *, source: str = "the result") -> xr.Dataset
 def save_result(ds: xr.Dataset, path: str | os.PathLike) -> Path:
     """Write a result as NetCDF atomically (temporary name in the same folder, then rename)."""
     validate_result(ds)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        ds.to_netcdf(tmp, engine=_ENGINE)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_netcdf(ds, path)
 
 
 def open_result(path: str | os.PathLike) -> xr.Dataset:
@@ -209,31 +205,89 @@ def open_result(path: str | os.PathLike) -> xr.Dataset:
     return validate_result(ds, source=repr(str(path)))
 
 
-def summary(ds: xr.Dataset, *, run: int = 0) -> list[dict]:
-    """Return one row per (group, split) of one run: the loss at the first, highest and last
-    alpha, the accuracy at the ends, and the distance.
 
-    The "first" and "last" alphas are 0 and 1 on the default grid.
+def merge_results(datasets: Sequence[xr.Dataset], *, sources: Sequence[str] | None = None
+                  ) -> xr.Dataset:
+    """Join results along ``run``.
+
+    The groups (and their patterns), splits and alpha grids must agree. Run labels that repeat
+    across inputs are made unique by prefixing each with its input's position (``"1:0"``).
+    Shape variables are dropped: classify the merged result again (``ckptscope.classify``).
+    Attributes are the first input's, with ``merged_from`` listing the sources.
+
+    Raises:
+        CkptscopeError: fewer than one input, or inputs that disagree.
     """
-    rows = []
-    sub = ds.isel(run=run)
-    for group in sub["group"].values:
-        for split in sub["split"].values:
-            loss = sub["loss"].sel(group=group, split=split).values
-            acc = sub["accuracy"].sel(group=group, split=split).values
-            finite = np.isfinite(loss)
-            peak = int(np.nanargmax(np.where(finite, loss, -np.inf))) if finite.any() else 0
-            rows.append(
-                {
-                    "group": str(group),
-                    "split": str(split),
-                    "loss_start": float(loss[0]),
-                    "loss_max": float(loss[peak]) if finite.any() else float("nan"),
-                    "alpha_max": float(sub["alpha"].values[peak]),
-                    "loss_end": float(loss[-1]),
-                    "acc_start": float(acc[0]),
-                    "acc_end": float(acc[-1]),
-                    "distance": float(sub["distance"].sel(group=group)),
-                }
+    if not datasets:
+        raise CkptscopeError("nothing to merge: give at least one result.")
+    names = list(sources) if sources is not None else [f"#{i}" for i in range(len(datasets))]
+    first = datasets[0]
+    for name, ds in zip(names[1:], datasets[1:], strict=True):
+        for coord in ("group", "split", "pattern"):
+            if [str(v) for v in ds[coord].values] != [str(v) for v in first[coord].values]:
+                raise CkptscopeError(
+                    f"cannot merge {name}: its {coord}s {[str(v) for v in ds[coord].values]} "
+                    f"differ from {names[0]}'s {[str(v) for v in first[coord].values]}; "
+                    f"evaluate both with the same groups and splits."
+                )
+        if ds.sizes["alpha"] != first.sizes["alpha"] or not np.allclose(
+            ds["alpha"].values, first["alpha"].values, rtol=0, atol=1e-12
+        ):
+            raise CkptscopeError(
+                f"cannot merge {name}: its alpha grid differs from {names[0]}'s; evaluate both "
+                f"on the same grid (--alphas / --alpha-range)."
             )
-    return rows
+    keep = [v for v in first.data_vars if v in ("loss", "accuracy", "distance")]
+    parts = [ds[keep] for ds in datasets]
+    labels = [[str(r) for r in ds["run"].values] for ds in datasets]
+    flat = [label for group in labels for label in group]
+    if len(set(flat)) != len(flat):
+        parts = [
+            part.assign_coords(run=[f"{i}:{label}" for label in group])
+            for i, (part, group) in enumerate(zip(parts, labels, strict=True))
+        ]
+    merged = xr.concat(parts, dim="run", data_vars="all", coords="different", compat="equals",
+                       combine_attrs="override")
+    merged.attrs = {
+        k: v for k, v in first.attrs.items() if not k.startswith("shape_")
+    } | {"merged_from": ", ".join(names)}
+    return validate_result(merged, source="the merged result")
+
+
+def build_distances(*, groups: Sequence[str], patterns: Sequence[str], relative: Sequence[float],
+                    l2: Sequence[float], cosine: Sequence[float], n_params: Sequence[int],
+                    attrs: Mapping[str, object]) -> xr.Dataset:
+    """Return a distance dataset: ``relative``, ``l2``, ``cosine`` over ``group``."""
+    return xr.Dataset(
+        data_vars={
+            "relative": ("group", np.asarray(relative, dtype=np.float64), VAR_ATTRS["distance"]),
+            "l2": ("group", np.asarray(l2, dtype=np.float64),
+                   {"description": "||theta_end - theta_start||_F over the group's parameters"}),
+            "cosine": ("group", np.asarray(cosine, dtype=np.float64),
+                       {"description": "<theta_start, theta_end> / (||theta_start|| "
+                                       "||theta_end||) over the group's parameters"}),
+        },
+        coords={
+            "group": ("group", list(groups)),
+            "pattern": ("group", list(patterns), VAR_ATTRS["pattern"]),
+            "n_params": ("group", np.asarray(n_params, dtype=np.float64), VAR_ATTRS["n_params"]),
+        },
+        attrs=dict(attrs),
+    )
+
+
+def write_netcdf(ds: xr.Dataset, path: str | os.PathLike) -> Path:
+    """Write any dataset as NetCDF atomically (temporary name in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        ds.to_netcdf(tmp, engine=_ENGINE)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

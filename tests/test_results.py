@@ -9,7 +9,9 @@ import pytest
 import xarray as xr
 
 from ckptscope.errors import CkptscopeError
-from ckptscope.results import RunInfo, build_result, open_result, save_result, summary
+from ckptscope.results import RunInfo, build_result, merge_results, open_result, save_result
+
+RESULT_ARGS = {}
 
 
 def make_result(n_alpha=5, groups=("all", "fc"), splits=("test",)):
@@ -86,10 +88,32 @@ def test_open_result_not_netcdf(tmp_path):
         open_result(tmp_path / "missing.nc")
 
 
-def test_summary_rows():
-    ds = make_result()
-    rows = summary(ds)
-    assert [r["group"] for r in rows] == ["all", "fc"]
-    loss = ds.loss.sel(group="fc", split="test").values[0]
-    assert rows[1]["loss_max"] == loss.max()
-    assert rows[1]["loss_start"] == loss[0] and rows[1]["loss_end"] == loss[-1]
+def test_build_result_rejects_attrs_netcdf_cannot_store():
+    with pytest.raises(TypeError, match="'flag' is a bool"):
+        build_result(**{**RESULT_ARGS, "attrs": {"flag": True}})
+
+
+def test_merge_results_joins_runs_and_relabels_repeats():
+    a, b = make_result(), make_result()
+    merged = merge_results([a, b], sources=["a.nc", "b.nc"])
+    assert merged.sizes["run"] == 2
+    assert list(merged.run.values) == ["0:0", "1:0"]
+    np.testing.assert_array_equal(merged.loss.values[1], b.loss.values[0])
+    assert merged.attrs["merged_from"] == "a.nc, b.nc"
+
+
+@pytest.mark.parametrize("other, match", [
+    (lambda: make_result(n_alpha=6), "alpha grid"),
+    (lambda: make_result(groups=("all",)), "groups"),
+    (lambda: make_result(splits=("train",)), "splits"),
+])
+def test_merge_results_refuses_disagreeing(other, match):
+    with pytest.raises(CkptscopeError, match=match):
+        merge_results([make_result(), other()])
+
+
+RESULT_ARGS.update(
+    loss=np.zeros((1, 1, 1, 2)), accuracy=np.zeros((1, 1, 1, 2)), distance=np.zeros((1, 1)),
+    alphas=[0, 1], groups=["all"], patterns=[".*"], n_tensors=[1], n_params=[1],
+    splits=["test"], n_examples=[1], runs=[RunInfo("0")],
+)

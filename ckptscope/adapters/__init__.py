@@ -46,7 +46,12 @@ class Adapter:
     def options_for(self, state: Mapping[str, torch.Tensor] | None,
                     given: Mapping[str, object] | None) -> dict:
         """Return the build options: ``given`` on top of those inferred from ``state``."""
-        options = dict(self.infer_options(state)) if self.infer_options and state else {}
+        options = {}
+        if self.infer_options and state:
+            try:
+                options = dict(self.infer_options(state))
+            except Exception:  # a foreign state dict: the key check reports the mismatch
+                options = {}
         options.update(given or {})
         return options
 
@@ -55,7 +60,9 @@ class Adapter:
         try:
             inspect.signature(self.build).bind(**options)
         except TypeError as err:
-            raise CkptscopeError(f"adapter {self.name!r}: bad options {dict(options)} ({err}).") from None
+            raise CkptscopeError(
+                f"adapter {self.name!r}: bad options {dict(options)} ({err})."
+            ) from None
         return self.build(**options)
 
 
@@ -73,7 +80,9 @@ def get_adapter(spec: str | Adapter) -> Adapter:
         return obj
     if callable(obj):
         return Adapter(name=spec, build=obj)
-    raise CkptscopeError(f"adapter {spec!r} is a {type(obj).__name__}, not an Adapter or a callable.")
+    raise CkptscopeError(
+        f"adapter {spec!r} is a {type(obj).__name__}, not an Adapter or a callable."
+    )
 
 
 def module_name(model: nn.Module) -> str:
@@ -82,4 +91,4 @@ def module_name(model: nn.Module) -> str:
 
 
 # Register the built-in adapters.
-from ckptscope.adapters import mlp  # noqa: E402,F401
+from ckptscope.adapters import mlp, resnet, vgg  # noqa: E402,F401
