@@ -16,6 +16,7 @@ from torch import nn
 from ckptscope.adapters import Adapter, get_adapter, module_name
 from ckptscope.checkpoints import Checkpoint, as_checkpoint, check_pair
 from ckptscope.data import as_splits, load_data, select_splits
+from ckptscope.data.transforms import subset
 from ckptscope.distance import group_distances, parameter_keys
 from ckptscope.errors import CkptscopeError
 from ckptscope.evaluate import EvalConfig, Evaluator, resolve_device
@@ -26,7 +27,6 @@ from ckptscope.shape import classify
 
 StateSource = str | os.PathLike | Mapping[str, torch.Tensor] | Checkpoint
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-BN_POLICY = "interpolate"
 
 
 def _version() -> str:
@@ -101,6 +101,9 @@ def linear_path(
     adapter_options: Mapping[str, object] | None = None,
     dtype: str = "float32",
     strategy: str = "auto",
+    bn: str = "interpolate",
+    bn_batches: int = 20,
+    data_size: int | None = None,
     memory_budget: int | None = None,
     seed: int = 0,
     run: str = "0",
@@ -130,6 +133,12 @@ def linear_path(
         adapter_options: options for the adapter's ``build`` (e.g. ``{"widths": [2, 50, 1]}``).
         dtype: "float32" (default) or "float64".
         strategy: "auto", "loop" or "vmap" (see :mod:`ckptscope.evaluate`).
+        bn: BatchNorm running statistics: "interpolate" (they move with their group, as in the
+            paper), "recompute" (re-estimated at every alpha on ``bn_batches`` batches of the
+            training split) or "batch" (each evaluation batch's own statistics).
+        bn_batches: training batches per alpha for ``bn="recompute"``.
+        data_size: evaluate on the first ``data_size`` examples of a seeded permutation of
+            each split (``None``: all of them).
         memory_budget: bytes for replicated tensors and activations (``None``: automatic).
         seed: seed for generated datasets.
         run: the label of this pair in the ``run`` dim.
@@ -170,11 +179,15 @@ def linear_path(
 
     spec = _data_spec(data, a, adapter)
     if isinstance(spec, str):
-        splits = select_splits(load_data(spec, seed=seed), split)
+        every_split = load_data(spec, seed=seed)
         data_label = spec
     else:
-        splits = select_splits(as_splits(spec), split)
+        every_split = as_splits(spec)
         data_label = "in-memory"
+    if data_size is not None:
+        every_split = subset(every_split, data_size, seed=seed)
+    splits = select_splits(every_split, split)
+    bn_data = every_split["train"][0] if bn == "recompute" and "train" in every_split else None
     loss = loss or (adapter.loss(options) if adapter else "cross_entropy")
 
     keys = list(a.state)
@@ -187,8 +200,11 @@ def linear_path(
         batch_size=batch_size,
         strategy=strategy,
         memory_budget=memory_budget,
+        bn=bn,
+        bn_batches=bn_batches,
     )
-    evaluator = Evaluator(module, a.state, b.state, splits, loss=loss, config=config)
+    evaluator = Evaluator(module, a.state, b.state, splits, loss=loss, config=config,
+                          bn_data=bn_data)
 
     total, done = len(resolved) * len(grid), 0
 
@@ -232,7 +248,8 @@ def linear_path(
             "data": data_label,
             "data_seed": int(seed),
             "loss_function": loss if isinstance(loss, str) else getattr(loss, "__name__", "custom"),
-            "bn_policy": BN_POLICY,
+            "bn_policy": bn,
+            "bn_batches": int(bn_batches) if bn == "recompute" else 0,
             "hold": hold,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "notes": "; ".join(a.notes + b.notes),

@@ -213,7 +213,8 @@ def demo(out, seed, epochs):
 @click.option("--group", "groups", multiple=True, metavar="[NAME=]REGEX",
               help="A group of tensors (re.match on the key); repeatable.")
 @click.option("--preset", "presets", multiple=True, metavar="NAME",
-              help="The adapter's group preset (mlp: layers); repeatable.")
+              help="An adapter's group preset (blocks, layers, bn-stats, ...; see "
+                   "`ckptscope list`); repeatable.")
 @click.option("--alphas", type=click.IntRange(min=2), default=None,
               help="Points evenly spaced on [0, 1], both ends included (default 51).")
 @click.option("--alpha-range", default=None, metavar="START:STOP:N",
@@ -235,7 +236,16 @@ def demo(out, seed, epochs):
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--strategy", type=click.Choice(["auto", "loop", "vmap"]), default="auto",
               show_default=True, help="Evaluator strategy.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of generated data.")
+@click.option("--bn", type=click.Choice(["interpolate", "recompute", "batch"]),
+              default="interpolate", show_default=True,
+              help="BatchNorm running stats: move with their group, re-estimate at every alpha "
+                   "on training batches, or use each evaluation batch's statistics.")
+@click.option("--bn-batches", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Training batches per alpha for --bn recompute.")
+@click.option("--data-size", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Evaluate on N examples of each split (a seeded subset).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of generated data and subsets.")
 @click.option("--tolerance", "tolerances", multiple=True, metavar="KEY=VALUE",
               help="Shape tolerance: rtol, atol or plateau_alpha; repeatable.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
@@ -243,8 +253,8 @@ def demo(out, seed, epochs):
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Write a figure (.png, .pdf, .svg).")
 def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adapter,
-         adapter_opts, data, split, hold, no_full, device, dtype, batch_size, strategy, seed,
-         tolerances, out, plot):
+         adapter_opts, data, split, hold, no_full, device, dtype, batch_size, strategy, bn,
+         bn_batches, data_size, seed, tolerances, out, plot):
     """Evaluate loss and accuracy on the straight line from START to END."""
     from ckptscope.analysis import linear_paths
     from ckptscope.checkpoints import load_checkpoint
@@ -267,7 +277,8 @@ def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adap
         runs, adapter, data, groups=group_specs, alphas=grid, full=not no_full, hold=hold,
         device=device, batch_size=batch_size, split=split,
         adapter_options=_key_values(adapter_opts, "--adapter-opt"), dtype=dtype,
-        strategy=strategy, seed=seed, tolerances=_tolerances(tolerances),
+        strategy=strategy, bn=bn, bn_batches=bn_batches, data_size=data_size, seed=seed,
+        tolerances=_tolerances(tolerances),
         progress=lambda label, done, total: bars[label](done, total),
     )
     if out:
@@ -445,6 +456,23 @@ def plot(result, out, variable, layout, title):
     variables = ("loss", "accuracy") if variable == "both" else (variable,)
     _save_figure(plot_result(ds, variables=variables, layout=layout, title=title), Path(out))
     click.echo(f"wrote {out}")
+
+
+@cli.command(name="list")
+def list_():
+    """List the adapters (with their presets) and the datasets."""
+    from ckptscope.adapters import ADAPTERS
+    from ckptscope.data import DATASETS
+
+    click.echo("adapters (--adapter NAME, or pkg.module:attr):")
+    for name in ADAPTERS:
+        adapter = ADAPTERS.get(name)
+        click.echo(f"  {name:<10} {adapter.description}")
+        if adapter.presets:
+            click.echo(f"  {'':<10} presets: {', '.join(sorted(adapter.presets))}")
+    click.echo("datasets (--data NAME[:ARG], or pkg.module:attr):")
+    for name in DATASETS:
+        click.echo(f"  {name:<14} {DATASETS.get(name).description}")
 
 
 def _fmt(value) -> str:

@@ -20,18 +20,21 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ckptscope.errors import CkptscopeError
 from ckptscope.losses import LossFn, get_loss, target_dtype
 from ckptscope.path import plan_path
 
 STRATEGIES = ("auto", "loop", "vmap")
+BN_POLICIES = ("interpolate", "recompute", "batch")
 Data = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 Progress = Callable[[int], None]
 
@@ -66,6 +69,11 @@ class EvalConfig:
         strategy: ``auto``, ``loop`` or ``vmap`` (see the module docstring).
         memory_budget: bytes the evaluator may use for replicated tensors and activations;
             ``None``: 1 GiB on the CPU, half the free memory on CUDA.
+        bn: BatchNorm running statistics along the path: ``interpolate`` (they follow their
+            group, as in the paper), ``recompute`` (re-estimated at every alpha on
+            ``bn_batches`` training batches, a cumulative average in a fixed order, without
+            augmentation) or ``batch`` (each evaluation batch normalised by its own statistics).
+        bn_batches: training batches for ``recompute``.
     """
 
     device: torch.device = torch.device("cpu")
@@ -73,8 +81,14 @@ class EvalConfig:
     batch_size: int | None = None
     strategy: str = "auto"
     memory_budget: int | None = None
+    bn: str = "interpolate"
+    bn_batches: int = 20
 
     def __post_init__(self):
+        if self.bn not in BN_POLICIES:
+            raise CkptscopeError(f"BatchNorm policy {self.bn!r} is not one of {BN_POLICIES}.")
+        if self.bn_batches < 1:
+            raise CkptscopeError(f"bn_batches={self.bn_batches} must be a positive integer.")
         if self.strategy not in STRATEGIES:
             raise CkptscopeError(f"strategy {self.strategy!r} is not one of {STRATEGIES}.")
         if self.batch_size is not None and self.batch_size < 1:
@@ -84,6 +98,9 @@ class EvalConfig:
 
     @property
     def resolved_strategy(self) -> str:
+        # Re-estimating running statistics writes buffers in place: one alpha at a time.
+        if self.bn == "recompute":
+            return "loop"
         if self.strategy != "auto":
             return self.strategy
         return "vmap" if self.device.type == "cuda" else "loop"
@@ -120,9 +137,11 @@ class Evaluator:
     Args:
         module: the architecture; its own weights are ignored (a private copy is used).
         a, b: the endpoint states, keys matching ``module.state_dict()``.
-        data: split -> (inputs, targets), moved to the device once.
+        data: split -> (inputs, targets), moved to the device once (kept on the CPU and
+            streamed batch by batch when they do not fit the memory budget).
         loss: a loss name from :mod:`ckptscope.losses` or a callable of that form.
-        config: device, dtype, batch size, strategy, memory budget.
+        config: device, dtype, batch size, strategy, memory budget, BatchNorm policy.
+        bn_data: training inputs for ``config.bn == "recompute"``.
     """
 
     def __init__(
@@ -134,23 +153,47 @@ class Evaluator:
         *,
         loss: str | LossFn,
         config: EvalConfig,
+        bn_data: torch.Tensor | None = None,
     ):
         self.config = config
         self.loss_fn = get_loss(loss)
         dev, dtype = config.device, config.dtype
         self.module = copy.deepcopy(module).to(device=dev, dtype=dtype).eval()
+        self.batchnorms = [m for m in self.module.modules() if isinstance(m, _BatchNorm)]
+        if config.bn == "batch":
+            for m in self.batchnorms:  # no running statistics: eval mode uses the batch's
+                m.track_running_stats = False
+                m.running_mean = m.running_var = m.num_batches_tracked = None
         self.slots = {
             **dict(self.module.named_parameters(remove_duplicate=False)),
-            **dict(self.module.named_buffers(remove_duplicate=False)),
+            **{k: v for k, v in self.module.named_buffers(remove_duplicate=False)},
         }
         self.parameter_keys = tuple(k for k, _ in self.module.named_parameters())
-        self.a = {k: self._to_device(v) for k, v in a.items()}
-        self.b = {k: self._to_device(v) for k, v in b.items()}
+        self.a = {k: self._to_device(v) for k, v in a.items() if k in self.slots}
+        self.b = {k: self._to_device(v) for k, v in b.items() if k in self.slots}
         tdtype = target_dtype(loss)
+        data_bytes = sum(_nbytes([x, y]) for x, y in data.values())
+        # Stream from the CPU only when the set would crowd out the evaluation itself.
+        self.streaming = dev.type != "cpu" and data_bytes > config.budget // 2
+        home = torch.device("cpu") if self.streaming else dev
         self.data = {
-            split: (self._to_device(x), y.to(dev) if tdtype is None else y.to(dev, tdtype))
+            split: (x.to(home, dtype if x.is_floating_point() else x.dtype),
+                    y.to(home) if tdtype is None else y.to(home, tdtype))
             for split, (x, y) in data.items()
         }
+        if config.bn == "recompute":
+            if bn_data is None or len(bn_data) == 0:
+                raise CkptscopeError(
+                    "BatchNorm policy 'recompute' needs training inputs to re-estimate the "
+                    "running statistics; give data with a 'train' split."
+                )
+            if not self.batchnorms:
+                raise CkptscopeError(
+                    "BatchNorm policy 'recompute' was asked for, but the model has no "
+                    "BatchNorm layer; use the default 'interpolate'."
+                )
+        self.bn_data = None if bn_data is None else bn_data.to(home, dtype)
+        self._oom_warned = False
         # One probe forward pass, before any path: checks that the data fits the model and
         # measures the activations that size the batches and alpha chunks.
         self._activation_bytes = self._probe_activation_bytes()
@@ -164,7 +207,7 @@ class Evaluator:
     def _probe_activation_bytes(self) -> int:
         """Bytes of module outputs per example in one forward pass, measured with hooks."""
         split, (x_all, _) = next(iter(self.data.items()))
-        x = x_all[:8]
+        x = x_all[:8].to(self.config.device)
         total = [0]
 
         def hook(_mod, _inp, out):
@@ -234,7 +277,8 @@ class Evaluator:
             split -> (loss, accuracy), each (n,) float64: the mean loss over the split's
             examples and the fraction classified correctly.
         """
-        plan = plan_path(self.a, self.b, keys, hold=hold)
+        # Under bn="batch" the running statistics are gone from the model: they cannot move.
+        plan = plan_path(self.a, self.b, [k for k in keys if k in self.a], hold=hold)
         if self.config.resolved_strategy == "vmap" and plan.moving:
             sums = self._path_vmap(plan, alphas, progress)
         else:
@@ -247,15 +291,46 @@ class Evaluator:
     def _accumulate(self, outputs_fn, split: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Sum loss and correctness over the split's batches; ``outputs_fn(x) -> (k, B, ...)``."""
         x_all, y_all = self.data[split]
-        batch = self.batch_size()
-        loss = torch.zeros(k, dtype=torch.float64, device=self.config.device)
-        correct = torch.zeros(k, dtype=torch.float64, device=self.config.device)
-        for lo in range(0, len(x_all), batch):
-            x, y = x_all[lo : lo + batch], y_all[lo : lo + batch]
-            batch_loss, batch_correct = self.loss_fn(outputs_fn(x), y)
-            loss += batch_loss.double()
-            correct += batch_correct.double()
-        return loss.cpu().numpy(), correct.cpu().numpy()
+        dev = self.config.device
+        while True:
+            batch = self._batch_size
+            loss = torch.zeros(k, dtype=torch.float64, device=dev)
+            correct = torch.zeros(k, dtype=torch.float64, device=dev)
+            try:
+                for lo in range(0, len(x_all), batch):
+                    x = x_all[lo : lo + batch].to(dev, non_blocking=True)
+                    y = y_all[lo : lo + batch].to(dev, non_blocking=True)
+                    batch_loss, batch_correct = self.loss_fn(outputs_fn(x), y)
+                    loss += batch_loss.double()
+                    correct += batch_correct.double()
+                return loss.cpu().numpy(), correct.cpu().numpy()
+            except torch.OutOfMemoryError:
+                if batch == 1 or k > 1:  # a vmap chunk halves its alphas first (its caller)
+                    raise
+                self._batch_size = max(1, batch // 2)
+                self._note_oom(f"batch size {batch} -> {self._batch_size}")
+
+    def _note_oom(self, change: str) -> None:
+        if self.config.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if not self._oom_warned:
+            warnings.warn(f"out of device memory; continuing with {change}.", stacklevel=4)
+            self._oom_warned = True
+
+    def _recompute_bn(self) -> None:
+        """Re-estimate every BatchNorm's running statistics at the current weights."""
+        for m in self.batchnorms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches
+            m.train()
+        batch = self._batch_size
+        for i in range(self.config.bn_batches):
+            x = self.bn_data[i * batch : (i + 1) * batch]
+            if len(x) == 0:
+                break
+            self.module(x.to(self.config.device, non_blocking=True))
+        for m in self.batchnorms:
+            m.eval()
 
     @torch.no_grad()
     def _path_loop(self, plan, alphas, progress):
@@ -271,6 +346,8 @@ class Evaluator:
                 torch._foreach_copy_(moving, ends if alpha == 1 else starts)
                 if alpha not in (0, 1):
                     torch._foreach_lerp_(moving, ends, float(alpha))
+            if self.config.bn == "recompute":
+                self._recompute_bn()
             for split in self.data:
                 loss, correct = self._accumulate(
                     lambda x, s=split: self._forward_checked(x, s).unsqueeze(0), split, 1
@@ -293,16 +370,32 @@ class Evaluator:
             return functional_call(self.module, (fixed, moving), (x,))
 
         batched = vmap(forward, in_dims=(0, None))
-        for lo in range(0, len(alphas), chunk):
+        lo = 0
+        while lo < len(alphas):
             part = alphas[lo : lo + chunk]
             weight = torch.as_tensor(part, dtype=self.config.dtype, device=self.config.device)
-            moving = {k: _lerp_stack(plan.start[k], plan.end[k], weight) for k in plan.moving}
-            for split in self.data:
-                loss, correct = self._accumulate(
-                    lambda x, moving=moving: batched(moving, x), split, len(part)
-                )
+            try:
+                moving = {k: _lerp_stack(plan.start[k], plan.end[k], weight) for k in plan.moving}
+                sums = {
+                    split: self._accumulate(
+                        lambda x, moving=moving: batched(moving, x), split, len(part)
+                    )
+                    for split in self.data
+                }
+            except torch.OutOfMemoryError:
+                if chunk == 1:
+                    raise CkptscopeError(
+                        "out of device memory with one alpha per pass; lower --batch-size or "
+                        "evaluate on the CPU."
+                    ) from None
+                moving = sums = None
+                chunk = max(1, chunk // 2)
+                self._note_oom(f"{chunk} alphas per pass")
+                continue
+            for split, (loss, correct) in sums.items():
                 out[split][0][lo : lo + len(part)] = loss
                 out[split][1][lo : lo + len(part)] = correct
+            lo += len(part)
             if progress:
                 progress(len(part))
         return out

@@ -201,3 +201,31 @@ def test_cuda_matches_cpu(conv_pair, image_data, strategy):
         )
         curves.append(ev.path(list(a), ALPHAS)["test"][0])
     np.testing.assert_allclose(curves[0], curves[1], rtol=1e-4)
+
+
+def test_out_of_memory_halves_chunk_then_batch_and_warns(conv_pair, image_data, monkeypatch):
+    module, a, b = conv_pair
+    grid = np.linspace(0, 1, 8)
+    ev = Evaluator(module, a, b, image_data, loss="cross_entropy",
+                   config=EvalConfig(strategy="vmap", batch_size=37))
+    want = ev.path(list(a), grid)["test"][0]
+    calls = []
+    original = ev.loss_fn
+
+    def flaky(outputs, targets):
+        calls.append((outputs.shape[0], outputs.shape[1]))
+        if outputs.shape[0] > 2 or outputs.shape[1] > 20:  # "too big" for the device
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(outputs, targets)
+
+    monkeypatch.setattr(ev, "loss_fn", flaky)
+    with pytest.warns(UserWarning, match="out of device memory"):
+        got = ev.path(list(a), grid)["test"][0]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert calls[-1][0] <= 2 and ev.batch_size() <= 20
+
+
+def test_streaming_keeps_data_off_device_when_it_does_not_fit(conv_pair, image_data):
+    module, a, b = conv_pair
+    ev = Evaluator(module, a, b, image_data, loss="cross_entropy", config=EvalConfig())
+    assert not ev.streaming  # on the CPU the data is where it is evaluated
