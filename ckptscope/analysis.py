@@ -14,6 +14,7 @@ import xarray as xr
 from torch import nn
 
 from ckptscope.adapters import Adapter, get_adapter, module_name
+from ckptscope.cache import PathCache, path_key, tensor_digest
 from ckptscope.checkpoints import Checkpoint, as_checkpoint, check_pair
 from ckptscope.data import as_splits, load_data, select_splits
 from ckptscope.data.transforms import subset
@@ -109,6 +110,7 @@ def linear_path(
     run: str = "0",
     tolerances: Mapping[str, float] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    resume_dir: str | os.PathLike | None = None,
 ) -> xr.Dataset:
     """Evaluate loss and accuracy on the straight line from ``start`` to ``end``.
 
@@ -145,6 +147,8 @@ def linear_path(
         tolerances: ``rtol``, ``atol``, ``plateau_alpha`` for the shape verdicts
             (:func:`ckptscope.classify`); recorded in the result's attrs.
         progress: called as ``progress(done, total)`` after each alpha of each group.
+        resume_dir: keep each finished group path in this folder and reuse the ones a previous,
+            interrupted call with the same inputs left there (see :mod:`ckptscope.cache`).
 
     Returns:
         A dataset with ``loss`` and ``accuracy`` (run, group, split, alpha), ``distance``
@@ -203,8 +207,9 @@ def linear_path(
         bn=bn,
         bn_batches=bn_batches,
     )
-    evaluator = Evaluator(module, a.state, b.state, splits, loss=loss, config=config,
-                          bn_data=bn_data)
+    evaluator = Evaluator(
+        module, a.state, b.state, splits, loss=loss, config=config, bn_data=bn_data
+    )
 
     total, done = len(resolved) * len(grid), 0
 
@@ -216,10 +221,42 @@ def linear_path(
 
     shape = (1, len(resolved), len(splits), len(grid))
     losses, accuracies = np.empty(shape), np.empty(shape)
+    cache = PathCache(resume_dir) if resume_dir is not None else None
+    if cache is not None:
+        common = {
+            "version": _version(),
+            "start": a.sha256 or tensor_digest(a.state),
+            "end": b.sha256 or tensor_digest(b.state),
+            "model": repr(module),
+            "options": options,
+            "data": data_label
+            if isinstance(spec, str)
+            else tensor_digest(
+                {f"{s}{i}": t for s, xy in splits.items() for i, t in enumerate(xy)}
+            ),
+            "seed": seed,
+            "data_size": data_size,
+            "splits": list(splits),
+            "alphas": grid.tolist(),
+            "hold": hold,
+            "dtype": dtype,
+            "bn": bn,
+            "bn_batches": bn_batches,
+            "loss": str(loss),
+            "batch": evaluator.batch_size() if bn == "batch" else None,
+        }
     for g, group in enumerate(resolved):
+        key = path_key({**common, "keys": group.keys}) if cache is not None else ""
+        cached = cache.load(key, len(splits), len(grid)) if cache is not None else None
+        if cached is not None:
+            losses[0, g], accuracies[0, g] = cached
+            advance(len(grid))
+            continue
         curves = evaluator.path(group.keys, grid, hold=hold, progress=advance)
         for s, name in enumerate(splits):
             losses[0, g, s], accuracies[0, g, s] = curves[name]
+        if cache is not None:
+            cache.store(key, losses[0, g], accuracies[0, g])
 
     params = parameter_keys(a.state, evaluator.module)
     distance = np.array([group_distances(a.state, b.state, [g.keys for g in resolved], params)])
@@ -252,17 +289,29 @@ def linear_path(
             "bn_batches": int(bn_batches) if bn == "recompute" else 0,
             "hold": hold,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "notes": "; ".join(a.notes + b.notes),
+            "notes": "; ".join(
+                a.notes
+                + b.notes
+                + (
+                    (f"resumed {cache.hits} of {len(resolved)} group paths",)
+                    if cache and cache.hits
+                    else ()
+                )
+            ),
         },
     )
     return classify(result, **dict(tolerances or {}))
 
 
-def linear_paths(pairs: Mapping[str, tuple[StateSource, StateSource]]
-                 | Sequence[tuple[StateSource, StateSource]],
-                 model: nn.Module | str | Adapter | None = None, data: object = None,
-                 *, progress: Callable[[str, int, int], None] | None = None,
-                 **options) -> xr.Dataset:
+def linear_paths(
+    pairs: Mapping[str, tuple[StateSource, StateSource]]
+    | Sequence[tuple[StateSource, StateSource]],
+    model: nn.Module | str | Adapter | None = None,
+    data: object = None,
+    *,
+    progress: Callable[[str, int, int], None] | None = None,
+    **options,
+) -> xr.Dataset:
     """Evaluate several checkpoint pairs (seeds, conditions) into one result with a ``run`` dim.
 
     Args:
@@ -274,16 +323,21 @@ def linear_paths(pairs: Mapping[str, tuple[StateSource, StateSource]]
     Returns:
         The runs joined along ``run`` (:func:`ckptscope.results.merge_results`), classified.
     """
-    items = list(pairs.items()) if isinstance(pairs, Mapping) else [
-        (str(i), pair) for i, pair in enumerate(pairs)]
+    items = (
+        list(pairs.items())
+        if isinstance(pairs, Mapping)
+        else [(str(i), pair) for i, pair in enumerate(pairs)]
+    )
     if not items:
         raise CkptscopeError("no checkpoint pairs given; pass at least one (start, end).")
     results = []
     for label, (start, end) in items:
         report = None
         if progress:
+
             def report(done, total, label=label):
                 progress(label, done, total)
+
         results.append(linear_path(start, end, model, data, run=label, progress=report, **options))
     if len(results) == 1:
         return results[0]

@@ -139,6 +139,11 @@ def _groups(adapter_spec: str | None, presets: tuple[str, ...], groups: tuple[st
     return out
 
 
+def _partial_dir(out: str | None) -> str | None:
+    """Where finished group paths wait for the final result: ``OUT.partial/`` beside it."""
+    return None if out is None else str(Path(out).with_name(Path(out).name + ".partial"))
+
+
 def _run_dir(path: str) -> tuple[str, str]:
     """The (init, final) checkpoints of a run directory written by ckptscope."""
     folder = Path(path)
@@ -257,6 +262,7 @@ def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adap
          bn_batches, data_size, seed, tolerances, out, plot):
     """Evaluate loss and accuracy on the straight line from START to END."""
     from ckptscope.analysis import linear_paths
+    from ckptscope.cache import PathCache
     from ckptscope.checkpoints import load_checkpoint
     from ckptscope.path import parse_alpha_range
     from ckptscope.results import save_result
@@ -280,9 +286,13 @@ def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adap
         strategy=strategy, bn=bn, bn_batches=bn_batches, data_size=data_size, seed=seed,
         tolerances=_tolerances(tolerances),
         progress=lambda label, done, total: bars[label](done, total),
+        resume_dir=_partial_dir(out),
     )
+    if "resumed" in ds.attrs.get("notes", ""):
+        click.echo(f"resumed finished group paths from {_partial_dir(out)}", err=True)
     if out:
         save_result(ds, out)
+        PathCache(_partial_dir(out)).clear()
     if plot:
         from ckptscope.plots import plot_result
 
