@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ckptscope.errors import CkptscopeError
+from ckptscope.hoist import SplitForward, split_forward, trace
 from ckptscope.losses import LossFn, get_loss, target_dtype
 from ckptscope.path import plan_path
 
@@ -74,6 +75,9 @@ class EvalConfig:
             ``bn_batches`` training batches, a cumulative average in a fixed order, without
             augmentation) or ``batch`` (each evaluation batch normalised by its own statistics).
         bn_batches: training batches for ``recompute``.
+        hoist: on a group path, compute the part of the forward pass upstream of the group once
+            per batch instead of once per alpha (:mod:`ckptscope.hoist`); off for
+            ``bn="recompute"``, whose statistics change everywhere.
     """
 
     device: torch.device = torch.device("cpu")
@@ -83,6 +87,7 @@ class EvalConfig:
     memory_budget: int | None = None
     bn: str = "interpolate"
     bn_batches: int = 20
+    hoist: bool = True
 
     def __post_init__(self):
         if self.bn not in BN_POLICIES:
@@ -177,8 +182,10 @@ class Evaluator:
         self.streaming = dev.type != "cpu" and data_bytes > config.budget // 2
         home = torch.device("cpu") if self.streaming else dev
         self.data = {
-            split: (x.to(home, dtype if x.is_floating_point() else x.dtype),
-                    y.to(home) if tdtype is None else y.to(home, tdtype))
+            split: (
+                x.to(home, dtype if x.is_floating_point() else x.dtype),
+                y.to(home) if tdtype is None else y.to(home, tdtype),
+            )
             for split, (x, y) in data.items()
         }
         if config.bn == "recompute":
@@ -194,6 +201,9 @@ class Evaluator:
                 )
         self.bn_data = None if bn_data is None else bn_data.to(home, dtype)
         self._oom_warned = False
+        self._traced: object = None  # the fx graph, traced on the first group path
+        self._splits: dict[frozenset, SplitForward | None] = {}
+        self.hoisted_paths = 0
         # One probe forward pass, before any path: checks that the data fits the model and
         # measures the activations that size the batches and alpha chunks.
         self._activation_bytes = self._probe_activation_bytes()
@@ -279,7 +289,11 @@ class Evaluator:
         """
         # Under bn="batch" the running statistics are gone from the model: they cannot move.
         plan = plan_path(self.a, self.b, [k for k in keys if k in self.a], hold=hold)
-        if self.config.resolved_strategy == "vmap" and plan.moving:
+        split = self._split_for(plan.moving)
+        if split is not None:
+            self.hoisted_paths += 1
+            sums = self._path_hoisted(plan, split, alphas, progress)
+        elif self.config.resolved_strategy == "vmap" and plan.moving:
             sums = self._path_vmap(plan, alphas, progress)
         else:
             sums = self._path_loop(plan, alphas, progress)
@@ -287,6 +301,78 @@ class Evaluator:
             split: (loss / len(self.data[split][0]), correct / len(self.data[split][0]))
             for split, (loss, correct) in sums.items()
         }
+
+    def _split_for(self, moving: Sequence[str]) -> SplitForward | None:
+        """The forward pass split at ``moving``, or ``None`` when hoisting does not apply."""
+        if not (self.config.hoist and moving) or self.config.bn == "recompute":
+            return None
+        if len(moving) == sum(v.is_floating_point() for v in self.a.values()):
+            return None  # the whole model moves: nothing is invariant
+        key = frozenset(moving)
+        if key not in self._splits:
+            if self._traced is None:
+                traced = trace(self.module)
+                if traced is None:
+                    warnings.warn(
+                        f"{type(self.module).__name__} cannot be traced by torch.fx; group paths "
+                        f"are evaluated whole (no hoisting).",
+                        stacklevel=4,
+                    )
+                self._traced = traced or False
+            self._splits[key] = split_forward(self._traced, moving) if self._traced else None
+        return self._splits[key]
+
+    @torch.no_grad()
+    def _path_hoisted(self, plan, split: SplitForward, alphas, progress):
+        """Batch by batch: the prefix once, then the suffix at every alpha (or alpha chunk)."""
+        from torch.func import functional_call, vmap
+
+        self._load_state(plan.base)
+        dev, n = self.config.device, len(alphas)
+        suffix_keys = set(dict(split.suffix.named_parameters())) | set(
+            dict(split.suffix.named_buffers())
+        )
+        moving_keys = [k for k in plan.moving if k in suffix_keys]
+        vectorised = self.config.resolved_strategy == "vmap"
+        chunk = self.chunk_size(plan.moving, n) if vectorised else 1
+        slots = [self.slots[k] for k in plan.moving]
+        starts = [plan.start[k] for k in plan.moving]
+        ends = [plan.end[k] for k in plan.moving]
+        out = {}
+        for name, (x_all, y_all) in self.data.items():
+            loss = torch.zeros(n, dtype=torch.float64, device=dev)
+            correct = torch.zeros(n, dtype=torch.float64, device=dev)
+            for lo in range(0, len(x_all), self._batch_size):
+                x = x_all[lo : lo + self._batch_size].to(dev, non_blocking=True)
+                y = y_all[lo : lo + self._batch_size].to(dev, non_blocking=True)
+                frontier = split.prefix(x)
+                if vectorised:
+                    batched = vmap(
+                        lambda mv, *f: functional_call(split.suffix, mv, f),
+                        in_dims=(0, *([None] * len(frontier))),
+                    )
+                    for c in range(0, n, chunk):
+                        weight = torch.as_tensor(
+                            alphas[c : c + chunk], dtype=self.config.dtype, device=dev
+                        )
+                        stacked = {
+                            k: _lerp_stack(plan.start[k], plan.end[k], weight) for k in moving_keys
+                        }
+                        part_loss, part_correct = self.loss_fn(batched(stacked, *frontier), y)
+                        loss[c : c + chunk] += part_loss.double()
+                        correct[c : c + chunk] += part_correct.double()
+                    continue
+                for i, alpha in enumerate(alphas):
+                    torch._foreach_copy_(slots, ends if alpha == 1 else starts)
+                    if alpha not in (0, 1):
+                        torch._foreach_lerp_(slots, ends, float(alpha))
+                    part_loss, part_correct = self.loss_fn(split.suffix(*frontier).unsqueeze(0), y)
+                    loss[i] += part_loss.double()[0]
+                    correct[i] += part_correct.double()[0]
+            out[name] = (loss.cpu().numpy(), correct.cpu().numpy())
+        if progress:
+            progress(n)
+        return out
 
     def _accumulate(self, outputs_fn, split: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Sum loss and correctness over the split's batches; ``outputs_fn(x) -> (k, B, ...)``."""

@@ -1,0 +1,108 @@
+"""Hoist what does not move: the alpha-invariant part of a forward pass, computed once per batch.
+
+On a group path everything upstream of the group is the same at every alpha. The module is
+traced with ``torch.fx`` and its graph split in two by dependence on the moving tensors:
+
+- ``prefix(x) -> frontier``: the nodes that do not depend on them, up to the values the rest
+  reads (the "frontier");
+- ``suffix(*frontier) -> output``: the nodes that do.
+
+The evaluator runs the prefix once per batch and the suffix once per alpha. Both halves call
+the module's own submodules and parameters, so writing weights into the module, or passing them
+to ``torch.func.functional_call`` by their usual names, reaches the suffix unchanged. A module
+that cannot be traced is evaluated whole (:func:`split_forward` returns ``None``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from torch import fx, nn
+
+
+@dataclass(frozen=True)
+class SplitForward:
+    """A forward pass split at the moving tensors.
+
+    Attributes:
+        prefix: ``prefix(x) -> tuple`` of the frontier values (alpha-invariant).
+        suffix: ``suffix(*frontier) -> output``.
+        n_hoisted: graph nodes computed once per batch instead of once per alpha.
+        n_total: graph nodes in all.
+    """
+
+    prefix: fx.GraphModule
+    suffix: fx.GraphModule
+    n_hoisted: int
+    n_total: int
+
+
+def trace(module: nn.Module) -> fx.GraphModule | None:
+    """Trace ``module`` symbolically; ``None`` when it cannot be traced."""
+    try:
+        return fx.symbolic_trace(module)
+    except Exception:  # data-dependent control flow and friends: evaluate it whole
+        return None
+
+
+def _uses(node: fx.Node, gm: fx.GraphModule, moving: set[str]) -> bool:
+    """Whether the node itself reads a moving tensor (through get_attr or a submodule)."""
+    if node.op == "get_attr":
+        target = str(node.target)
+        return target in moving or any(k.startswith(target + ".") for k in moving)
+    if node.op == "call_module":
+        prefix = str(node.target) + "."
+        return any(k.startswith(prefix) for k in moving)
+    return False
+
+
+def _inputs(node: fx.Node) -> list[fx.Node]:
+    return list(node.all_input_nodes)
+
+
+def split_forward(gm: fx.GraphModule, moving: Iterable[str]) -> SplitForward | None:
+    """Split a traced module at the nodes that depend on the ``moving`` keys.
+
+    Returns ``None`` when nothing can be hoisted (the first node already depends on them, or
+    the module's output does not depend on them at all).
+    """
+    moving = set(moving)
+    nodes = list(gm.graph.nodes)
+    dependent: set[fx.Node] = set()
+    for node in nodes:
+        if node.op == "output":
+            continue
+        if _uses(node, gm, moving) or any(i in dependent for i in _inputs(node)):
+            dependent.add(node)
+    output = next(n for n in nodes if n.op == "output")
+    if not any(i in dependent for i in _inputs(output)):
+        return None
+    frontier = [n for n in nodes
+                if n.op != "output" and n not in dependent
+                and any(user in dependent or user is output for user in n.users)]
+    computed = [n for n in nodes if n.op not in ("output", "placeholder") and n not in dependent]
+    # Only the input crosses: nothing upstream of the group would be saved.
+    if all(n.op == "placeholder" for n in frontier) or not computed:
+        return None
+
+    prefix_graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in nodes:
+        if node.op != "output" and node not in dependent:
+            env[node] = prefix_graph.node_copy(node, lambda n: env[n])
+    prefix_graph.output(tuple(env[n] for n in frontier))
+
+    suffix_graph = fx.Graph()
+    env2: dict[fx.Node, fx.Node] = {}
+    for i, node in enumerate(frontier):
+        env2[node] = suffix_graph.placeholder(f"frontier_{i}")
+    for node in nodes:
+        if node in dependent or node.op == "output":
+            env2[node] = suffix_graph.node_copy(node, lambda n: env2[n])
+    return SplitForward(
+        prefix=fx.GraphModule(gm, prefix_graph),
+        suffix=fx.GraphModule(gm, suffix_graph),
+        n_hoisted=len(computed),
+        n_total=sum(n.op not in ("output", "placeholder") for n in nodes),
+    )

@@ -1,0 +1,91 @@
+"""Hoisting the alpha-invariant prefix: equal to the plain evaluator, and actually used."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ckptscope.adapters import get_adapter
+from ckptscope.evaluate import EvalConfig, Evaluator
+from ckptscope.hoist import split_forward, trace
+from tests.conftest import perturbed
+from tests.reference import reference_path
+
+ALPHAS = np.linspace(0, 1, 4)
+
+
+def curves(module, a, b, data, keys, *, loss="cross_entropy", strategy="loop", hoist=True, bs=8):
+    ev = Evaluator(module, a, b, data, loss=loss,
+                   config=EvalConfig(strategy=strategy, batch_size=bs, hoist=hoist))
+    return ev.path(keys, ALPHAS)["test"], ev.hoisted_paths
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("group", [r"layers\.1\.", r"layers\.2\."])
+def test_hoisted_equals_plain_mlp(mlp_pair, spiral_small, strategy, group):
+    import re
+
+    module, a, b = mlp_pair
+    keys = [k for k in a if re.match(group, k)]
+    (loss, acc), used = curves(module, a, b, spiral_small, keys, loss="bce", strategy=strategy)
+    (plain, plain_acc), unused = curves(module, a, b, spiral_small, keys, loss="bce",
+                                        strategy=strategy, hoist=False)
+    assert used == 1 and unused == 0
+    np.testing.assert_allclose(loss, plain, rtol=1e-5)
+    np.testing.assert_allclose(acc, plain_acc, atol=1.5 / 150)
+
+
+@pytest.mark.parametrize("name, group", [("resnet18", "layer4."), ("resnet18", "fc."),
+                                         ("resnet18", "layer2.1."), ("vgg11_bn", "features.8."),
+                                         ("vgg11", "classifier.")])
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_hoisted_equals_reference_conv_nets(name, group, strategy):
+    torch.manual_seed(0)
+    module = get_adapter(name).make({})
+    a = {k: v.clone() for k, v in module.state_dict().items()}
+    b = perturbed(a, 0.02, 4)
+    b = {k: (v - 7 if not v.is_floating_point() else v) for k, v in b.items()}
+    x, y = torch.randn(12, 3, 32, 32), torch.randint(0, 10, (12,))
+    keys = [k for k in a if k.startswith(group)]
+    (loss, _), used = curves(module, a, b, {"test": (x, y)}, keys, strategy=strategy)
+    assert used == 1
+    want, _ = reference_path(module, a, b, keys, ALPHAS, x, y, batch_size=8)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+
+
+def test_split_forward_skips_when_nothing_to_hoist(conv_pair):
+    module, a, _ = conv_pair
+    gm = trace(module)
+    assert split_forward(gm, ["conv.weight"]) is None  # the first layer: nothing upstream
+    assert split_forward(gm, ["unused.weight"]) is None  # the output does not depend on it
+    split = split_forward(gm, ["fc.weight", "fc.bias"])
+    assert split is not None and split.n_hoisted > 0
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(2, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.sum() > 0:  # data-dependent control flow: fx cannot trace it
+            h = h * 2
+        return self.b(h)
+
+
+def test_untraceable_model_falls_back_with_one_warning():
+    torch.manual_seed(0)
+    module = Untraceable()
+    a = module.state_dict()
+    b = perturbed(a, 0.3, 1)
+    data = {"test": (torch.randn(9, 2), torch.randint(0, 2, (9,)))}
+    ev = Evaluator(module, a, b, data, loss="cross_entropy", config=EvalConfig())
+    with pytest.warns(UserWarning, match="cannot be traced"):
+        loss, _ = ev.path(["b.weight", "b.bias"], ALPHAS)["test"]
+    ev.path(["b.weight"], ALPHAS)  # no second warning: the trace is not retried
+    want, _ = reference_path(module, a, b, ["b.weight", "b.bias"], ALPHAS, *data["test"])
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    assert ev.hoisted_paths == 0
