@@ -13,6 +13,7 @@ import torch
 import xarray as xr
 from torch import nn
 
+from ckptscope import distributed
 from ckptscope.adapters import Adapter, get_adapter, module_name
 from ckptscope.cache import PathCache, path_key, tensor_digest
 from ckptscope.checkpoints import Checkpoint, as_checkpoint, check_pair
@@ -198,6 +199,7 @@ def linear_path(
     resolved = resolve_groups(keys, normalise_groups(groups), full=full, source=a.path or "A")
     if not resolved:
         raise CkptscopeError("nothing to evaluate: full=False and no groups; add a group.")
+    rank, size, device = distributed.setup(device)
     config = EvalConfig(
         device=resolve_device(device),
         dtype=DTYPES[dtype],
@@ -211,7 +213,9 @@ def linear_path(
         module, a.state, b.state, splits, loss=loss, config=config, bn_data=bn_data
     )
 
-    total, done = len(resolved) * len(grid), 0
+    # Under torchrun each rank evaluates its share of the (group, alpha) points.
+    mine = distributed.owned(len(resolved), len(grid), rank, size)
+    total, done = int(mine.sum()), 0
 
     def advance(n: int) -> None:
         nonlocal done
@@ -220,8 +224,8 @@ def linear_path(
             progress(done, total)
 
     shape = (1, len(resolved), len(splits), len(grid))
-    losses, accuracies = np.empty(shape), np.empty(shape)
-    cache = PathCache(resume_dir) if resume_dir is not None else None
+    losses, accuracies = np.zeros(shape), np.zeros(shape)
+    cache = PathCache(resume_dir) if resume_dir is not None and size == 1 else None
     if cache is not None:
         common = {
             "version": _version(),
@@ -246,17 +250,23 @@ def linear_path(
             "batch": evaluator.batch_size() if bn == "batch" else None,
         }
     for g, group in enumerate(resolved):
+        points = np.flatnonzero(mine[g])
+        if points.size == 0:
+            continue
         key = path_key({**common, "keys": group.keys}) if cache is not None else ""
         cached = cache.load(key, len(splits), len(grid)) if cache is not None else None
         if cached is not None:
             losses[0, g], accuracies[0, g] = cached
             advance(len(grid))
             continue
-        curves = evaluator.path(group.keys, grid, hold=hold, progress=advance)
+        curves = evaluator.path(group.keys, grid[points], hold=hold, progress=advance)
         for s, name in enumerate(splits):
-            losses[0, g, s], accuracies[0, g, s] = curves[name]
+            losses[0, g, s, points], accuracies[0, g, s, points] = curves[name]
         if cache is not None:
             cache.store(key, losses[0, g], accuracies[0, g])
+    if size > 1:  # every point is owned by one rank and zero on the others
+        losses = distributed.reduce_sum(losses, config.device)
+        accuracies = distributed.reduce_sum(accuracies, config.device)
 
     params = parameter_keys(a.state, evaluator.module)
     distance = np.array([group_distances(a.state, b.state, [g.keys for g in resolved], params)])
@@ -277,6 +287,7 @@ def linear_path(
             "ckptscope_version": _version(),
             "torch_version": torch.__version__,
             "device": str(config.device),
+            "world_size": int(size),
             "dtype": dtype,
             "strategy": config.resolved_strategy,
             "batch_size": int(evaluator.batch_size()),

@@ -288,6 +288,10 @@ def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adap
         progress=lambda label, done, total: bars[label](done, total),
         resume_dir=_partial_dir(out),
     )
+    from ckptscope.distributed import is_main
+
+    if not is_main():  # under torchrun, rank 0 writes and prints
+        return
     if "resumed" in ds.attrs.get("notes", ""):
         click.echo(f"resumed finished group paths from {_partial_dir(out)}", err=True)
     if out:
