@@ -29,6 +29,7 @@ from ckptscope.shape import classify
 
 StateSource = str | os.PathLike | Mapping[str, torch.Tensor] | Checkpoint
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _version() -> str:
@@ -134,7 +135,8 @@ def linear_path(
         batch_size: examples per forward pass; ``None`` picks one from the memory budget.
         split: ``test``, ``train`` or ``both``, for datasets with those splits.
         adapter_options: options for the adapter's ``build`` (e.g. ``{"widths": [2, 50, 1]}``).
-        dtype: "float32" (default) or "float64".
+        dtype: "float32" (default), "float64", or "bf16" / "fp16" (float32 weights, forward
+            passes under ``torch.autocast`` in that precision).
         strategy: "auto", "loop" or "vmap" (see :mod:`ckptscope.evaluate`).
         bn: BatchNorm running statistics: "interpolate" (they move with their group, as in the
             paper), "recompute" (re-estimated at every alpha on ``bn_batches`` batches of the
@@ -161,8 +163,8 @@ def linear_path(
         ...                            groups={"fc": "fc"}, alphas=51)   # doctest: +SKIP
         >>> ds.loss.sel(group="all", split="test").plot()                  # doctest: +SKIP
     """
-    if dtype not in DTYPES:
-        raise CkptscopeError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}.")
+    if dtype not in DTYPES and dtype not in AUTOCAST:
+        raise CkptscopeError(f"dtype {dtype!r} is not one of {sorted(DTYPES) + sorted(AUTOCAST)}.")
     if hold not in HOLDS:
         raise CkptscopeError(f"hold={hold!r} is not one of {HOLDS}.")
     grid = alpha_grid(alphas)
@@ -202,7 +204,8 @@ def linear_path(
     rank, size, device = distributed.setup(device)
     config = EvalConfig(
         device=resolve_device(device),
-        dtype=DTYPES[dtype],
+        dtype=DTYPES.get(dtype, torch.float32),
+        autocast=AUTOCAST.get(dtype),
         batch_size=batch_size,
         strategy=strategy,
         memory_budget=memory_budget,

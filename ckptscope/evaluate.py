@@ -78,6 +78,8 @@ class EvalConfig:
         hoist: on a group path, compute the part of the forward pass upstream of the group once
             per batch instead of once per alpha (:mod:`ckptscope.hoist`); off for
             ``bn="recompute"``, whose statistics change everywhere.
+        autocast: run the forward passes under ``torch.autocast`` in this dtype (bfloat16 or
+            float16); weights stay in ``dtype`` and losses are summed in float32/float64.
     """
 
     device: torch.device = torch.device("cpu")
@@ -88,8 +90,11 @@ class EvalConfig:
     bn: str = "interpolate"
     bn_batches: int = 20
     hoist: bool = True
+    autocast: torch.dtype | None = None
 
     def __post_init__(self):
+        if self.autocast not in (None, torch.bfloat16, torch.float16):
+            raise CkptscopeError(f"autocast {self.autocast} is not bfloat16 or float16.")
         if self.bn not in BN_POLICIES:
             raise CkptscopeError(f"BatchNorm policy {self.bn!r} is not one of {BN_POLICIES}.")
         if self.bn_batches < 1:
@@ -164,6 +169,12 @@ class Evaluator:
         self.loss_fn = get_loss(loss)
         dev, dtype = config.device, config.dtype
         self.module = copy.deepcopy(module).to(device=dev, dtype=dtype).eval()
+        # Conv nets run faster in channels-last layout on CUDA (tensor cores, cuDNN).
+        self.channels_last = dev.type == "cuda" and any(
+            isinstance(m, nn.Conv2d) for m in self.module.modules()
+        )
+        if self.channels_last:
+            self.module = self.module.to(memory_format=torch.channels_last)
         self.batchnorms = [m for m in self.module.modules() if isinstance(m, _BatchNorm)]
         if config.bn == "batch":
             for m in self.batchnorms:  # no running statistics: eval mode uses the batch's
@@ -217,7 +228,7 @@ class Evaluator:
     def _probe_activation_bytes(self) -> int:
         """Bytes of module outputs per example in one forward pass, measured with hooks."""
         split, (x_all, _) = next(iter(self.data.items()))
-        x = x_all[:8].to(self.config.device)
+        x = self._input(x_all[:8])
         total = [0]
 
         def hook(_mod, _inp, out):
@@ -290,17 +301,35 @@ class Evaluator:
         # Under bn="batch" the running statistics are gone from the model: they cannot move.
         plan = plan_path(self.a, self.b, [k for k in keys if k in self.a], hold=hold)
         split = self._split_for(plan.moving)
-        if split is not None:
-            self.hoisted_paths += 1
-            sums = self._path_hoisted(plan, split, alphas, progress)
-        elif self.config.resolved_strategy == "vmap" and plan.moving:
-            sums = self._path_vmap(plan, alphas, progress)
-        else:
-            sums = self._path_loop(plan, alphas, progress)
+        with self._autocast():
+            if split is not None:
+                self.hoisted_paths += 1
+                sums = self._path_hoisted(plan, split, alphas, progress)
+            elif self.config.resolved_strategy == "vmap" and plan.moving:
+                sums = self._path_vmap(plan, alphas, progress)
+            else:
+                sums = self._path_loop(plan, alphas, progress)
         return {
             split: (loss / len(self.data[split][0]), correct / len(self.data[split][0]))
             for split, (loss, correct) in sums.items()
         }
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch of inputs on the device (channels-last for conv nets on CUDA)."""
+        x = x.to(self.config.device, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _autocast(self):
+        # No weight-cast cache: the weights change in place between forward passes, and a
+        # cached low-precision copy would freeze them at the first alpha.
+        return torch.autocast(
+            self.config.device.type,
+            dtype=self.config.autocast,
+            enabled=self.config.autocast is not None,
+            cache_enabled=False,
+        )
 
     def _split_for(self, moving: Sequence[str]) -> SplitForward | None:
         """The forward pass split at ``moving``, or ``None`` when hoisting does not apply."""
@@ -343,7 +372,7 @@ class Evaluator:
             loss = torch.zeros(n, dtype=torch.float64, device=dev)
             correct = torch.zeros(n, dtype=torch.float64, device=dev)
             for lo in range(0, len(x_all), self._batch_size):
-                x = x_all[lo : lo + self._batch_size].to(dev, non_blocking=True)
+                x = self._input(x_all[lo : lo + self._batch_size])
                 y = y_all[lo : lo + self._batch_size].to(dev, non_blocking=True)
                 frontier = split.prefix(x)
                 if vectorised:
@@ -384,7 +413,7 @@ class Evaluator:
             correct = torch.zeros(k, dtype=torch.float64, device=dev)
             try:
                 for lo in range(0, len(x_all), batch):
-                    x = x_all[lo : lo + batch].to(dev, non_blocking=True)
+                    x = self._input(x_all[lo : lo + batch])
                     y = y_all[lo : lo + batch].to(dev, non_blocking=True)
                     batch_loss, batch_correct = self.loss_fn(outputs_fn(x), y)
                     loss += batch_loss.double()
@@ -414,7 +443,7 @@ class Evaluator:
             x = self.bn_data[i * batch : (i + 1) * batch]
             if len(x) == 0:
                 break
-            self.module(x.to(self.config.device, non_blocking=True))
+            self.module(self._input(x))
         for m in self.batchnorms:
             m.eval()
 

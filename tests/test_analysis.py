@@ -196,3 +196,15 @@ def test_import_leaves_matplotlib_and_click_out():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     assert torch is not None
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_linear_path_autocast_close_to_float32(conv_pair, image_data, dtype):
+    module, a, b = conv_pair
+    if dtype == "fp16" and not torch.cuda.is_available():
+        pytest.skip("float16 autocast needs CUDA")
+    full = ckptscope.linear_path(a, b, module, image_data, alphas=5)
+    low = ckptscope.linear_path(a, b, module, image_data, alphas=5, dtype=dtype)
+    assert low.attrs["dtype"] == dtype
+    np.testing.assert_allclose(low.loss.values, full.loss.values, rtol=1e-2)
+    assert not np.array_equal(low.loss.values, full.loss.values)  # autocast was really on
