@@ -108,7 +108,7 @@ def linear_path(
     bn_batches: int = 20,
     data_size: int | None = None,
     memory_budget: int | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     run: str = "0",
     tolerances: Mapping[str, float] | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -145,7 +145,8 @@ def linear_path(
         data_size: evaluate on the first ``data_size`` examples of a seeded permutation of
             each split (``None``: all of them).
         memory_budget: bytes for replicated tensors and activations (``None``: automatic).
-        seed: seed for generated datasets.
+        seed: seed for generated datasets and subsets; ``None``: the checkpoint's recorded
+            ``data_seed`` (so a trainer's spiral is the one it trained on), else 0.
         run: the label of this pair in the ``run`` dim.
         tolerances: ``rtol``, ``atol``, ``plateau_alpha`` for the shape verdicts
             (:func:`ckptscope.classify`); recorded in the result's attrs.
@@ -184,6 +185,8 @@ def linear_path(
         fix="pick the adapter and options the checkpoint was saved from",
     )
 
+    if seed is None:
+        seed = int(a.metadata.get("data_seed", 0)) if data is None else 0
     spec = _data_spec(data, a, adapter)
     if isinstance(spec, str):
         every_split = load_data(spec, seed=seed)

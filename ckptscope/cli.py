@@ -250,8 +250,8 @@ def demo(out, seed, epochs):
               help="Training batches per alpha for --bn recompute.")
 @click.option("--data-size", type=click.IntRange(min=1), default=None, metavar="N",
               help="Evaluate on N examples of each split (a seeded subset).")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of generated data and subsets.")
+@click.option("--seed", type=int, default=None,
+              help="Seed of generated data and subsets (default: the checkpoint's, else 0).")
 @click.option("--tolerance", "tolerances", multiple=True, metavar="KEY=VALUE",
               help="Shape tolerance: rtol, atol or plateau_alpha; repeatable.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
@@ -504,6 +504,17 @@ def _write_text(path: str | None, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, target)
+
+
+def _register_trainer() -> None:
+    """The trainer's commands (train, sweep, reproduce) live with the trainer."""
+    from ckptscope.train.cli import reproduce, sweep, train
+
+    for command in (train, sweep, reproduce):
+        cli.add_command(command)
+
+
+_register_trainer()
 
 
 # --- entry point ---------------------------------------------------------------------------

@@ -315,7 +315,7 @@ def test_verdict_noise_below_tolerance_keeps_clear_verdicts(case, seed, fraction
     assert shape.verdict(loss + noise, A) == kind
 
 
-@given(st.lists(st.floats(1e-3, 10), min_size=1, max_size=30), st.floats(-10, 10))
+@given(st.lists(st.floats(2 * ATOL, 10), min_size=1, max_size=30), st.floats(-10, 10))
 @settings(max_examples=200, deadline=None)
 def test_verdict_reversed_strictly_decreasing_is_barrier(steps, top):
     loss = top - np.concatenate([[0.0], np.cumsum(steps)])

@@ -1,0 +1,1 @@
+"""The shipped recipes (TOML data files; see ``docs/training.md``)."""
