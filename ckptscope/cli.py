@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import click
+import numpy as np
 
 from ckptscope.errors import CkptscopeError
 
@@ -69,6 +70,27 @@ def _path_table(rows: list[dict]) -> str:
         for r in rows
     ]
     return _table(headers, cells)
+
+
+def _aggregate_table(ds) -> str:
+    """Per group and split over runs: barrier fraction, barrier height and L(1) mean +- std."""
+    from ckptscope.shape import aggregate
+
+    agg = aggregate(ds)
+    cells = []
+    for group in ds["group"].values:
+        for split in ds["split"].values:
+            at = {"group": group, "split": split}
+            heights = ds["barrier_height"].sel(at).values
+            ends = ds["loss"].sel(at).sel(alpha=1.0, method="nearest").values
+            cells.append([
+                str(group), str(split), f"{float(agg['barrier_fraction'].sel(at)):.2f}",
+                f"{np.nanmean(heights):.3g} +- {np.nanstd(heights, ddof=1):.2g}",
+                f"{np.nanmean(ends):.4g} +- {np.nanstd(ends, ddof=1):.2g}",
+                str(int(agg["n_valid"].sel(at))),
+            ])
+    return _table(["group", "split", "barrier fraction", "barrier height", "L(1)", "valid runs"],
+                  cells)
 
 
 def _save_figure(fig, path: Path) -> None:
@@ -303,6 +325,9 @@ def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adap
 
         _save_figure(plot_result(ds), Path(plot))
     click.echo(_path_table(summary(ds)))
+    if ds.sizes["run"] > 1:
+        click.echo("")
+        click.echo(_aggregate_table(ds))
     for target in (out, plot):
         if target:
             click.echo(f"wrote {target}")
