@@ -25,7 +25,7 @@ from ckptscope.evaluate import EvalConfig, Evaluator, resolve_device
 from ckptscope.groups import normalise_groups, resolve_groups
 from ckptscope.path import HOLDS, alpha_grid
 from ckptscope.results import RunInfo, build_result, merge_results
-from ckptscope.shape import classify
+from ckptscope.shape import check_tolerances, classify
 
 StateSource = str | os.PathLike | Mapping[str, torch.Tensor] | Checkpoint
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -168,6 +168,7 @@ def linear_path(
         raise CkptscopeError(f"dtype {dtype!r} is not one of {sorted(DTYPES) + sorted(AUTOCAST)}.")
     if hold not in HOLDS:
         raise CkptscopeError(f"hold={hold!r} is not one of {HOLDS}.")
+    check_tolerances(**dict(tolerances or {}))  # before the work, not after it
     grid = alpha_grid(alphas)
     a, b = as_checkpoint(start), as_checkpoint(end)
     check_pair(a.state, b.state, names=(a.path or "start", b.path or "end"))

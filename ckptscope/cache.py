@@ -47,7 +47,8 @@ class PathCache:
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
-        self.hits = 0
+        self.hits = 0  # paths served from files an earlier call left
+        self._earlier = set(self.folder.glob("*.npz")) if self.folder.is_dir() else set()
 
     def load(self, key: str, n_split: int, n_alpha: int) -> tuple[np.ndarray, np.ndarray] | None:
         """Return (loss, accuracy), each (split, alpha), or ``None`` if absent or unusable."""
@@ -61,7 +62,7 @@ class PathCache:
             return None
         if loss.shape != (n_split, n_alpha) or acc.shape != (n_split, n_alpha):
             return None
-        self.hits += 1
+        self.hits += path in self._earlier
         return loss, acc
 
     def store(self, key: str, loss: np.ndarray, accuracy: np.ndarray) -> None:

@@ -416,8 +416,8 @@ def compare(baseline: xr.Dataset, new: xr.Dataset, *, rtol: float = DEFAULT_COMP
         for split in base_splits:
             ia = (base_groups.index(group), base_splits.index(split))
             ib = (cand_groups.index(group), cand_splits.index(split))
-            was = _majority(base_values["shape"][:, ia[0], ia[1]])
-            now = _majority(cand_values["shape"][:, ib[0], ib[1]])
+            was = shapes.majority(base_values["shape"][:, ia[0], ia[1]])
+            now = shapes.majority(cand_values["shape"][:, ib[0], ib[1]])
             rows.append(_shape_row(group, split, was, now))
             for metric in COMPARED:
                 b = float(np.mean(base_values[metric][:, ia[0], ia[1]]))
@@ -433,16 +433,6 @@ def _shape_options(ds: xr.Dataset, rtol, atol, plateau_alpha) -> dict:
                 "plateau_alpha": shapes.DEFAULT_PLATEAU_ALPHA}
     return {k: given[k] if given[k] is not None else float(ds.attrs.get(f"shape_{k}", defaults[k]))
             for k in given}
-
-
-def _majority(verdicts: np.ndarray) -> tuple[str, int, int]:
-    """Return (verdict, runs with it, runs)."""
-    counts = Counter(str(v) for v in verdicts)
-    if counts["invalid"]:
-        return "invalid", counts["invalid"], len(verdicts)
-    order = ("barrier", "plateau", "monotonic")
-    best = max(order, key=lambda s: (counts[s], -order.index(s)))
-    return best, counts[best], len(verdicts)
 
 
 def _shape_row(group: str, split: str, was, now) -> CompareRow:

@@ -368,7 +368,7 @@ def inspect(start, end, groups, presets, adapter, keys):
     click.echo("groups:")
     for g in resolve_groups(list(a.state), specs, full=True, source=a.path):
         n = sum(a.state[k].numel() for k in g.keys if k in params)
-        line = f"  {g.name:<16} {g.pattern!r:<24} {len(g.keys):>4} tensors {n:>12,} params"
+        line = f"  {g.name:<16} {g.pattern:<24} {len(g.keys):>4} tensors {n:>12,} params"
         if b is not None:
             moved = relative_distance(a.state, b.state, [k for k in g.keys if k in params])
             line += f"  distance {moved:.4g}"
@@ -440,8 +440,10 @@ def check(result, expects, tolerances, junit):
 @cli.command()
 @click.argument("baseline", type=click.Path())
 @click.argument("new", type=click.Path())
-@click.option("--rtol", type=float, default=None, help="Relative drift allowed (default 0.05).")
-@click.option("--atol", type=float, default=None, help="Absolute drift allowed (default 1e-3).")
+@click.option("--rtol", type=click.FloatRange(min=0), default=None,
+              help="Relative drift allowed (default 0.05).")
+@click.option("--atol", type=click.FloatRange(min=0), default=None,
+              help="Absolute drift allowed (default 1e-3).")
 @click.option("--junit", type=click.Path(dir_okay=False), default=None)
 def compare(baseline, new, rtol, atol, junit):
     """Verdict changes and metric drifts from BASELINE to NEW; exit 1 on any."""

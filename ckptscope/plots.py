@@ -6,6 +6,7 @@ import numpy as np
 import xarray as xr
 
 from ckptscope.groups import WHOLE_MODEL
+from ckptscope.shape import majority
 
 VARIABLES = ("loss", "accuracy")
 LAYOUTS = ("split", "run")
@@ -15,11 +16,8 @@ def _verdict_label(ds: xr.Dataset, group: str, split: str) -> str:
     """``barrier``, or ``barrier 3/10`` over several runs, for the legend."""
     if "shape" not in ds.data_vars:
         return ""
-    shapes = [str(s) for s in ds["shape"].sel(group=group, split=split).values.ravel()]
-    if len(shapes) == 1:
-        return shapes[0]
-    common = max(set(shapes), key=shapes.count)
-    return f"{common} {shapes.count(common)}/{len(shapes)}"
+    verdict, count, total = majority(ds["shape"].sel(group=group, split=split).values)
+    return verdict if total == 1 else f"{verdict} {count}/{total}"
 
 
 def plot_path(ds: xr.Dataset, *, variable: str = "loss", split: str | None = None, ax=None,
@@ -63,7 +61,7 @@ def plot_path(ds: xr.Dataset, *, variable: str = "loss", split: str | None = Non
         ax.plot(alpha, mean, linestyle="--" if whole else "-", color=color,
                 linewidth=2 if whole else 1.5, label=f"{label} ({verdict})" if verdict else label)
         if runs.sizes["run"] > 1:
-            std = runs.std("run").values
+            std = runs.std("run", ddof=1).values  # as aggregate()'s loss_std
             ax.fill_between(alpha, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
     if reference and WHOLE_MODEL in [str(g) for g in ds["group"].values]:
         start = curves.sel(group=WHOLE_MODEL).mean("run").values

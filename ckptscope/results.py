@@ -157,6 +157,9 @@ def validate_result(ds: xr.Dataset, *, source: str = "the result") -> xr.Dataset
     for name in ("run", "group", "split", "alpha", "pattern"):
         if name not in ds.coords:
             fail(f"coordinate {name!r} is missing")
+    for name, dims in (("pattern", ("group",)), ("n_examples", ("split",))):
+        if name in ds.coords and tuple(ds[name].dims) != dims:
+            fail(f"{name!r} has dims {tuple(ds[name].dims)}, expected {dims}")
     alpha = np.asarray(ds["alpha"].values, dtype=np.float64)
     if alpha.size == 0 or not np.all(np.isfinite(alpha)) or np.any(np.diff(alpha) <= 0):
         fail("'alpha' is not a finite, strictly increasing grid")
@@ -230,6 +233,15 @@ def merge_results(datasets: Sequence[xr.Dataset], *, sources: Sequence[str] | No
                     f"differ from {names[0]}'s {[str(v) for v in first[coord].values]}; "
                     f"evaluate both with the same groups and splits."
                 )
+        if ds["n_examples"].values.tolist() != first["n_examples"].values.tolist() or ds.attrs.get(
+            "data"
+        ) != first.attrs.get("data"):
+            raise CkptscopeError(
+                f"cannot merge {name}: it was evaluated on other data ({ds.attrs.get('data')}, "
+                f"{ds['n_examples'].values.tolist()} examples) than {names[0]} "
+                f"({first.attrs.get('data')}, {first['n_examples'].values.tolist()}); evaluate "
+                f"both on the same data."
+            )
         if ds.sizes["alpha"] != first.sizes["alpha"] or not np.allclose(
             ds["alpha"].values, first["alpha"].values, rtol=0, atol=1e-12
         ):

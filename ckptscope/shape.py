@@ -15,6 +15,7 @@ This module is numpy / xarray only: it never imports torch.
 from __future__ import annotations
 
 import numbers
+from collections import Counter
 
 import numpy as np
 import xarray as xr
@@ -232,6 +233,27 @@ def _verdicts(curve, a, valid, *, rtol, atol, plateau_alpha) -> np.ndarray:
     plateau = ~barrier & late
     names = np.where(barrier, "barrier", np.where(plateau, "plateau", "monotonic"))
     return np.where(valid, names, "invalid")
+
+
+def majority(verdicts) -> tuple[str, int, int]:
+    """Return (verdict, runs with it, runs) over runs' verdicts.
+
+    Any invalid run makes the verdict ``invalid``; a tie goes to ``barrier``, then ``plateau``,
+    so a split vote never hides a barrier.
+    """
+    counts = Counter(str(v) for v in np.asarray(verdicts).ravel())
+    total = sum(counts.values())
+    if counts["invalid"]:
+        return "invalid", counts["invalid"], total
+    order = ("barrier", "plateau", "monotonic")
+    best = max(order, key=lambda s: (counts[s], -order.index(s)))
+    return best, counts[best], total
+
+
+def check_tolerances(*, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
+                     plateau_alpha: float = DEFAULT_PLATEAU_ALPHA) -> None:
+    """Raise a one-line error unless the shape tolerances are in range."""
+    _check_options(rtol=rtol, atol=atol, plateau_alpha=plateau_alpha)
 
 
 def _is_number(value) -> bool:

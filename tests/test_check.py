@@ -339,10 +339,10 @@ def test_compare_invalid_curve_fails(ds):
 
 
 def test_compare_majority_verdict():
-    assert checks._majority(np.array(["barrier", "monotonic", "monotonic"])) == (
+    assert shape.majority(np.array(["barrier", "monotonic", "monotonic"])) == (
         "monotonic", 2, 3)
-    assert checks._majority(np.array(["barrier", "monotonic"]))[0] == "barrier"
-    assert checks._majority(np.array(["plateau", "invalid"]))[0] == "invalid"
+    assert shape.majority(np.array(["barrier", "monotonic"]))[0] == "barrier"
+    assert shape.majority(np.array(["plateau", "invalid"]))[0] == "invalid"
 
 
 @pytest.mark.parametrize("other, match", [

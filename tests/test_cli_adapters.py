@@ -40,15 +40,15 @@ def test_path_runs_on_every_adapter(tmp_path, capsys, cifar_dir, name):
     adapter = get_adapter(name)
     preset = "blocks" if "blocks" in adapter.presets else "layers"
     out = tmp_path / "r.nc"
-    code = main(["path", str(a), str(b), "--data", f"cifar10:{cifar_dir}", "--data-size", "6",
-                 "--alphas", "2", "--preset", preset, "--batch-size", "6", "--out", str(out)])
+    code = main(["path", str(a), str(b), "--data", f"cifar10:{cifar_dir}", "--data-size", "4",
+                 "--alphas", "2", "--preset", preset, "--batch-size", "4", "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 0, err
     ds = open_result(out)
     groups = adapter.presets[preset](list(adapter.make(options).state_dict()))
     assert list(ds.group.values) == ["all", *groups]
     assert ds.attrs["adapter"] == name
-    assert int(ds.n_examples.item()) == 6
+    assert int(ds.n_examples.item()) == 4
     assert torch.isfinite(torch.as_tensor(ds.loss.values)).all()
 
 
@@ -57,8 +57,8 @@ def test_resnet18_blocks_sweep_with_bn_policies(tmp_path, capsys, cifar_dir):
     for policy in ("interpolate", "recompute", "batch"):
         out = tmp_path / f"{policy}.nc"
         code = main(["path", str(a), str(b), "--data", f"cifar10:{cifar_dir}", "--data-size",
-                     "8", "--alphas", "3", "--preset", "blocks", "--bn", policy,
-                     "--bn-batches", "1", "--batch-size", "8", "--out", str(out)])
+                     "4", "--alphas", "2", "--preset", "blocks", "--bn", policy,
+                     "--bn-batches", "1", "--batch-size", "4", "--out", str(out)])
         assert code == 0, capsys.readouterr().err
         ds = open_result(out)
         assert ds.attrs["bn_policy"] == policy
