@@ -14,7 +14,6 @@ import operator
 import os
 import re
 import xml.etree.ElementTree as ET
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
