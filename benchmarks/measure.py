@@ -1,0 +1,183 @@
+"""Timing, the machine's matmul rate, forward FLOPs, and the machine and versions.
+
+Timings are taken round-robin: every repeat runs each method once, in an order rotated by one
+per repeat, so that a burst of load from another process lands on all methods alike. Wall time
+and the process's CPU time (``time.process_time``, all threads) are both kept; on a shared
+machine the CPU time is the steadier of the two.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@dataclass
+class Timing:
+    """Wall and CPU seconds of each repeat of one method."""
+
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.wall)
+
+    @property
+    def median_cpu(self) -> float:
+        return statistics.median(self.cpu)
+
+    @property
+    def spread(self) -> str:
+        """``min-max`` of the wall times, for the table."""
+        return f"{min(self.wall):.3g}-{max(self.wall):.3g}"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_round_robin(
+    calls: Mapping[str, Callable[[], object]],
+    *,
+    repeat: int,
+    device: torch.device,
+    log: Callable[[str], None] = lambda _: None,
+) -> tuple[dict[str, Timing], dict[str, object]]:
+    """Run every call ``repeat`` times, interleaved; return the timings and the last results."""
+    names = list(calls)
+    timings = {name: Timing() for name in names}
+    results: dict[str, object] = {}
+    for r in range(repeat):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            synchronize(device)
+            wall, cpu = time.perf_counter(), time.process_time()
+            results[name] = calls[name]()
+            synchronize(device)
+            timings[name].wall.append(time.perf_counter() - wall)
+            timings[name].cpu.append(time.process_time() - cpu)
+            log(f"  repeat {r + 1}/{repeat}  {name}: {timings[name].wall[-1]:.3f} s")
+    return timings, results
+
+
+def _clock(clock: str) -> Callable[[], float]:
+    return {"wall": time.perf_counter, "cpu": time.process_time}[clock]
+
+
+def matmul_rate(
+    device: torch.device, dtype: torch.dtype = torch.float32, *, n: int = 2048, repeat: int = 5,
+    inner: int = 1, clock: str = "wall",
+) -> float:
+    """FLOP/s of an ``n x n`` by ``n x n`` matmul: the median of ``repeat`` timings.
+
+    Each timing covers ``inner`` matmuls (raise it on a GPU, where one is too short to time).
+    ``clock="cpu"`` divides by the process's CPU time instead of the wall time (steadier on a
+    shared CPU; with several threads it is a rate per busy core).
+    """
+    now = _clock(clock)
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    for _ in range(2):
+        a @ b
+    rates = []
+    for _ in range(repeat):
+        synchronize(device)
+        t0 = now()
+        for _ in range(inner):
+            a @ b
+        synchronize(device)
+        rates.append(2 * n**3 * inner / (now() - t0))
+    return statistics.median(rates)
+
+
+def conv_rate(device: torch.device, *, repeat: int = 5, clock: str = "wall") -> float:
+    """FLOP/s of a 3x3 convolution, 256 -> 256 channels on 16x16 maps, batch 32 (float32).
+
+    ResNet-18's middle layers look like this; on some CPUs oneDNN's convolutions run faster
+    than the BLAS matmul, and then a ResNet can pass "100% of the matmul floor".
+    """
+    now = _clock(clock)
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(32, 256, 16, 16, device=device, generator=generator)
+    w = torch.randn(256, 256, 3, 3, device=device, generator=generator)
+    flops = 2 * 32 * 256 * 16 * 16 * 256 * 9
+    with torch.no_grad():
+        for _ in range(2):
+            torch.nn.functional.conv2d(x, w, padding=1)
+        rates = []
+        for _ in range(repeat):
+            synchronize(device)
+            t0 = now()
+            torch.nn.functional.conv2d(x, w, padding=1)
+            synchronize(device)
+            rates.append(flops / (now() - t0))
+    return statistics.median(rates)
+
+
+def forward_flops(module: torch.nn.Module, example: torch.Tensor) -> int:
+    """FLOPs of one forward pass on one example (``example``: ``(1, ...)``).
+
+    ``FlopCounterMode`` counts matmuls and convolutions (2 per multiply-add); elementwise ops,
+    BatchNorm and pooling are left out, so the floor below is a lower bound on the real work.
+    """
+    model = module.eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(example)
+    return int(counter.get_total_flops())
+
+
+def _package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe(device: torch.device) -> dict[str, str]:
+    """Machine, versions and date, for the header of a results file."""
+    info = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": f"{_cpu_model()}, {os.cpu_count()} logical cores, {platform.machine()}",
+        "torch threads": str(torch.get_num_threads()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "ckptscope": _package_version("ckptscope"),
+        "loss-landscapes": _package_version("loss-landscapes"),
+    }
+    if hasattr(os, "getloadavg"):
+        info["load average (1, 5, 15 min) at start"] = ", ".join(
+            f"{v:.1f}" for v in os.getloadavg()
+        )
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["gpu"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
+        info["cuda / cudnn"] = f"{torch.version.cuda} / {torch.backends.cudnn.version()}"
+        info["tf32 (matmul / cudnn)"] = (
+            f"{torch.backends.cuda.matmul.allow_tf32} / {torch.backends.cudnn.allow_tf32}"
+        )
+    return info

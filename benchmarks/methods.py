@@ -1,0 +1,236 @@
+"""The methods compared: ckptscope's entry points and two ways people do it without ckptscope.
+
+Every method has the signature ``method(workload, alphas, *, batch_size, device, mark=None)
+-> Curves`` and evaluates the workload's paths (the whole model, or each group with the rest
+held at the end state) at every alpha, returning loss and accuracy with shape
+``(path, alpha)``. All of them use the same batch size and compute both the mean loss and the
+accuracy, so the work is the same.
+``mark(g)``, when given, is called as soon as path ``g`` is done (for per-group timings).
+
+- ``plain_loop``: what one writes by hand — build the interpolated state dict, ``load_state_dict``,
+  run the batches. The reference for numbers and for speed.
+- ``loss_landscapes_path``: ``loss_landscapes.linear_interpolation`` (the PyPI package
+  ``loss-landscapes``), with a Metric that computes loss and accuracy over the same batches. It
+  steps from the start with ``steps`` accumulated in-place adds of ``(end - start) / steps`` and
+  evaluates after each add, so it never evaluates alpha = 0 and its alpha = 1 is the start plus
+  the rounded steps; we evaluate alpha = 0 with ``loss_landscapes.point`` to cover the same grid.
+  It moves ``module.parameters()`` only (buffers stay at the start model's); the workloads keep
+  the buffers equal at both ends so that the paths are the same.
+- ``ckptscope linear_path, ...`` and ``ckptscope Evaluator.path, ...``: ckptscope end to end
+  (checks, grouping, evaluation, distances, the xarray result and its shape verdicts) and its
+  engine alone. On a group path the engine hoists the part of the forward pass upstream of the
+  group out of the alpha loop (``EvalConfig.hoist``); the ``no hoisting`` rows turn that off.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from workloads import Workload
+
+from ckptscope.analysis import linear_path
+from ckptscope.evaluate import EvalConfig, Evaluator
+
+
+@dataclass(frozen=True)
+class Curves:
+    """Mean loss and accuracy, each ``(path, alpha)``."""
+
+    loss: np.ndarray
+    accuracy: np.ndarray
+
+
+Method = Callable[..., Curves]
+Mark = Callable[[int], None]
+
+
+def _batch_loss_and_correct(
+    out: torch.Tensor, y: torch.Tensor, loss: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss and number correct of one batch (as ``ckptscope.losses`` defines them)."""
+    if loss == "bce":
+        logits = out.reshape(-1)
+        return (
+            F.binary_cross_entropy_with_logits(logits, y, reduction="sum"),
+            ((logits > 0) == (y > 0.5)).sum(),
+        )
+    return F.cross_entropy(out, y, reduction="sum"), (out.argmax(-1) == y).sum()
+
+
+def _targets(w: Workload, device: torch.device) -> torch.Tensor:
+    return w.y.to(device, torch.float32 if w.loss == "bce" else torch.long)
+
+
+def _evaluate_module(model, x, y, loss: str, batch_size: int) -> tuple[float, float]:
+    """Mean loss and accuracy of ``model`` over all of ``x``; one host sync at the end."""
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    correct = torch.zeros((), dtype=torch.float64, device=x.device)
+    for lo in range(0, len(x), batch_size):
+        batch_loss, batch_correct = _batch_loss_and_correct(
+            model(x[lo : lo + batch_size]), y[lo : lo + batch_size], loss
+        )
+        total += batch_loss.double()
+        correct += batch_correct.double()
+    return total.item() / len(x), correct.item() / len(x)
+
+
+def plain_loop(w: Workload, alphas: np.ndarray, *, batch_size: int, device,
+               mark: Mark | None = None, channels_last: bool = False) -> Curves:
+    """Per alpha: lerp every moving tensor into a new state dict and ``load_state_dict`` it.
+
+    ``channels_last``: model and images in channels-last layout (what ckptscope does for conv
+    nets on CUDA), to tell the layout's gain from the strategy's.
+    """
+    device = torch.device(device)
+    model = copy.deepcopy(w.module).to(device).eval()
+    x, y = w.x.to(device), _targets(w, device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    a = {k: v.to(device) for k, v in w.start.items()}
+    b = {k: v.to(device) for k, v in w.end.items()}
+    groups = w.resolved_groups()
+    loss = np.empty((len(groups), len(alphas)))
+    accuracy = np.empty_like(loss)
+    with torch.no_grad():
+        for g, group in enumerate(groups):
+            moving = {k for k in group.keys if a[k].is_floating_point()}
+            for i, alpha in enumerate(alphas):
+                state = {
+                    k: torch.lerp(a[k], b[k], float(alpha)) if k in moving else b[k] for k in b
+                }
+                model.load_state_dict(state)
+                loss[g, i], accuracy[g, i] = _evaluate_module(model, x, y, w.loss, batch_size)
+            if mark:
+                mark(g)
+    return Curves(loss, accuracy)
+
+
+def loss_landscapes_available() -> str | None:
+    """The installed ``loss-landscapes`` version, or ``None`` when it cannot be imported."""
+    try:
+        from importlib.metadata import version
+
+        import loss_landscapes  # noqa: F401
+
+        return version("loss-landscapes")
+    except Exception:  # not installed, or broken beside this torch: the column is skipped
+        return None
+
+
+def loss_landscapes_path(w: Workload, alphas: np.ndarray, *, batch_size: int, device,
+                         mark: Mark | None = None) -> Curves:
+    """``loss_landscapes.linear_interpolation`` with ``steps = len(alphas) - 1``, plus alpha = 0.
+
+    Only an evenly spaced grid from 0 to 1 can be asked of it. A group path starts from the end
+    state with the group's tensors taken from the start, so the other tensors have a zero step.
+    """
+    import loss_landscapes
+    from loss_landscapes.metrics import Metric
+
+    n = len(alphas)
+    if not np.allclose(alphas, np.linspace(0, 1, n)):
+        raise ValueError("loss-landscapes steps evenly from 0 to 1; pass an even grid.")
+    device = torch.device(device)
+    x, y = w.x.to(device), _targets(w, device)
+
+    class LossAndAccuracy(Metric):
+        def __call__(self, model_wrapper):
+            with torch.no_grad():
+                return _evaluate_module(model_wrapper.forward, x, y, w.loss, batch_size)
+
+    metric = LossAndAccuracy()
+    groups = w.resolved_groups()
+    loss = np.empty((len(groups), n))
+    accuracy = np.empty_like(loss)
+    end = copy.deepcopy(w.module).to(device).eval()
+    end.load_state_dict(w.end)
+    for g, group in enumerate(groups):
+        start = copy.deepcopy(end)
+        start.load_state_dict(
+            {**w.end, **{k: w.start[k] for k in group.keys if w.start[k].is_floating_point()}}
+        )
+        loss[g, 0], accuracy[g, 0] = loss_landscapes.point(start, metric)
+        values = loss_landscapes.linear_interpolation(
+            start, end, metric, steps=n - 1, deepcopy_model=True
+        )
+        loss[g, 1:], accuracy[g, 1:] = values[:, 0], values[:, 1]
+        if mark:
+            mark(g)
+    return Curves(loss, accuracy)
+
+
+def _linear_path(strategy: str, dtype: str = "float32") -> Method:
+    def run(w: Workload, alphas: np.ndarray, *, batch_size: int, device,
+            mark: Mark | None = None) -> Curves:
+        def progress(done: int, total: int) -> None:
+            if mark and done % len(alphas) == 0:
+                mark(done // len(alphas) - 1)
+
+        ds = linear_path(
+            w.start,
+            w.end,
+            w.module,
+            {"test": (w.x, w.y)},
+            groups=w.groups or None,
+            full=not w.groups,
+            alphas=alphas,
+            loss=w.loss,
+            device=device,
+            batch_size=batch_size,
+            strategy=strategy,
+            dtype=dtype,
+            progress=progress,
+        )
+        sel = {"run": 0, "split": 0}
+        return Curves(ds["loss"].isel(sel).values, ds["accuracy"].isel(sel).values)
+
+    return run
+
+
+def _evaluator(strategy: str, *, hoist: bool = True) -> Method:
+    def run(w: Workload, alphas: np.ndarray, *, batch_size: int, device,
+            mark: Mark | None = None) -> Curves:
+        config = EvalConfig(
+            device=torch.device(device), strategy=strategy, batch_size=batch_size, hoist=hoist
+        )
+        ev = Evaluator(w.module, w.start, w.end, {"test": (w.x, w.y)}, loss=w.loss, config=config)
+        curves = []
+        for g, group in enumerate(w.resolved_groups()):
+            curves.append(ev.path(group.keys, alphas)["test"])
+            if mark:
+                mark(g)
+        return Curves(np.stack([c[0] for c in curves]), np.stack([c[1] for c in curves]))
+
+    return run
+
+
+METHODS: dict[str, Method] = {
+    "plain load_state_dict loop": plain_loop,
+    "plain load_state_dict loop, channels-last": partial(plain_loop, channels_last=True),
+    "loss-landscapes linear_interpolation": loss_landscapes_path,
+    "ckptscope linear_path, auto": _linear_path("auto"),
+    "ckptscope linear_path, loop": _linear_path("loop"),
+    "ckptscope linear_path, vmap": _linear_path("vmap"),
+    "ckptscope Evaluator.path, loop": _evaluator("loop"),
+    "ckptscope Evaluator.path, vmap": _evaluator("vmap"),
+    "ckptscope Evaluator.path, loop, no hoisting": _evaluator("loop", hoist=False),
+    "ckptscope Evaluator.path, vmap, no hoisting": _evaluator("vmap", hoist=False),
+    "ckptscope linear_path, auto, bf16 autocast": _linear_path("auto", "bf16"),
+}
+BASELINE = "plain load_state_dict loop"
+
+
+def methods(names: Sequence[str]) -> dict[str, Method]:
+    """The named methods, in the given order (loss-landscapes dropped when not importable)."""
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise KeyError(f"unknown methods {unknown}; known: {sorted(METHODS)}.")
+    has_ll = loss_landscapes_available() is not None
+    return {n: METHODS[n] for n in names if has_ll or not n.startswith("loss-landscapes")}
