@@ -226,26 +226,40 @@ class Evaluator:
 
     # --- sizing -------------------------------------------------------------------------------
     def _probe_activation_bytes(self) -> int:
-        """Bytes of module outputs per example in one forward pass, measured with hooks."""
+        """Activation bytes per example of one forward pass.
+
+        On CUDA the probe's measured peak. Elsewhere an estimate: the sum of the distinct
+        storages the leaf modules write (an in-place op shares its input's, and memory freed
+        and reused by a later layer counts once — without autograd few activations are alive
+        at a time).
+        """
         split, (x_all, _) = next(iter(self.data.items()))
         x = self._input(x_all[:8])
-        total = [0]
+        storages: dict[int, int] = {}
 
         def hook(_mod, _inp, out):
             if isinstance(out, torch.Tensor):
-                total[0] += out.numel() * out.element_size()
+                storages[out.untyped_storage().data_ptr()] = out.untyped_storage().nbytes()
 
         # Leaf modules only: a container's output is its last child's, counted already.
         leaves = [m for m in self.module.modules() if not any(True for _ in m.children())]
         handles = [m.register_forward_hook(hook) for m in leaves]
+        cuda = self.config.device.type == "cuda"
         try:
             self._load_state(self.b)
+            if cuda:
+                torch.cuda.synchronize(self.config.device)
+                torch.cuda.reset_peak_memory_stats(self.config.device)
+                before = torch.cuda.memory_allocated(self.config.device)
             with torch.no_grad():
                 self._forward_checked(x, split)
+            if cuda:
+                peak = torch.cuda.max_memory_allocated(self.config.device) - before
+                return max(1, math.ceil(peak / len(x)))
         finally:
             for h in handles:
                 h.remove()
-        return max(1, math.ceil(total[0] / len(x)))
+        return max(1, math.ceil(sum(storages.values()) / len(x)))
 
     def _pick_batch_size(self) -> int:
         n_max = max(len(x) for x, _ in self.data.values())
@@ -353,7 +367,12 @@ class Evaluator:
 
     @torch.no_grad()
     def _path_hoisted(self, plan, split: SplitForward, alphas, progress):
-        """Batch by batch: the prefix once, then the suffix at every alpha (or alpha chunk)."""
+        """The prefix once per batch, the suffix at every alpha (or alpha chunk).
+
+        When the frontiers of a whole split fit in half the memory budget they are computed
+        first and kept, and the alphas run outermost (the weights are written once per alpha);
+        otherwise batch by batch, the weights written once per batch and alpha.
+        """
         from torch.func import functional_call, vmap
 
         self._load_state(plan.base)
@@ -367,41 +386,69 @@ class Evaluator:
         slots = [self.slots[k] for k in plan.moving]
         starts = [plan.start[k] for k in plan.moving]
         ends = [plan.end[k] for k in plan.moving]
+
+        def batched(stacked, frontier):
+            fn = vmap(
+                lambda mv, *f: functional_call(split.suffix, mv, f),
+                in_dims=(0, *([None] * len(frontier))),
+            )
+            return fn(stacked, *frontier)
+
+        def weights_at(c: int):
+            """Point c's weights into the module (loop) or chunk c's stacked weights (vmap)."""
+            if vectorised:
+                w = torch.as_tensor(alphas[c : c + chunk], dtype=self.config.dtype, device=dev)
+                return {k: _lerp_stack(plan.start[k], plan.end[k], w) for k in moving_keys}
+            alpha = alphas[c]
+            torch._foreach_copy_(slots, ends if alpha == 1 else starts)
+            if alpha not in (0, 1):
+                torch._foreach_lerp_(slots, ends, float(alpha))
+            return None
+
+        def add(loss, correct, c, stacked, frontier, y):
+            outputs = (
+                batched(stacked, frontier) if vectorised else split.suffix(*frontier).unsqueeze(0)
+            )
+            part_loss, part_correct = self.loss_fn(outputs, y)
+            loss[c : c + len(part_loss)] += part_loss.double()
+            correct[c : c + len(part_loss)] += part_correct.double()
+
         out = {}
+        steps = range(0, n, chunk)
         for name, (x_all, y_all) in self.data.items():
             loss = torch.zeros(n, dtype=torch.float64, device=dev)
             correct = torch.zeros(n, dtype=torch.float64, device=dev)
-            for lo in range(0, len(x_all), self._batch_size):
-                x = self._input(x_all[lo : lo + self._batch_size])
-                y = y_all[lo : lo + self._batch_size].to(dev, non_blocking=True)
-                frontier = split.prefix(x)
-                if vectorised:
-                    batched = vmap(
-                        lambda mv, *f: functional_call(split.suffix, mv, f),
-                        in_dims=(0, *([None] * len(frontier))),
-                    )
-                    for c in range(0, n, chunk):
-                        weight = torch.as_tensor(
-                            alphas[c : c + chunk], dtype=self.config.dtype, device=dev
-                        )
-                        stacked = {
-                            k: _lerp_stack(plan.start[k], plan.end[k], weight) for k in moving_keys
-                        }
-                        part_loss, part_correct = self.loss_fn(batched(stacked, *frontier), y)
-                        loss[c : c + chunk] += part_loss.double()
-                        correct[c : c + chunk] += part_correct.double()
-                    continue
-                for i, alpha in enumerate(alphas):
-                    torch._foreach_copy_(slots, ends if alpha == 1 else starts)
-                    if alpha not in (0, 1):
-                        torch._foreach_lerp_(slots, ends, float(alpha))
-                    part_loss, part_correct = self.loss_fn(split.suffix(*frontier).unsqueeze(0), y)
-                    loss[i] += part_loss.double()[0]
-                    correct[i] += part_correct.double()[0]
+            cached = self._frontiers(split, x_all, y_all)
+            if cached is not None:  # alphas outermost
+                for c in steps:
+                    stacked = weights_at(c)
+                    for frontier, y in cached:
+                        add(loss, correct, c, stacked, frontier, y)
+            else:  # batches outermost
+                for lo in range(0, len(x_all), self._batch_size):
+                    x = self._input(x_all[lo : lo + self._batch_size])
+                    y = y_all[lo : lo + self._batch_size].to(dev, non_blocking=True)
+                    frontier = split.prefix(x)
+                    for c in steps:
+                        add(loss, correct, c, weights_at(c), frontier, y)
             out[name] = (loss.cpu().numpy(), correct.cpu().numpy())
         if progress:
             progress(n)
         return out
+
+    def _frontiers(self, split: SplitForward, x_all, y_all) -> list | None:
+        """Every batch's (frontier, targets), or ``None`` when they would take more than half
+        the memory budget (estimated from the first batch)."""
+        dev, batch = self.config.device, self._batch_size
+        cached, limit = [], self.config.budget // 2
+        for lo in range(0, len(x_all), batch):
+            frontier = split.prefix(self._input(x_all[lo : lo + batch]))
+            if lo == 0:
+                per_batch = _nbytes([t for t in frontier if isinstance(t, torch.Tensor)])
+                if per_batch * -(-len(x_all) // batch) > limit:
+                    return None
+            cached.append((frontier, y_all[lo : lo + batch].to(dev, non_blocking=True)))
+        return cached
 
     def _accumulate(self, outputs_fn, split: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Sum loss and correctness over the split's batches; ``outputs_fn(x) -> (k, B, ...)``."""

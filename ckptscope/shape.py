@@ -314,10 +314,13 @@ def classify(ds: xr.Dataset, *, rtol: float = DEFAULT_RTOL, atol: float = DEFAUL
         "half_drop_alpha": half_drop_alpha(curve, a),
         "tolerance": tol,
     }
-    out = ds.copy()
-    for name, value in values.items():
-        value = np.where(valid, value, "invalid" if name == "shape" else np.nan)
-        out[name] = (CURVE_DIMS, value, {"description": DESCRIPTIONS[name]})
+    # One assign, not one __setitem__ per variable: each of those is a full xarray merge.
+    out = ds.assign({
+        name: xr.Variable(CURVE_DIMS,
+                          np.where(valid, value, "invalid" if name == "shape" else np.nan),
+                          {"description": DESCRIPTIONS[name]})
+        for name, value in values.items()
+    })
     out.attrs = {**ds.attrs, "shape_rtol": float(rtol), "shape_atol": float(atol),
                  "shape_plateau_alpha": float(plateau_alpha), "shape_variable": variable}
     return out

@@ -89,3 +89,18 @@ def test_untraceable_model_falls_back_with_one_warning():
     want, _ = reference_path(module, a, b, ["b.weight", "b.bias"], ALPHAS, *data["test"])
     np.testing.assert_allclose(loss, want, rtol=1e-5)
     assert ev.hoisted_paths == 0
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_hoisted_batch_outer_when_frontiers_do_not_fit(mlp_pair, spiral_small, strategy):
+    module, a, b = mlp_pair
+    keys = ["layers.2.weight", "layers.2.bias"]
+    results = []
+    for budget in (None, 2048):  # 2 KiB: the frontiers of 150 examples (16 floats each) spill
+        ev = Evaluator(module, a, b, spiral_small, loss="bce",
+                       config=EvalConfig(strategy=strategy, batch_size=16, memory_budget=budget))
+        split = ev._split_for(keys)
+        cached = ev._frontiers(split, *ev.data["test"])
+        assert (cached is None) == (budget is not None)
+        results.append(ev.path(keys, ALPHAS)["test"][0])
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-6)
