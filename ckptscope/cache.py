@@ -14,12 +14,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ckptscope.files import replacing
 
 
 def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -67,19 +68,9 @@ class PathCache:
 
     def store(self, key: str, loss: np.ndarray, accuracy: np.ndarray) -> None:
         """Write one path's curves atomically."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".npz", dir=self.folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(
-                    f,
-                    loss=np.asarray(loss, dtype=np.float64),
-                    accuracy=np.asarray(accuracy, dtype=np.float64),
-                )
-            os.replace(tmp, self.folder / f"{key}.npz")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with replacing(self.folder / f"{key}.npz", suffix=".npz") as tmp:
+            np.savez(tmp, loss=np.asarray(loss, dtype=np.float64),
+                     accuracy=np.asarray(accuracy, dtype=np.float64))
 
     def clear(self) -> None:
         """Remove the folder (after the final result is safely written)."""

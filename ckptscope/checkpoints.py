@@ -12,7 +12,6 @@ import json
 import os
 import pickle
 import struct
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ckptscope.errors import CkptscopeError
+from ckptscope.files import replacing
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
@@ -303,14 +303,8 @@ def save_checkpoint(
         META_PREFIX + k: v if isinstance(v, str) else json.dumps(v)
         for k, v in (metadata or {}).items()
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with replacing(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 

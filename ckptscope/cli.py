@@ -8,9 +8,7 @@ line on stderr (``error: ...``) and exit status 2, without a traceback; ``check`
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -19,6 +17,7 @@ import click
 import numpy as np
 
 from ckptscope.errors import CkptscopeError
+from ckptscope.files import replacing, write_text
 
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 
@@ -95,14 +94,8 @@ def _aggregate_table(ds) -> str:
 
 def _save_figure(fig, path: Path) -> None:
     """Save a figure atomically (the format follows the suffix)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with replacing(path, suffix=path.suffix) as tmp:
         fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _check_suffix(path: str | None, suffixes: tuple[str, ...], option: str) -> None:
@@ -523,14 +516,8 @@ def _fmt(value) -> str:
 
 def _write_text(path: str | None, text: str) -> None:
     """Write a text file atomically (nothing for ``None``)."""
-    if path is None:
-        return
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, target)
+    if path is not None:
+        write_text(path, text)
 
 
 def _register_trainer() -> None:

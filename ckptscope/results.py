@@ -18,7 +18,6 @@ temporary name in the target folder and renamed, so a crash never leaves a half-
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import xarray as xr
 
 from ckptscope.errors import CkptscopeError
+from ckptscope.files import replacing
 
 SCHEMA_VERSION = 1
 DIMS = ("run", "group", "split", "alpha")
@@ -290,16 +290,8 @@ def build_distances(*, groups: Sequence[str], patterns: Sequence[str], relative:
 
 def write_netcdf(ds: xr.Dataset, path: str | os.PathLike) -> Path:
     """Write any dataset as NetCDF atomically (temporary name in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with replacing(path) as tmp:
         ds.to_netcdf(tmp, engine=_ENGINE)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)

@@ -4,15 +4,14 @@ CLI with ``cli.add_command``). Each parses, makes one library call, writes and p
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import click
 
 from ckptscope.errors import CkptscopeError
+from ckptscope.files import replacing, write_text
 
 
 class EpochBar:
@@ -54,23 +53,9 @@ def _recipe(name: str, sets: tuple[str, ...]):
     return override(load_recipe(name), parse_assignments(sets))
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _save_figure(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with replacing(path, suffix=path.suffix) as tmp:
         fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _summary_line(name: str, seed: int, result) -> str:
@@ -242,7 +227,7 @@ def reproduce(target, out, seeds, epochs, alphas, jobs, device, list_):
     figure = Path(out) / f"{target}.png"
     _save_figure(result.figure, figure)
     table = repro.verdict_table(result.rows)
-    _write_text(Path(out) / f"{target}.md", table)
+    write_text(Path(out) / f"{target}.md", table)
     click.echo(table)
     click.echo(f"wrote {figure}, {Path(out) / f'{target}.md'}, "
                f"{', '.join(map(str, result.result_paths.values()))} "

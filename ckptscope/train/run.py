@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from ckptscope.checkpoints import save_checkpoint
 from ckptscope.data import load_data
 from ckptscope.data.transforms import subset
 from ckptscope.errors import CkptscopeError
+from ckptscope.files import replacing, write_text
 from ckptscope.losses import get_loss, target_dtype
 from ckptscope.train.interventions import initial_state
 from ckptscope.train.loop import (
@@ -109,14 +109,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 # --- atomic files ------------------------------------------------------------------------------
 def _atomic_torch_save(obj: object, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with replacing(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _append_line(path: Path, line: str) -> None:
@@ -158,10 +152,7 @@ def _truncate_log(path: Path, epoch: int, *, jsonl: bool) -> list[dict]:
         elif not line.startswith("epoch ") or int(line.split()[1].split("/")[0]) > epoch:
             continue
         kept.append(line)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_text(path, "".join(line + "\n" for line in kept))
     return records
 
 
