@@ -410,7 +410,7 @@ def distance(start, end, groups, presets, adapter, out):
 def check(result, expects, tolerances, junit):
     """Hold a result against expectations; exit 0 if all pass, 1 if any fails."""
     from ckptscope.check import check as run_check
-    from ckptscope.check import load_expectations, parse_expectation, to_junit
+    from ckptscope.check import load_expectations, parse_expectation
     from ckptscope.results import open_result
 
     ds = open_result(result)
@@ -421,13 +421,9 @@ def check(result, expects, tolerances, junit):
         else:
             expectations.append(parse_expectation(item))
     rows = run_check(ds, expectations, **_tolerances(tolerances))
-    _write_text(junit, to_junit(rows))
-    cells = [["PASS" if r.passed else "FAIL", str(r.expectation), r.run, r.group, r.split,
-              _fmt(r.actual), r.message] for r in rows]
-    click.echo(_table(["", "expectation", "run", "group", "split", "actual", "note"], cells))
-    failed = sum(not r.passed for r in rows)
-    click.echo(f"{len(rows) - failed} passed, {failed} failed")
-    sys.exit(EXIT_FAILED if failed else 0)
+    _verdict(rows, ["expectation", "run", "group", "split", "actual", "note"],
+             [[str(r.expectation), r.run, r.group, r.split, _fmt(r.actual), r.message]
+              for r in rows], junit)
 
 
 @cli.command()
@@ -441,18 +437,13 @@ def check(result, expects, tolerances, junit):
 def compare(baseline, new, rtol, atol, junit):
     """Verdict changes and metric drifts from BASELINE to NEW; exit 1 on any."""
     from ckptscope.check import compare as run_compare
-    from ckptscope.check import to_junit
     from ckptscope.results import open_result
 
     tol = {k: v for k, v in (("rtol", rtol), ("atol", atol)) if v is not None}
     rows = run_compare(open_result(baseline), open_result(new), **tol)
-    _write_text(junit, to_junit(rows))
-    cells = [["PASS" if r.passed else "FAIL", r.group, r.split, r.metric, _fmt(r.baseline),
-              _fmt(r.new), r.message] for r in rows]
-    click.echo(_table(["", "group", "split", "metric", "baseline", "new", "note"], cells))
-    failed = sum(not r.passed for r in rows)
-    click.echo(f"{len(rows) - failed} passed, {failed} failed")
-    sys.exit(EXIT_FAILED if failed else 0)
+    _verdict(rows, ["group", "split", "metric", "baseline", "new", "note"],
+             [[r.group, r.split, r.metric, _fmt(r.baseline), _fmt(r.new), r.message]
+              for r in rows], junit)
 
 
 @cli.command()
@@ -508,6 +499,18 @@ def list_():
     click.echo("datasets (--data NAME[:ARG], or pkg.module:attr):")
     for name in DATASETS:
         click.echo(f"  {name:<14} {DATASETS.get(name).description}")
+
+
+def _verdict(rows, headers: list[str], cells: list[list[str]], junit: str | None) -> None:
+    """Print a PASS/FAIL table and the counts, write the JUnit report, exit 1 on a failure."""
+    from ckptscope.check import to_junit
+
+    _write_text(junit, to_junit(rows))
+    marks = [["PASS" if r.passed else "FAIL", *cell] for r, cell in zip(rows, cells, strict=True)]
+    click.echo(_table(["", *headers], marks))
+    failed = sum(not r.passed for r in rows)
+    click.echo(f"{len(rows) - failed} passed, {failed} failed")
+    sys.exit(EXIT_FAILED if failed else 0)
 
 
 def _fmt(value) -> str:
