@@ -379,7 +379,7 @@ def inspect(start, end, groups, presets, adapter, keys):
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Write the distances (.nc).")
 def distance(start, end, groups, presets, adapter, out):
-    """Distances between two checkpoints per group: eq. 4, L2 and cosine similarity."""
+    """Distances between two checkpoints per group (relative as eq. 4, L2, cosine)."""
     from ckptscope.checkpoints import load_checkpoint
     from ckptscope.distance import distances
     from ckptscope.results import write_netcdf
