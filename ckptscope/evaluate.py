@@ -450,8 +450,11 @@ class Evaluator:
             cached.append((frontier, y_all[lo : lo + batch].to(dev, non_blocking=True)))
         return cached
 
-    def _accumulate(self, outputs_fn, split: str, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Sum loss and correctness over the split's batches; ``outputs_fn(x) -> (k, B, ...)``."""
+    def _accumulate(self, outputs_fn, split: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum loss and correctness over the split's batches; ``outputs_fn(x) -> (k, B, ...)``.
+
+        Returns float64 tensors (k,) on the device: the caller moves them off it once per path.
+        """
         x_all, y_all = self.data[split]
         dev = self.config.device
         while True:
@@ -465,7 +468,7 @@ class Evaluator:
                     batch_loss, batch_correct = self.loss_fn(outputs_fn(x), y)
                     loss += batch_loss.double()
                     correct += batch_correct.double()
-                return loss.cpu().numpy(), correct.cpu().numpy()
+                return loss, correct
             except torch.OutOfMemoryError:
                 if batch == 1 or k > 1:  # a vmap chunk halves its alphas first (its caller)
                     raise
@@ -500,7 +503,14 @@ class Evaluator:
         moving = [self.slots[k] for k in plan.moving]
         starts = [plan.start[k] for k in plan.moving]
         ends = [plan.end[k] for k in plan.moving]
-        out = {split: (np.empty(len(alphas)), np.empty(len(alphas))) for split in self.data}
+        dev, n = self.config.device, len(alphas)
+        sums = {
+            split: (
+                torch.empty(n, dtype=torch.float64, device=dev),
+                torch.empty(n, dtype=torch.float64, device=dev),
+            )
+            for split in self.data
+        }
         for i, alpha in enumerate(alphas):
             if moving:
                 # The ends are copied, not lerped: 0 * inf would turn a NaN in one endpoint into
@@ -514,10 +524,13 @@ class Evaluator:
                 loss, correct = self._accumulate(
                     lambda x, s=split: self._forward_checked(x, s).unsqueeze(0), split, 1
                 )
-                out[split][0][i], out[split][1][i] = loss[0], correct[0]
+                sums[split][0][i : i + 1], sums[split][1][i : i + 1] = loss, correct
             if progress:
                 progress(1)
-        return out
+        return {
+            split: (loss.cpu().numpy(), correct.cpu().numpy())
+            for split, (loss, correct) in sums.items()
+        }
 
     @torch.no_grad()
     def _path_vmap(self, plan, alphas, progress):
@@ -555,8 +568,8 @@ class Evaluator:
                 self._note_oom(f"{chunk} alphas per pass")
                 continue
             for split, (loss, correct) in sums.items():
-                out[split][0][lo : lo + len(part)] = loss
-                out[split][1][lo : lo + len(part)] = correct
+                out[split][0][lo : lo + len(part)] = loss.cpu().numpy()
+                out[split][1][lo : lo + len(part)] = correct.cpu().numpy()
             lo += len(part)
             if progress:
                 progress(len(part))

@@ -34,6 +34,7 @@ from ckptscope.adapters.presets import (
 from ckptscope.errors import CkptscopeError
 
 CFG_11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+_CONVS = sum(v != "M" for v in CFG_11)
 _FEATURE = re.compile(r"features\.(\d+)\.")
 _CLASSIFIER_WEIGHT = re.compile(r"classifier(?:\.(\d+))?\.weight$")
 
@@ -90,14 +91,31 @@ def _check_positive(**options: object) -> None:
             raise CkptscopeError(f"{name}={value!r} must be a positive integer.")
 
 
-def vgg11(num_classes: int = 10, in_channels: int = 3) -> VGG:
-    """VGG-11 without BatchNorm, CIFAR classifier."""
-    return VGG(CFG_11, batchnorm=False, num_classes=num_classes, in_channels=in_channels)
+def _cfg(widths: Sequence[int] | None) -> tuple:
+    """VGG-11's layout with the 8 conv widths replaced (Table A4 narrows chosen layers)."""
+    if widths is None:
+        return CFG_11
+    widths = list(widths)
+    if len(widths) != _CONVS:
+        raise CkptscopeError(
+            f"VGG-11 widths {widths} must give {_CONVS} conv widths (default "
+            f"{[v for v in CFG_11 if v != 'M']})."
+        )
+    _check_positive(**{f"widths[{i}]": w for i, w in enumerate(widths)})
+    it = iter(widths)
+    return tuple(v if v == "M" else next(it) for v in CFG_11)
 
 
-def vgg11_bn(num_classes: int = 10, in_channels: int = 3) -> VGG:
-    """VGG-11 with BatchNorm after every conv, CIFAR classifier."""
-    return VGG(CFG_11, batchnorm=True, num_classes=num_classes, in_channels=in_channels)
+def vgg11(num_classes: int = 10, in_channels: int = 3,
+          widths: Sequence[int] | None = None) -> VGG:
+    """VGG-11 without BatchNorm, CIFAR classifier; ``widths``: the 8 conv widths."""
+    return VGG(_cfg(widths), batchnorm=False, num_classes=num_classes, in_channels=in_channels)
+
+
+def vgg11_bn(num_classes: int = 10, in_channels: int = 3,
+             widths: Sequence[int] | None = None) -> VGG:
+    """VGG-11 with BatchNorm after every conv, CIFAR classifier; ``widths``: the 8 conv widths."""
+    return VGG(_cfg(widths), batchnorm=True, num_classes=num_classes, in_channels=in_channels)
 
 
 def infer_options(state: Mapping[str, torch.Tensor]) -> dict:
@@ -109,6 +127,10 @@ def infer_options(state: Mapping[str, torch.Tensor]) -> dict:
     first = state.get("features.0.weight")
     if first is not None and first.dim() == 4:
         options["in_channels"] = int(first.shape[1])
+    convs = [f"{group[0]}.weight" for group in conv_modules(list(state))]
+    widths = [int(state[k].shape[0]) for k in convs if k in state and state[k].dim() == 4]
+    if len(widths) == _CONVS and widths != [v for v in CFG_11 if v != "M"]:
+        options["widths"] = widths
     return options
 
 
@@ -159,7 +181,6 @@ def conv_split_preset(n: int) -> Preset:
     return preset
 
 
-_CONVS = sum(v != "M" for v in CFG_11)
 
 ADAPTERS.register("vgg11")(Adapter(
     name="vgg11",
@@ -168,7 +189,7 @@ ADAPTERS.register("vgg11")(Adapter(
     presets=MappingProxyType({"blocks": block_groups}),
     infer_options=infer_options,
     description="CIFAR VGG-11 without BN (8 convs, Linear(512, classes); options: "
-                "num_classes=10, in_channels=3)",
+                "num_classes=10, in_channels=3, widths=[8 conv widths])",
 ))
 
 ADAPTERS.register("vgg11_bn")(Adapter(
@@ -183,5 +204,5 @@ ADAPTERS.register("vgg11_bn")(Adapter(
     }),
     infer_options=infer_options,
     description="CIFAR VGG-11 with BN (8 convs, Linear(512, classes); options: "
-                "num_classes=10, in_channels=3)",
+                "num_classes=10, in_channels=3, widths=[8 conv widths])",
 ))
