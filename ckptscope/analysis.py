@@ -19,7 +19,7 @@ from ckptscope.cache import PathCache, path_key, tensor_digest
 from ckptscope.checkpoints import Checkpoint, as_checkpoint, check_pair
 from ckptscope.data import as_splits, load_data, select_splits
 from ckptscope.data.transforms import subset
-from ckptscope.distance import group_distances, parameter_keys
+from ckptscope.distance import group_distances, parameter_keys, unique_keys
 from ckptscope.errors import CkptscopeError
 from ckptscope.evaluate import EvalConfig, Evaluator, resolve_device
 from ckptscope.groups import normalise_groups, resolve_groups
@@ -253,8 +253,12 @@ def linear_path(
             "dtype": dtype,
             "bn": bn,
             "bn_batches": bn_batches,
-            "loss": str(loss),
-            "batch": evaluator.batch_size() if bn == "batch" else None,
+            "loss": loss
+            if isinstance(loss, str)
+            else f"{getattr(loss, '__module__', '')}.{getattr(loss, '__qualname__', repr(loss))}",
+            # Batch statistics depend on the batch size; recompute also on its training inputs.
+            "batch": evaluator.batch_size() if bn != "interpolate" else None,
+            "bn_data": tensor_digest({"x": bn_data}) if bn_data is not None else None,
         }
     for g, group in enumerate(resolved):
         points = np.flatnonzero(mine[g])
@@ -275,9 +279,13 @@ def linear_path(
         losses = distributed.reduce_sum(losses, config.device)
         accuracies = distributed.reduce_sum(accuracies, config.device)
 
-    params = parameter_keys(a.state, evaluator.module)
-    distance = np.array([group_distances(a.state, b.state, [g.keys for g in resolved], params)])
-    n_params = [sum(a.state[k].numel() for k in g.keys if k in params) for g in resolved]
+    params, tied = parameter_keys(a.state, evaluator.module), evaluator.module
+    distance = np.array(
+        [group_distances(a.state, b.state, [g.keys for g in resolved], params, tied)]
+    )
+    n_params = [
+        sum(a.state[k].numel() for k in unique_keys(g.keys, params, tied)) for g in resolved
+    ]
     result = build_result(
         loss=losses,
         accuracy=accuracies,

@@ -29,7 +29,7 @@ def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     for key in sorted(tensors):
         t = tensors[key].detach().cpu().contiguous()
         digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()
 
 

@@ -23,8 +23,8 @@ def parameter_keys(state: Mapping[str, torch.Tensor], module: nn.Module | None =
     without one, floating tensors whose names do not end in a BatchNorm buffer name count,
     deduplicated by storage.
     """
-    if module is not None:
-        return {k for k, _ in module.named_parameters()} & set(state)
+    if module is not None:  # every name of a tied parameter; groups count each tensor once
+        return {k for k, _ in module.named_parameters(remove_duplicate=False)} & set(state)
     keys, seen = set(), set()
     for k, v in state.items():
         if not v.is_floating_point() or k.rsplit(".", 1)[-1] in BUFFER_SUFFIXES:
@@ -54,24 +54,43 @@ def relative_distance(
     return math.sqrt(num) / math.sqrt(den)
 
 
+def unique_keys(
+    keys: Iterable[str], params: set[str], module: nn.Module | None = None
+) -> list[str]:
+    """``keys`` that are in ``params``, one name per tensor (tied names after the first dropped)."""
+    tensors = dict(module.named_parameters(remove_duplicate=False)) if module is not None else {}
+    seen, out = set(), []
+    for k in keys:
+        if k not in params:
+            continue
+        ident = id(tensors[k]) if k in tensors else k
+        if ident not in seen:
+            seen.add(ident)
+            out.append(k)
+    return out
+
+
 def group_distances(
     a: Mapping[str, torch.Tensor],
     b: Mapping[str, torch.Tensor],
     groups: Sequence[Sequence[str]],
     params: set[str],
+    module: nn.Module | None = None,
 ) -> list[float]:
-    """Return eq. 4 for each group's keys, restricted to ``params``."""
-    return [relative_distance(a, b, [k for k in keys if k in params]) for keys in groups]
+    """Return eq. 4 for each group's parameters, each tensor once."""
+    return [relative_distance(a, b, unique_keys(keys, params, module)) for keys in groups]
 
 
-def l2_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
-                keys: Iterable[str]) -> float:
+def l2_distance(
+    a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], keys: Iterable[str]
+) -> float:
     """Return ||b - a||_F over ``keys``, in float64."""
     return math.sqrt(sum(float(torch.sum((b[k].double() - a[k].double()) ** 2)) for k in keys))
 
 
-def cosine_similarity(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor],
-                      keys: Iterable[str]) -> float:
+def cosine_similarity(
+    a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], keys: Iterable[str]
+) -> float:
     """Return <a, b> / (||a|| ||b||) over ``keys`` flattened into one vector; NaN if either is 0."""
     dot = na = nb = 0.0
     for k in keys:
@@ -84,8 +103,9 @@ def cosine_similarity(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tenso
     return dot / math.sqrt(na * nb)
 
 
-def distances(a, b, *, groups: Mapping[str, str] | None = None, adapter=None,
-              module: nn.Module | None = None):
+def distances(
+    a, b, *, groups: Mapping[str, str] | None = None, adapter=None, module: nn.Module | None = None
+):
     """Return a dataset of distances per group (the whole model ``all`` first).
 
     Args:
@@ -110,13 +130,18 @@ def distances(a, b, *, groups: Mapping[str, str] | None = None, adapter=None,
         module = adapter.make(adapter.options_for(a.state, None))
     params = parameter_keys(a.state, module)
     resolved = resolve_groups(list(a.state), normalise_groups(groups), source=a.path or "A")
-    keys = [[k for k in g.keys if k in params] for g in resolved]
+    keys = [unique_keys(g.keys, params, module) for g in resolved]
     return build_distances(
-        groups=[g.name for g in resolved], patterns=[g.pattern for g in resolved],
+        groups=[g.name for g in resolved],
+        patterns=[g.pattern for g in resolved],
         relative=[relative_distance(a.state, b.state, k) for k in keys],
         l2=[l2_distance(a.state, b.state, k) for k in keys],
         cosine=[cosine_similarity(a.state, b.state, k) for k in keys],
         n_params=[sum(a.state[x].numel() for x in k) for k in keys],
-        attrs={"start_path": a.path, "end_path": b.path, "start_sha256": a.sha256,
-               "end_sha256": b.sha256},
+        attrs={
+            "start_path": a.path,
+            "end_path": b.path,
+            "start_sha256": a.sha256,
+            "end_sha256": b.sha256,
+        },
     )

@@ -316,12 +316,10 @@ class Evaluator:
         plan = plan_path(self.a, self.b, [k for k in keys if k in self.a], hold=hold)
         split = self._split_for(plan.moving)
         with self._autocast():
-            if split is not None:
-                self.hoisted_paths += 1
-                sums = self._path_hoisted(plan, split, alphas, progress)
-            elif self.config.resolved_strategy == "vmap" and plan.moving:
+            sums = self._try_hoisted(plan, split, alphas, progress) if split else None
+            if sums is None and self.config.resolved_strategy == "vmap" and plan.moving:
                 sums = self._path_vmap(plan, alphas, progress)
-            else:
+            elif sums is None:
                 sums = self._path_loop(plan, alphas, progress)
         return {
             split: (loss / len(self.data[split][0]), correct / len(self.data[split][0]))
@@ -345,13 +343,26 @@ class Evaluator:
             cache_enabled=False,
         )
 
+    def _try_hoisted(self, plan, split: SplitForward, alphas, progress):
+        """The hoisted path, or ``None`` when it ran out of device memory (the plain strategies
+        know how to back off)."""
+        try:
+            sums = self._path_hoisted(plan, split, alphas, progress)
+        except torch.OutOfMemoryError:
+            self._note_oom("this group path evaluated whole (no hoisting)")
+            return None
+        self.hoisted_paths += 1
+        return sums
+
     def _split_for(self, moving: Sequence[str]) -> SplitForward | None:
         """The forward pass split at ``moving``, or ``None`` when hoisting does not apply."""
         if not (self.config.hoist and moving) or self.config.bn == "recompute":
             return None
         if len(moving) == sum(v.is_floating_point() for v in self.a.values()):
             return None  # the whole model moves: nothing is invariant
-        key = frozenset(moving)
+        # A tied tensor moves under every name it has: the split must see all of them.
+        moving_ids = {id(self.slots[k]) for k in moving}
+        key = frozenset(k for k, t in self.slots.items() if id(t) in moving_ids)
         if key not in self._splits:
             if self._traced is None:
                 traced = trace(self.module)
@@ -362,7 +373,7 @@ class Evaluator:
                         stacklevel=4,
                     )
                 self._traced = traced or False
-            self._splits[key] = split_forward(self._traced, moving) if self._traced else None
+            self._splits[key] = split_forward(self._traced, key) if self._traced else None
         return self._splits[key]
 
     @torch.no_grad()
@@ -425,9 +436,9 @@ class Evaluator:
                     for frontier, y in cached:
                         add(loss, correct, c, stacked, frontier, y)
             else:  # batches outermost
-                for lo in range(0, len(x_all), self._batch_size):
-                    x = self._input(x_all[lo : lo + self._batch_size])
-                    y = y_all[lo : lo + self._batch_size].to(dev, non_blocking=True)
+                for lo, hi in self._spans(len(x_all)):
+                    x = self._input(x_all[lo:hi])
+                    y = y_all[lo:hi].to(dev, non_blocking=True)
                     frontier = split.prefix(x)
                     for c in steps:
                         add(loss, correct, c, weights_at(c), frontier, y)
@@ -439,15 +450,16 @@ class Evaluator:
     def _frontiers(self, split: SplitForward, x_all, y_all) -> list | None:
         """Every batch's (frontier, targets), or ``None`` when they would take more than half
         the memory budget (estimated from the first batch)."""
-        dev, batch = self.config.device, self._batch_size
+        dev = self.config.device
         cached, limit = [], self.config.budget // 2
-        for lo in range(0, len(x_all), batch):
-            frontier = split.prefix(self._input(x_all[lo : lo + batch]))
+        spans = self._spans(len(x_all))
+        for lo, hi in spans:
+            frontier = split.prefix(self._input(x_all[lo:hi]))
             if lo == 0:
                 per_batch = _nbytes([t for t in frontier if isinstance(t, torch.Tensor)])
-                if per_batch * -(-len(x_all) // batch) > limit:
+                if per_batch * len(spans) > limit:
                     return None
-            cached.append((frontier, y_all[lo : lo + batch].to(dev, non_blocking=True)))
+            cached.append((frontier, y_all[lo:hi].to(dev, non_blocking=True)))
         return cached
 
     def _accumulate(self, outputs_fn, split: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -462,18 +474,36 @@ class Evaluator:
             loss = torch.zeros(k, dtype=torch.float64, device=dev)
             correct = torch.zeros(k, dtype=torch.float64, device=dev)
             try:
-                for lo in range(0, len(x_all), batch):
-                    x = self._input(x_all[lo : lo + batch])
-                    y = y_all[lo : lo + batch].to(dev, non_blocking=True)
+                for lo, hi in self._spans(len(x_all)):
+                    x = self._input(x_all[lo:hi])
+                    y = y_all[lo:hi].to(dev, non_blocking=True)
                     batch_loss, batch_correct = self.loss_fn(outputs_fn(x), y)
                     loss += batch_loss.double()
                     correct += batch_correct.double()
                 return loss, correct
             except torch.OutOfMemoryError:
+                if self.config.bn != "interpolate":
+                    raise CkptscopeError(
+                        f"out of device memory at batch size {batch}; under --bn "
+                        f"{self.config.bn} the curves depend on the batch size, so it is not "
+                        f"lowered automatically: pass a smaller --batch-size."
+                    ) from None
                 if batch == 1 or k > 1:  # a vmap chunk halves its alphas first (its caller)
                     raise
                 self._batch_size = max(1, batch // 2)
                 self._note_oom(f"batch size {batch} -> {self._batch_size}")
+
+    def _spans(self, n: int) -> list[tuple[int, int]]:
+        """The (start, stop) of each batch of ``n`` examples.
+
+        Where batch statistics are computed (``bn`` = ``batch`` or ``recompute``), a last batch
+        of one example joins the one before: BatchNorm cannot normalise a single example.
+        """
+        batch = self._batch_size
+        spans = [(lo, min(lo + batch, n)) for lo in range(0, n, batch)]
+        if self.config.bn != "interpolate" and len(spans) > 1 and spans[-1][1] - spans[-1][0] == 1:
+            spans[-2:] = [(spans[-2][0], n)]
+        return spans
 
     def _note_oom(self, change: str) -> None:
         if self.config.device.type == "cuda":
@@ -488,12 +518,8 @@ class Evaluator:
             m.reset_running_stats()
             m.momentum = None  # a cumulative average over the batches
             m.train()
-        batch = self._batch_size
-        for i in range(self.config.bn_batches):
-            x = self.bn_data[i * batch : (i + 1) * batch]
-            if len(x) == 0:
-                break
-            self.module(self._input(x))
+        for lo, hi in self._spans(len(self.bn_data))[: self.config.bn_batches]:
+            self.module(self._input(self.bn_data[lo:hi]))
         for m in self.batchnorms:
             m.eval()
 

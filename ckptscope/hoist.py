@@ -15,6 +15,7 @@ that cannot be traced is evaluated whole (:func:`split_forward` returns ``None``
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -61,11 +62,61 @@ def _inputs(node: fx.Node) -> list[fx.Node]:
     return list(node.all_input_nodes)
 
 
+_INPLACE_OPERATORS = {
+    getattr(operator, name)
+    for name in dir(operator)
+    if name.startswith("i") and name[1:] in dir(operator) and callable(getattr(operator, name))
+} | {operator.setitem}
+
+
+def _mutated(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
+    """The value a node writes in place (its first argument), or ``None``."""
+    first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if node.op == "call_method":
+        name = str(node.target)
+        writes = name.endswith("_") and not name.endswith("__")
+    elif node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        writes = (
+            node.kwargs.get("inplace") is True
+            or "out" in node.kwargs
+            or node.target in _INPLACE_OPERATORS
+            or (name.endswith("_") and not name.endswith("__"))
+        )
+    elif node.op == "call_module":
+        writes = getattr(gm.get_submodule(str(node.target)), "inplace", False) is True
+    else:
+        writes = False
+    return first if writes else None
+
+
+def _inplace_hazard(nodes: list[fx.Node], dependent: set[fx.Node], gm: fx.GraphModule) -> bool:
+    """True when splitting would change what an in-place op does.
+
+    Two cases: an op of the suffix writes into a value the prefix made (it would pile up over
+    the alphas, which reuse that value), or an op of the prefix writes into a value that a
+    suffix op read earlier in the original order (the write would now come first).
+    """
+    order = {node: i for i, node in enumerate(nodes)}
+    for node in nodes:
+        target = _mutated(node, gm)
+        if target is None:
+            continue
+        if node in dependent and target not in dependent:
+            return True
+        if node not in dependent and any(
+            user in dependent and order[user] < order[node] for user in target.users
+        ):
+            return True
+    return False
+
+
 def split_forward(gm: fx.GraphModule, moving: Iterable[str]) -> SplitForward | None:
     """Split a traced module at the nodes that depend on the ``moving`` keys.
 
     Returns ``None`` when nothing can be hoisted (the first node already depends on them, or
-    the module's output does not depend on them at all).
+    the module's output does not depend on them at all), or when an in-place operation would
+    behave differently once the graph is split (see :func:`_inplace_hazard`).
     """
     moving = set(moving)
     nodes = list(gm.graph.nodes)
@@ -76,11 +127,15 @@ def split_forward(gm: fx.GraphModule, moving: Iterable[str]) -> SplitForward | N
         if _uses(node, gm, moving) or any(i in dependent for i in _inputs(node)):
             dependent.add(node)
     output = next(n for n in nodes if n.op == "output")
-    if not any(i in dependent for i in _inputs(output)):
+    if not any(i in dependent for i in _inputs(output)) or _inplace_hazard(nodes, dependent, gm):
         return None
-    frontier = [n for n in nodes
-                if n.op != "output" and n not in dependent
-                and any(user in dependent or user is output for user in n.users)]
+    frontier = [
+        n
+        for n in nodes
+        if n.op != "output"
+        and n not in dependent
+        and any(user in dependent or user is output for user in n.users)
+    ]
     computed = [n for n in nodes if n.op not in ("output", "placeholder") and n not in dependent]
     # Only the input crosses: nothing upstream of the group would be saved.
     if all(n.op == "placeholder" for n in frontier) or not computed:

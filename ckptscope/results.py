@@ -32,6 +32,8 @@ SCHEMA_VERSION = 1
 DIMS = ("run", "group", "split", "alpha")
 CURVE_VARS = ("loss", "accuracy")
 _ENGINE = "scipy"
+# How a curve was measured: results that differ in these are not runs of one experiment.
+MERGE_SETTINGS = ("hold", "bn_policy", "bn_batches", "dtype", "loss_function", "data_seed")
 
 VAR_ATTRS = {
     "loss": {"long_name": "loss", "description": "sum of per-example losses over the split / N"},
@@ -242,6 +244,13 @@ def merge_results(datasets: Sequence[xr.Dataset], *, sources: Sequence[str] | No
                 f"({first.attrs.get('data')}, {first['n_examples'].values.tolist()}); evaluate "
                 f"both on the same data."
             )
+        for setting in MERGE_SETTINGS:
+            if ds.attrs.get(setting) != first.attrs.get(setting):
+                raise CkptscopeError(
+                    f"cannot merge {name}: it was evaluated with {setting}="
+                    f"{ds.attrs.get(setting)!r}, {names[0]} with {first.attrs.get(setting)!r}; "
+                    f"runs in one result must be measured the same way."
+                )
         if ds.sizes["alpha"] != first.sizes["alpha"] or not np.allclose(
             ds["alpha"].values, first["alpha"].values, rtol=0, atol=1e-12
         ):

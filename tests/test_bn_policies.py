@@ -162,3 +162,32 @@ def test_linear_path_records_bn_policy(conv_pair, image_data, train_x):
 def test_bad_policy():
     with pytest.raises(CkptscopeError, match="BatchNorm policy 'mean'"):
         EvalConfig(bn="mean")
+
+
+def test_batch_policy_folds_a_last_single_example(conv_pair):
+    module, a, b = conv_pair
+    g = torch.Generator().manual_seed(3)
+    data = {
+        "test": (torch.randn(21, 3, 8, 8, generator=g), torch.randint(0, 3, (21,), generator=g))
+    }
+    ev = Evaluator(
+        module, a, b, data, loss="cross_entropy", config=EvalConfig(batch_size=10, bn="batch")
+    )
+    assert ev._spans(21) == [(0, 10), (10, 21)]
+    loss, _ = ev.path(list(a), ALPHAS)["test"]
+    assert np.isfinite(loss).all()
+
+
+def test_resume_key_holds_batch_size_and_training_inputs(tmp_path, conv_pair, image_data, train_x):
+    module, a, b = conv_pair
+    data = {"test": image_data["test"], "train": (train_x, torch.zeros(len(train_x)).long())}
+    kwargs = dict(alphas=3, bn="recompute", bn_batches=2, resume_dir=tmp_path / "partial")
+    first = ckptscope.linear_path(a, b, module, data, batch_size=16, **kwargs)
+    other = ckptscope.linear_path(a, b, module, data, batch_size=4, **kwargs)
+    assert "resumed" not in other.attrs["notes"]
+    assert not np.allclose(first.loss.values, other.loss.values)
+    again = ckptscope.linear_path(a, b, module, data, batch_size=4, **kwargs)
+    assert "resumed 1 of 1" in again.attrs["notes"]
+    data["train"] = (train_x.flip(0), data["train"][1])
+    moved = ckptscope.linear_path(a, b, module, data, batch_size=4, **kwargs)
+    assert "resumed" not in moved.attrs["notes"]

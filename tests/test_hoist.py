@@ -17,8 +17,14 @@ ALPHAS = np.linspace(0, 1, 4)
 
 
 def curves(module, a, b, data, keys, *, loss="cross_entropy", strategy="loop", hoist=True, bs=8):
-    ev = Evaluator(module, a, b, data, loss=loss,
-                   config=EvalConfig(strategy=strategy, batch_size=bs, hoist=hoist))
+    ev = Evaluator(
+        module,
+        a,
+        b,
+        data,
+        loss=loss,
+        config=EvalConfig(strategy=strategy, batch_size=bs, hoist=hoist),
+    )
     return ev.path(keys, ALPHAS)["test"], ev.hoisted_paths
 
 
@@ -30,16 +36,24 @@ def test_hoisted_equals_plain_mlp(mlp_pair, spiral_small, strategy, group):
     module, a, b = mlp_pair
     keys = [k for k in a if re.match(group, k)]
     (loss, acc), used = curves(module, a, b, spiral_small, keys, loss="bce", strategy=strategy)
-    (plain, plain_acc), unused = curves(module, a, b, spiral_small, keys, loss="bce",
-                                        strategy=strategy, hoist=False)
+    (plain, plain_acc), unused = curves(
+        module, a, b, spiral_small, keys, loss="bce", strategy=strategy, hoist=False
+    )
     assert used == 1 and unused == 0
     np.testing.assert_allclose(loss, plain, rtol=1e-5)
     np.testing.assert_allclose(acc, plain_acc, atol=1.5 / 150)
 
 
-@pytest.mark.parametrize("name, group", [("resnet18", "layer4."), ("resnet18", "fc."),
-                                         ("resnet18", "layer2.1."), ("vgg11_bn", "features.8."),
-                                         ("vgg11", "classifier.")])
+@pytest.mark.parametrize(
+    "name, group",
+    [
+        ("resnet18", "layer4."),
+        ("resnet18", "fc."),
+        ("resnet18", "layer2.1."),
+        ("vgg11_bn", "features.8."),
+        ("vgg11", "classifier."),
+    ],
+)
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])
 def test_hoisted_equals_reference_conv_nets(name, group, strategy):
     torch.manual_seed(0)
@@ -97,10 +111,80 @@ def test_hoisted_batch_outer_when_frontiers_do_not_fit(mlp_pair, spiral_small, s
     keys = ["layers.2.weight", "layers.2.bias"]
     results = []
     for budget in (None, 2048):  # 2 KiB: the frontiers of 150 examples (16 floats each) spill
-        ev = Evaluator(module, a, b, spiral_small, loss="bce",
-                       config=EvalConfig(strategy=strategy, batch_size=16, memory_budget=budget))
+        ev = Evaluator(
+            module,
+            a,
+            b,
+            spiral_small,
+            loss="bce",
+            config=EvalConfig(strategy=strategy, batch_size=16, memory_budget=budget),
+        )
         split = ev._split_for(keys)
         cached = ev._frontiers(split, *ev.data["test"])
         assert (cached is None) == (budget is not None)
         results.append(ev.path(keys, ALPHAS)["test"][0])
     np.testing.assert_allclose(results[0], results[1], rtol=1e-6)
+
+
+class AddInPlace(nn.Module):
+    """The suffix would begin by writing into a value the prefix made."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.bias = nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        h = self.l1(x)
+        h.add_(self.bias)
+        return self.l2(h)
+
+
+class ReluAfterSkip(nn.Module):
+    """An in-place op of the prefix would run before a suffix op that reads its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.skip, self.l2 = nn.Linear(4, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.l1(x)
+        y = self.skip(h)
+        h = nn.functional.relu(h, inplace=True)
+        return self.l2(h) + y
+
+
+class Tied(nn.Module):
+    """enc.weight and dec.weight are one Parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(4, 4, bias=False)
+        self.mid, self.dec = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.dec.weight = self.enc.weight
+
+    def forward(self, x):
+        return self.dec(torch.tanh(self.mid(self.enc(x))))
+
+
+@pytest.mark.parametrize(
+    "make, keys",
+    [
+        (AddInPlace, ["bias"]),
+        (ReluAfterSkip, ["skip.weight", "skip.bias"]),
+        (Tied, ["dec.weight"]),
+        (Tied, ["enc.weight"]),
+    ],
+)
+def test_inplace_ops_and_tied_weights_keep_hoisting_exact(make, keys):
+    torch.manual_seed(0)
+    module = make()
+    a = {k: v.clone() for k, v in module.state_dict().items()}
+    b = perturbed(a, 0.5, 3)
+    if make is Tied:
+        b["dec.weight"] = b["enc.weight"]
+    g = torch.Generator().manual_seed(1)
+    data = {"test": (torch.randn(20, 4, generator=g), torch.randint(0, 3, (20,), generator=g))}
+    (hoisted, _), _ = curves(module, a, b, data, keys)
+    (plain, _), _ = curves(module, a, b, data, keys, hoist=False)
+    np.testing.assert_allclose(hoisted, plain, rtol=1e-6)

@@ -102,18 +102,35 @@ def test_merge_results_joins_runs_and_relabels_repeats():
     assert merged.attrs["merged_from"] == "a.nc, b.nc"
 
 
-@pytest.mark.parametrize("other, match", [
-    (lambda: make_result(n_alpha=6), "alpha grid"),
-    (lambda: make_result(groups=("all",)), "groups"),
-    (lambda: make_result(splits=("train",)), "splits"),
-])
+@pytest.mark.parametrize(
+    "other, match",
+    [
+        (lambda: make_result(n_alpha=6), "alpha grid"),
+        (lambda: make_result(groups=("all",)), "groups"),
+        (lambda: make_result(splits=("train",)), "splits"),
+    ],
+)
 def test_merge_results_refuses_disagreeing(other, match):
     with pytest.raises(CkptscopeError, match=match):
         merge_results([make_result(), other()])
 
 
 RESULT_ARGS.update(
-    loss=np.zeros((1, 1, 1, 2)), accuracy=np.zeros((1, 1, 1, 2)), distance=np.zeros((1, 1)),
-    alphas=[0, 1], groups=["all"], patterns=[".*"], n_tensors=[1], n_params=[1],
-    splits=["test"], n_examples=[1], runs=[RunInfo("0")],
+    loss=np.zeros((1, 1, 1, 2)),
+    accuracy=np.zeros((1, 1, 1, 2)),
+    distance=np.zeros((1, 1)),
+    alphas=[0, 1],
+    groups=["all"],
+    patterns=[".*"],
+    n_tensors=[1],
+    n_params=[1],
+    splits=["test"],
+    n_examples=[1],
+    runs=[RunInfo("0")],
 )
+
+
+def test_merge_results_refuses_other_measurement_settings():
+    other = make_result().assign_attrs(hold="start")
+    with pytest.raises(CkptscopeError, match="hold='start'"):
+        merge_results([make_result(), other])
