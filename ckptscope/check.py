@@ -26,8 +26,8 @@ from ckptscope.errors import CkptscopeError
 
 try:
     import tomllib
-except ModuleNotFoundError:  # Python 3.10: inline expectations still work
-    tomllib = None
+except ModuleNotFoundError:  # Python 3.10: the tomli backport is a dependency there
+    import tomli as tomllib
 
 OPS = {"=": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le,
        ">": operator.gt, ">=": operator.ge}
@@ -198,9 +198,6 @@ def load_expectations(path: str | os.PathLike) -> list[Expectation]:
         CkptscopeError: the file is missing, not TOML, or an item is malformed (named by its
             position).
     """
-    if tomllib is None:
-        raise CkptscopeError("reading TOML expectations needs Python 3.11 or newer (tomllib); "
-                             "pass them inline instead, e.g. 'all:shape=plateau'.")
     path = Path(path)
     if not path.is_file():
         raise CkptscopeError(f"expectations file {str(path)!r} does not exist or is not a file.")

@@ -264,12 +264,6 @@ def test_load_expectations_missing_file_raises(tmp_path):
         load_expectations(tmp_path / "nope.toml")
 
 
-def test_load_expectations_without_tomllib_raises(tmp_path, monkeypatch):
-    monkeypatch.setattr(checks, "tomllib", None)
-    with pytest.raises(CkptscopeError, match="needs Python 3.11.*pass them inline"):
-        load_expectations(tmp_path / "e.toml")
-
-
 # --- JUnit -----------------------------------------------------------------------------------
 def test_to_junit_parses_and_counts(ds):
     rows = check(ds, ["all:shape=plateau", "*:shape=monotonic"])
