@@ -19,7 +19,7 @@ from ckptscope.cache import PathCache, path_key, tensor_digest
 from ckptscope.checkpoints import Checkpoint, as_checkpoint, check_pair
 from ckptscope.data import as_splits, load_data, select_splits
 from ckptscope.data.transforms import subset
-from ckptscope.distance import group_distances, parameter_keys, unique_keys
+from ckptscope.distance import distances
 from ckptscope.errors import CkptscopeError
 from ckptscope.evaluate import EvalConfig, Evaluator, resolve_device
 from ckptscope.groups import normalise_groups, resolve_groups
@@ -202,7 +202,8 @@ def linear_path(
     loss = loss or (adapter.loss(options) if adapter else "cross_entropy")
 
     keys = list(a.state)
-    resolved = resolve_groups(keys, normalise_groups(groups), full=full, source=a.path or "A")
+    group_specs = normalise_groups(groups)
+    resolved = resolve_groups(keys, group_specs, full=full, source=a.path or "A")
     if not resolved:
         raise CkptscopeError("nothing to evaluate: full=False and no groups; add a group.")
     rank, size, device = distributed.setup(device)
@@ -279,22 +280,16 @@ def linear_path(
         losses = distributed.reduce_sum(losses, config.device)
         accuracies = distributed.reduce_sum(accuracies, config.device)
 
-    params, tied = parameter_keys(a.state, evaluator.module), evaluator.module
-    distance = np.array(
-        [group_distances(a.state, b.state, [g.keys for g in resolved], params, tied)]
-    )
-    n_params = [
-        sum(a.state[k].numel() for k in unique_keys(g.keys, params, tied)) for g in resolved
-    ]
+    moved = distances(a, b, groups=group_specs, module=evaluator.module, full=full)
     result = build_result(
         loss=losses,
         accuracy=accuracies,
-        distance=distance,
+        distance=moved["relative"].values[None],
         alphas=grid,
         groups=[g.name for g in resolved],
         patterns=[g.pattern for g in resolved],
         n_tensors=[len(g.keys) for g in resolved],
-        n_params=n_params,
+        n_params=moved["n_params"].values,
         splits=list(splits),
         n_examples=[len(x) for x, _ in splits.values()],
         runs=[RunInfo(run, a.path, b.path, a.sha256, b.sha256)],

@@ -335,14 +335,14 @@ def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adap
 @click.option("--keys/--no-keys", default=True, show_default=True, help="List every tensor.")
 def inspect(start, end, groups, presets, adapter, keys):
     """Show a checkpoint's tensors, how groups resolve, and distances to END."""
-    from ckptscope.checkpoints import check_pair, describe_dtypes, load_checkpoint
-    from ckptscope.distance import parameter_keys, relative_distance
-    from ckptscope.groups import resolve_groups
+    from ckptscope.checkpoints import describe_dtypes, load_checkpoint
+    from ckptscope.distance import distances, parameter_keys
 
     a = load_checkpoint(start)
     b = load_checkpoint(end) if end else None
-    if b is not None:
-        check_pair(a.state, b.state, names=(a.path, b.path))
+    specs = _groups(adapter, presets, groups, list(a.state), a.metadata)
+    # Against itself when there is no END: the per-group counts without a distance.
+    moved = distances(a, b if b is not None else a, groups=specs, adapter=adapter)
     params = parameter_keys(a.state)
     n_params = sum(a.state[k].numel() for k in params)
     click.echo(f"{a.path}  sha256 {a.sha256[:16]}  {len(a.state)} tensors, {n_params:,} "
@@ -357,15 +357,11 @@ def inspect(start, end, groups, presets, adapter, keys):
             kind = "param" if k in params else "buffer"
             click.echo(f"  {k.ljust(width)}  {str(tuple(v.shape)):>18}  "
                        f"{str(v.dtype).replace('torch.', ''):>8}  {kind}")
-    specs = _groups(adapter, presets, groups, list(a.state), a.metadata)
     click.echo("groups:")
-    for g in resolve_groups(list(a.state), specs, full=True, source=a.path):
-        n = sum(a.state[k].numel() for k in g.keys if k in params)
-        line = f"  {g.name:<16} {g.pattern:<24} {len(g.keys):>4} tensors {n:>12,} params"
-        if b is not None:
-            moved = relative_distance(a.state, b.state, [k for k in g.keys if k in params])
-            line += f"  distance {moved:.4g}"
-        click.echo(line)
+    for row in moved.to_dataframe().itertuples():
+        line = (f"  {row.Index:<16} {row.pattern:<24} {row.n_tensors:>4} tensors "
+                f"{int(row.n_params):>12,} params")
+        click.echo(line + (f"  distance {row.relative:.4g}" if b is not None else ""))
 
 
 @cli.command()

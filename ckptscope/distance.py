@@ -8,7 +8,7 @@ and are left out; tied tensors (two keys, one storage) count once.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -70,17 +70,6 @@ def unique_keys(
     return out
 
 
-def group_distances(
-    a: Mapping[str, torch.Tensor],
-    b: Mapping[str, torch.Tensor],
-    groups: Sequence[Sequence[str]],
-    params: set[str],
-    module: nn.Module | None = None,
-) -> list[float]:
-    """Return eq. 4 for each group's parameters, each tensor once."""
-    return [relative_distance(a, b, unique_keys(keys, params, module)) for keys in groups]
-
-
 def l2_distance(
     a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], keys: Iterable[str]
 ) -> float:
@@ -104,9 +93,16 @@ def cosine_similarity(
 
 
 def distances(
-    a, b, *, groups: Mapping[str, str] | None = None, adapter=None, module: nn.Module | None = None
+    a,
+    b,
+    *,
+    groups: Mapping[str, str] | None = None,
+    adapter=None,
+    module: nn.Module | None = None,
+    full: bool = True,
 ):
-    """Return a dataset of distances per group (the whole model ``all`` first).
+    """Return a dataset of distances per group (the whole model ``all`` first unless not
+    ``full``).
 
     Args:
         a, b: checkpoints, state dicts or paths (see :func:`ckptscope.checkpoints.as_checkpoint`).
@@ -114,9 +110,11 @@ def distances(
         adapter: an adapter (name) whose module decides which tensors are parameters; without
             one (or ``module``), names decide (BatchNorm running statistics are buffers).
         module: a module that decides which tensors are parameters.
+        full: include the whole model as group ``all``.
 
     Returns:
-        ``relative`` (eq. 4), ``l2`` and ``cosine`` over ``group``, with ``n_params``.
+        ``relative`` (eq. 4), ``l2`` and ``cosine`` over ``group``, with ``n_tensors`` and
+        ``n_params``.
     """
     from ckptscope.adapters import get_adapter
     from ckptscope.checkpoints import as_checkpoint, check_pair
@@ -129,7 +127,9 @@ def distances(
         adapter = get_adapter(adapter)
         module = adapter.make(adapter.options_for(a.state, None))
     params = parameter_keys(a.state, module)
-    resolved = resolve_groups(list(a.state), normalise_groups(groups), source=a.path or "A")
+    resolved = resolve_groups(
+        list(a.state), normalise_groups(groups), full=full, source=a.path or "A"
+    )
     keys = [unique_keys(g.keys, params, module) for g in resolved]
     return build_distances(
         groups=[g.name for g in resolved],
@@ -137,6 +137,7 @@ def distances(
         relative=[relative_distance(a.state, b.state, k) for k in keys],
         l2=[l2_distance(a.state, b.state, k) for k in keys],
         cosine=[cosine_similarity(a.state, b.state, k) for k in keys],
+        n_tensors=[len(g.keys) for g in resolved],
         n_params=[sum(a.state[x].numel() for x in k) for k in keys],
         attrs={
             "start_path": a.path,

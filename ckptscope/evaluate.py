@@ -32,7 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ckptscope.errors import CkptscopeError
 from ckptscope.hoist import SplitForward, split_forward, trace
 from ckptscope.losses import LossFn, get_loss, target_dtype
-from ckptscope.path import plan_path
+from ckptscope.path import plan_path, stack_points, write_point
 
 STRATEGIES = ("auto", "loop", "vmap")
 BN_POLICIES = ("interpolate", "recompute", "batch")
@@ -125,18 +125,6 @@ class EvalConfig:
         return _CPU_BUDGET
 
 
-def _lerp_stack(start: torch.Tensor, end: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Return ``(k, *shape)``: lerp(start, end, w) for each of the k weights, the ends exact.
-
-    At w = 0 and w = 1 the endpoint itself is taken, so a NaN in one endpoint never reaches
-    the other.
-    """
-    w = weight.view(-1, *([1] * start.dim()))
-    out = torch.lerp(start.unsqueeze(0), end.unsqueeze(0), w)
-    out = torch.where(w == 0, start.unsqueeze(0), out)
-    return torch.where(w == 1, end.unsqueeze(0), out)
-
-
 def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -184,7 +172,6 @@ class Evaluator:
             **dict(self.module.named_parameters(remove_duplicate=False)),
             **{k: v for k, v in self.module.named_buffers(remove_duplicate=False)},
         }
-        self.parameter_keys = tuple(k for k, _ in self.module.named_parameters())
         self.a = {k: self._to_device(v) for k, v in a.items() if k in self.slots}
         self.b = {k: self._to_device(v) for k, v in b.items() if k in self.slots}
         tdtype = target_dtype(loss)
@@ -409,11 +396,8 @@ class Evaluator:
             """Point c's weights into the module (loop) or chunk c's stacked weights (vmap)."""
             if vectorised:
                 w = torch.as_tensor(alphas[c : c + chunk], dtype=self.config.dtype, device=dev)
-                return {k: _lerp_stack(plan.start[k], plan.end[k], w) for k in moving_keys}
-            alpha = alphas[c]
-            torch._foreach_copy_(slots, ends if alpha == 1 else starts)
-            if alpha not in (0, 1):
-                torch._foreach_lerp_(slots, ends, float(alpha))
+                return {k: stack_points(plan.start[k], plan.end[k], w) for k in moving_keys}
+            write_point(slots, starts, ends, alphas[c])
             return None
 
         def add(loss, correct, c, stacked, frontier, y):
@@ -539,11 +523,7 @@ class Evaluator:
         }
         for i, alpha in enumerate(alphas):
             if moving:
-                # The ends are copied, not lerped: 0 * inf would turn a NaN in one endpoint into
-                # a NaN at the other.
-                torch._foreach_copy_(moving, ends if alpha == 1 else starts)
-                if alpha not in (0, 1):
-                    torch._foreach_lerp_(moving, ends, float(alpha))
+                write_point(moving, starts, ends, alpha)
             if self.config.bn == "recompute":
                 self._recompute_bn()
             for split in self.data:
@@ -576,7 +556,7 @@ class Evaluator:
             part = alphas[lo : lo + chunk]
             weight = torch.as_tensor(part, dtype=self.config.dtype, device=self.config.device)
             try:
-                moving = {k: _lerp_stack(plan.start[k], plan.end[k], weight) for k in plan.moving}
+                moving = {k: stack_points(plan.start[k], plan.end[k], weight) for k in plan.moving}
                 sums = {
                     split: self._accumulate(
                         lambda x, moving=moving: batched(moving, x), split, len(part)

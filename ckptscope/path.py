@@ -114,3 +114,28 @@ def state_at(plan: PathPlan, alpha: float) -> dict[str, torch.Tensor]:
         else:
             state[k] = torch.lerp(plan.start[k], plan.end[k], float(alpha))
     return state
+
+
+def write_point(
+    targets: list[torch.Tensor], starts: list[torch.Tensor], ends: list[torch.Tensor], alpha: float
+) -> None:
+    """Write the point at ``alpha`` into ``targets`` in place (the evaluator's fast form).
+
+    ``torch._foreach_copy_`` then ``torch._foreach_lerp_``: no allocation. The ends are copied,
+    not lerped, as in :func:`state_at`.
+    """
+    torch._foreach_copy_(targets, ends if alpha == 1 else starts)
+    if alpha not in (0, 1):
+        torch._foreach_lerp_(targets, ends, float(alpha))
+
+
+def stack_points(start: torch.Tensor, end: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    """Return ``(k, *shape)``: the points at ``alphas`` (k,), stacked, the ends exact.
+
+    The vectorised form of :func:`state_at` for one tensor: at alpha = 0 and 1 the endpoint
+    itself is taken, so a NaN in one endpoint never reaches the other.
+    """
+    w = alphas.view(-1, *([1] * start.dim()))
+    out = torch.lerp(start.unsqueeze(0), end.unsqueeze(0), w)
+    out = torch.where(w == 0, start.unsqueeze(0), out)
+    return torch.where(w == 1, end.unsqueeze(0), out)

@@ -276,8 +276,8 @@ def merge_results(datasets: Sequence[xr.Dataset], *, sources: Sequence[str] | No
 
 
 def build_distances(*, groups: Sequence[str], patterns: Sequence[str], relative: Sequence[float],
-                    l2: Sequence[float], cosine: Sequence[float], n_params: Sequence[int],
-                    attrs: Mapping[str, object]) -> xr.Dataset:
+                    l2: Sequence[float], cosine: Sequence[float], n_tensors: Sequence[int],
+                    n_params: Sequence[int], attrs: Mapping[str, object]) -> xr.Dataset:
     """Return a distance dataset: ``relative``, ``l2``, ``cosine`` over ``group``."""
     return xr.Dataset(
         data_vars={
@@ -291,6 +291,7 @@ def build_distances(*, groups: Sequence[str], patterns: Sequence[str], relative:
         coords={
             "group": ("group", list(groups)),
             "pattern": ("group", list(patterns), VAR_ATTRS["pattern"]),
+            "n_tensors": ("group", np.asarray(n_tensors, dtype=np.int32), VAR_ATTRS["n_tensors"]),
             "n_params": ("group", np.asarray(n_params, dtype=np.float64), VAR_ATTRS["n_params"]),
         },
         attrs=dict(attrs),

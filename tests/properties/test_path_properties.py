@@ -49,3 +49,21 @@ def test_point_lies_on_the_segment(pair, alpha):
     s = state_at(plan_path(a, b, list(a)), alpha)
     expected = (1 - alpha) * a["w"].double() + alpha * b["w"].double()
     np.testing.assert_allclose(s["w"].double().numpy(), expected.numpy(), rtol=1e-5, atol=1e-3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(pairs(), st.lists(st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0, -0.5, 1.5]), min_size=1,
+                         max_size=5))
+def test_fast_forms_equal_state_at_bitwise(pair, alphas):
+    from ckptscope.path import stack_points, write_point
+
+    a, b = pair
+    plan = plan_path(a, b, list(a))
+    stacked = stack_points(a["w"], b["w"], torch.tensor(alphas))
+    for i, alpha in enumerate(alphas):
+        want = state_at(plan, alpha)
+        targets = [torch.empty_like(a[k]) for k in plan.moving]
+        write_point(targets, [a[k] for k in plan.moving], [b[k] for k in plan.moving], alpha)
+        for k, t in zip(plan.moving, targets, strict=True):
+            assert torch.equal(t, want[k])
+        assert torch.equal(stacked[i], want["w"])
