@@ -125,6 +125,12 @@ class EvalConfig:
         return _CPU_BUDGET
 
 
+def streams(device: torch.device, data_bytes: int, budget: int) -> bool:
+    """Whether the evaluation data stays on the CPU and goes to ``device`` batch by batch: only
+    on an accelerator, and only when the set would take more than half the memory budget."""
+    return device.type != "cpu" and data_bytes > budget // 2
+
+
 def _nbytes(tensors: Sequence[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -176,8 +182,7 @@ class Evaluator:
         self.b = {k: self._to_device(v) for k, v in b.items() if k in self.slots}
         tdtype = target_dtype(loss)
         data_bytes = sum(_nbytes([x, y]) for x, y in data.values())
-        # Stream from the CPU only when the set would crowd out the evaluation itself.
-        self.streaming = dev.type != "cpu" and data_bytes > config.budget // 2
+        self.streaming = streams(dev, data_bytes, config.budget)
         home = torch.device("cpu") if self.streaming else dev
         self.data = {
             split: (

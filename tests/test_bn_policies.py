@@ -116,7 +116,7 @@ def test_policies_differ_from_interpolate(conv_pair, image_data, train_x):
     assert not np.allclose(curves["interpolate"], curves["batch"])
 
 
-def test_recompute_falls_back_to_loop(conv_pair, image_data, train_x):
+def test_recompute_falls_back_to_loop():
     config = EvalConfig(strategy="vmap", bn="recompute")
     assert config.resolved_strategy == "loop"
 

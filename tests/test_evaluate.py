@@ -225,7 +225,13 @@ def test_out_of_memory_halves_chunk_then_batch_and_warns(conv_pair, image_data, 
     assert calls[-1][0] <= 2 and ev.batch_size() <= 20
 
 
-def test_streaming_keeps_data_off_device_when_it_does_not_fit(conv_pair, image_data):
+def test_streams_only_what_does_not_fit_an_accelerator(conv_pair, image_data):
+    from ckptscope.evaluate import streams
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert streams(cuda, 600, 1000) and not streams(cuda, 500, 1000)
+    assert not streams(cpu, 10**12, 1000)  # on the CPU the data is where it is evaluated
     module, a, b = conv_pair
-    ev = Evaluator(module, a, b, image_data, loss="cross_entropy", config=EvalConfig())
-    assert not ev.streaming  # on the CPU the data is where it is evaluated
+    ev = Evaluator(module, a, b, image_data, loss="cross_entropy",
+                   config=EvalConfig(memory_budget=1))
+    assert not ev.streaming
