@@ -390,12 +390,12 @@ class Evaluator:
         starts = [plan.start[k] for k in plan.moving]
         ends = [plan.end[k] for k in plan.moving]
 
-        def batched(stacked, frontier):
-            fn = vmap(
-                lambda mv, *f: functional_call(split.suffix, mv, f),
-                in_dims=(0, *([None] * len(frontier))),
-            )
-            return fn(stacked, *frontier)
+        # Built once per path: the suffix takes one placeholder per frontier value.
+        n_frontier = sum(node.op == "placeholder" for node in split.suffix.graph.nodes)
+        batched = vmap(
+            lambda mv, *f: functional_call(split.suffix, mv, f),
+            in_dims=(0, *([None] * n_frontier)),
+        )
 
         def weights_at(c: int):
             """Point c's weights into the module (loop) or chunk c's stacked weights (vmap)."""
@@ -407,7 +407,7 @@ class Evaluator:
 
         def add(loss, correct, c, stacked, frontier, y):
             outputs = (
-                batched(stacked, frontier) if vectorised else split.suffix(*frontier).unsqueeze(0)
+                batched(stacked, *frontier) if vectorised else split.suffix(*frontier).unsqueeze(0)
             )
             part_loss, part_correct = self.loss_fn(outputs, y)
             loss[c : c + len(part_loss)] += part_loss.double()
