@@ -19,13 +19,13 @@ from ckptscope.cache import PathCache, path_key, tensor_digest
 from ckptscope.checkpoints import Checkpoint, as_checkpoint, check_pair
 from ckptscope.data import as_splits, load_data, select_splits
 from ckptscope.data.transforms import subset
-from ckptscope.distance import distances
+from ckptscope.distance import distance_table
 from ckptscope.errors import CkptscopeError
 from ckptscope.evaluate import EvalConfig, Evaluator, resolve_device
 from ckptscope.groups import normalise_groups, resolve_groups
 from ckptscope.path import HOLDS, alpha_grid
 from ckptscope.results import RunInfo, build_result, merge_results
-from ckptscope.shape import check_tolerances, classify
+from ckptscope.shape import check_tolerances, classify, shape_attrs, shape_variables
 
 StateSource = str | os.PathLike | Mapping[str, torch.Tensor] | Checkpoint
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -280,16 +280,17 @@ def linear_path(
         losses = distributed.reduce_sum(losses, config.device)
         accuracies = distributed.reduce_sum(accuracies, config.device)
 
-    moved = distances(a, b, groups=group_specs, module=evaluator.module, full=full)
-    result = build_result(
+    moved = distance_table(a, b, groups=group_specs, module=evaluator.module, full=full)
+    tol = dict(tolerances or {})
+    return build_result(
         loss=losses,
         accuracy=accuracies,
-        distance=moved["relative"].values[None],
+        distance=np.asarray(moved["relative"])[None],
         alphas=grid,
         groups=[g.name for g in resolved],
         patterns=[g.pattern for g in resolved],
         n_tensors=[len(g.keys) for g in resolved],
-        n_params=moved["n_params"].values,
+        n_params=moved["n_params"],
         splits=list(splits),
         n_examples=[len(x) for x, _ in splits.values()],
         runs=[RunInfo(run, a.path, b.path, a.sha256, b.sha256)],
@@ -319,9 +320,10 @@ def linear_path(
                     else ()
                 )
             ),
+            **shape_attrs(**tol),
         },
+        extra=shape_variables(losses, grid, **tol),
     )
-    return classify(result, **dict(tolerances or {}))
 
 
 def linear_paths(

@@ -116,10 +116,36 @@ def distances(
         ``relative`` (eq. 4), ``l2`` and ``cosine`` over ``group``, with ``n_tensors`` and
         ``n_params``.
     """
+    from ckptscope.checkpoints import as_checkpoint
+    from ckptscope.results import build_distances
+
+    a, b = as_checkpoint(a), as_checkpoint(b)
+    table = distance_table(a, b, groups=groups, adapter=adapter, module=module, full=full)
+    return build_distances(
+        **table,
+        attrs={
+            "start_path": a.path,
+            "end_path": b.path,
+            "start_sha256": a.sha256,
+            "end_sha256": b.sha256,
+        },
+    )
+
+
+def distance_table(
+    a,
+    b,
+    *,
+    groups: Mapping[str, str] | None = None,
+    adapter=None,
+    module: nn.Module | None = None,
+    full: bool = True,
+) -> dict[str, list]:
+    """What :func:`distances` returns, as plain lists per group (no dataset): ``groups``,
+    ``patterns``, ``relative``, ``l2``, ``cosine``, ``n_tensors``, ``n_params``."""
     from ckptscope.adapters import get_adapter
     from ckptscope.checkpoints import as_checkpoint, check_pair
     from ckptscope.groups import normalise_groups, resolve_groups
-    from ckptscope.results import build_distances
 
     a, b = as_checkpoint(a), as_checkpoint(b)
     check_pair(a.state, b.state, names=(a.path or "A", b.path or "B"))
@@ -131,18 +157,12 @@ def distances(
         list(a.state), normalise_groups(groups), full=full, source=a.path or "A"
     )
     keys = [unique_keys(g.keys, params, module) for g in resolved]
-    return build_distances(
-        groups=[g.name for g in resolved],
-        patterns=[g.pattern for g in resolved],
-        relative=[relative_distance(a.state, b.state, k) for k in keys],
-        l2=[l2_distance(a.state, b.state, k) for k in keys],
-        cosine=[cosine_similarity(a.state, b.state, k) for k in keys],
-        n_tensors=[len(g.keys) for g in resolved],
-        n_params=[sum(a.state[x].numel() for x in k) for k in keys],
-        attrs={
-            "start_path": a.path,
-            "end_path": b.path,
-            "start_sha256": a.sha256,
-            "end_sha256": b.sha256,
-        },
-    )
+    return {
+        "groups": [g.name for g in resolved],
+        "patterns": [g.pattern for g in resolved],
+        "relative": [relative_distance(a.state, b.state, k) for k in keys],
+        "l2": [l2_distance(a.state, b.state, k) for k in keys],
+        "cosine": [cosine_similarity(a.state, b.state, k) for k in keys],
+        "n_tensors": [len(g.keys) for g in resolved],
+        "n_params": [sum(a.state[x].numel() for x in k) for k in keys],
+    }

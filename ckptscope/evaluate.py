@@ -244,7 +244,8 @@ class Evaluator:
                 torch.cuda.reset_peak_memory_stats(self.config.device)
                 before = torch.cuda.memory_allocated(self.config.device)
             with torch.no_grad():
-                self._forward_checked(x, split)
+                out = self._forward_checked(x, split)
+            self._output_bytes = max(1, math.ceil(_nbytes([out]) / len(x)))
             if cuda:
                 peak = torch.cuda.max_memory_allocated(self.config.device) - before
                 return max(1, math.ceil(peak / len(x)))
@@ -405,32 +406,43 @@ class Evaluator:
             write_point(slots, starts, ends, alphas[c])
             return None
 
-        def add(loss, correct, c, stacked, frontier, y):
-            outputs = (
-                batched(stacked, *frontier) if vectorised else split.suffix(*frontier).unsqueeze(0)
-            )
-            part_loss, part_correct = self.loss_fn(outputs, y)
-            loss[c : c + len(part_loss)] += part_loss.double()
-            correct[c : c + len(part_loss)] += part_correct.double()
+        steps = range(0, n, chunk)
+
+        def suffix_sums(stacked, batches) -> tuple[torch.Tensor, torch.Tensor]:
+            """vmap: one chunk's (loss, correct) sums over ``batches`` of (frontier, y)."""
+            parts = [self.loss_fn(batched(stacked, *frontier), y) for frontier, y in batches]
+            return _total([p[0] for p in parts]), _total([p[1] for p in parts])
+
+        def cat(sums) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.cat([loss for loss, _ in sums]), torch.cat([c for _, c in sums])
 
         out = {}
-        steps = range(0, n, chunk)
         for name, (x_all, y_all) in self.data.items():
-            loss = torch.zeros(n, dtype=torch.float64, device=dev)
-            correct = torch.zeros(n, dtype=torch.float64, device=dev)
             cached = self._frontiers(split, x_all, y_all)
-            if cached is not None:  # alphas outermost
+            if cached is not None and vectorised:  # alphas outermost, a chunk per pass
+                loss, correct = cat([suffix_sums(weights_at(c), cached) for c in steps])
+            elif cached is not None:  # alphas outermost, one per pass
+                deferred = self._deferred(name, n)
                 for c in steps:
-                    stacked = weights_at(c)
-                    for frontier, y in cached:
-                        add(loss, correct, c, stacked, frontier, y)
-            else:  # batches outermost
+                    weights_at(c)
+                    deferred.add([(split.suffix(*frontier), y) for frontier, y in cached])
+                loss, correct = deferred.sums()
+            else:  # batches outermost: (loss, correct) sums over the alphas per batch
+                per_batch = []
                 for lo, hi in self._spans(len(x_all)):
                     x = self._input(x_all[lo:hi])
                     y = y_all[lo:hi].to(dev, non_blocking=True)
                     frontier = split.prefix(x)
+                    if vectorised:
+                        per_batch.append(cat([suffix_sums(weights_at(c), [(frontier, y)])
+                                              for c in steps]))
+                        continue
+                    deferred = self._deferred(name, n)
                     for c in steps:
-                        add(loss, correct, c, weights_at(c), frontier, y)
+                        weights_at(c)
+                        deferred.add([(split.suffix(*frontier), y)])
+                    per_batch.append(deferred.sums())
+                loss, correct = _total([p[0] for p in per_batch]), _total([p[1] for p in per_batch])
             out[name] = (loss.cpu().numpy(), correct.cpu().numpy())
         if progress:
             progress(n)
@@ -456,20 +468,24 @@ class Evaluator:
 
         Returns float64 tensors (k,) on the device: the caller moves them off it once per path.
         """
+        parts = self._over_batches(lambda x, y: self.loss_fn(outputs_fn(x), y), split, k)
+        return _total([loss for loss, _ in parts]), _total([correct for _, correct in parts])
+
+    def _over_batches(self, fn, split: str, k: int) -> list:
+        """``fn(x, y)`` on each batch of the split, in order; the list of what it returned.
+
+        Under ``bn="interpolate"`` an out-of-memory error on a one-point pass halves the batch
+        size and starts the split again (the curves do not depend on it there).
+        """
         x_all, y_all = self.data[split]
         dev = self.config.device
         while True:
             batch = self._batch_size
-            loss = torch.zeros(k, dtype=torch.float64, device=dev)
-            correct = torch.zeros(k, dtype=torch.float64, device=dev)
             try:
-                for lo, hi in self._spans(len(x_all)):
-                    x = self._input(x_all[lo:hi])
-                    y = y_all[lo:hi].to(dev, non_blocking=True)
-                    batch_loss, batch_correct = self.loss_fn(outputs_fn(x), y)
-                    loss += batch_loss.double()
-                    correct += batch_correct.double()
-                return loss, correct
+                return [
+                    fn(self._input(x_all[lo:hi]), y_all[lo:hi].to(dev, non_blocking=True))
+                    for lo, hi in self._spans(len(x_all))
+                ]
             except torch.OutOfMemoryError:
                 if self.config.bn != "interpolate":
                     raise CkptscopeError(
@@ -481,6 +497,13 @@ class Evaluator:
                     raise
                 self._batch_size = max(1, batch // 2)
                 self._note_oom(f"batch size {batch} -> {self._batch_size}")
+
+    def _deferred(self, split: str, n: int) -> _Deferred:
+        """A :class:`_Deferred` for ``n`` points on ``split``, holding as many points' outputs
+        as a sixteenth of the memory budget (at most 256 MiB) takes."""
+        per_point = max(1, len(self.data[split][0]) * self._output_bytes)
+        room = min(self.config.budget // 16, 256 << 20)
+        return _Deferred(self.loss_fn, max(1, min(n, room // per_point)))
 
     def _spans(self, n: int) -> list[tuple[int, int]]:
         """The (start, stop) of each batch of ``n`` examples.
@@ -514,34 +537,26 @@ class Evaluator:
 
     @torch.no_grad()
     def _path_loop(self, plan, alphas, progress):
+        """One forward pass per alpha and batch; the outputs of several alphas go through one
+        loss call per batch (:class:`_Deferred`)."""
         self._load_state(plan.base)
         moving = [self.slots[k] for k in plan.moving]
         starts = [plan.start[k] for k in plan.moving]
         ends = [plan.end[k] for k in plan.moving]
-        dev, n = self.config.device, len(alphas)
-        sums = {
-            split: (
-                torch.empty(n, dtype=torch.float64, device=dev),
-                torch.empty(n, dtype=torch.float64, device=dev),
-            )
-            for split in self.data
+        deferred = {split: self._deferred(split, len(alphas)) for split in self.data}
+        forwards = {
+            split: (lambda x, y, s=split: (self._forward_checked(x, s), y)) for split in self.data
         }
-        for i, alpha in enumerate(alphas):
+        for alpha in alphas:
             if moving:
                 write_point(moving, starts, ends, alpha)
             if self.config.bn == "recompute":
                 self._recompute_bn()
-            for split in self.data:
-                loss, correct = self._accumulate(
-                    lambda x, s=split: self._forward_checked(x, s).unsqueeze(0), split, 1
-                )
-                sums[split][0][i : i + 1], sums[split][1][i : i + 1] = loss, correct
+            for split, pending in deferred.items():
+                pending.add(self._over_batches(forwards[split], split, 1))
             if progress:
                 progress(1)
-        return {
-            split: (loss.cpu().numpy(), correct.cpu().numpy())
-            for split, (loss, correct) in sums.items()
-        }
+        return {split: pending.totals() for split, pending in deferred.items()}
 
     @torch.no_grad()
     def _path_vmap(self, plan, alphas, progress):
@@ -585,3 +600,59 @@ class Evaluator:
             if progress:
                 progress(len(part))
         return out
+
+
+
+def _total(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The float64 sum of per-batch sums, each (k,): (k,)."""
+    return torch.stack(list(parts)).double().sum(0)
+
+
+class _Deferred:
+    """Forward outputs of consecutive points, kept on the device until one loss call per batch
+    covers up to ``size`` of them.
+
+    A loss call is a handful of small kernels; on a small model, one per batch and point is a
+    large share of the path. Stacking the outputs into ``(k, B, ...)`` gives the same per-point
+    sums (the loss contract is per point) from one call per batch.
+    """
+
+    def __init__(self, loss_fn: LossFn, size: int):
+        self.loss_fn, self.size = loss_fn, size
+        self.outputs: list[list[torch.Tensor]] = []  # per pending point: per batch
+        self.targets: list[torch.Tensor] = []
+        self.done: list[tuple[torch.Tensor, torch.Tensor]] = []  # (k,) float64 sums, in order
+
+    def add(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """One point's ``(outputs, targets)`` per batch; the targets are the split's, cut the
+        same way at every point until the batch size changes."""
+        targets = [y for _, y in batches]
+        # A changed batch size (out-of-memory back-off) cuts the batches differently.
+        if self.outputs and [len(y) for y in targets] != [len(y) for y in self.targets]:
+            self.flush()
+        self.targets = targets
+        self.outputs.append([out for out, _ in batches])
+        if len(self.outputs) >= self.size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.outputs:
+            return
+        parts = [
+            self.loss_fn(torch.stack([point[b] for point in self.outputs]), y)
+            for b, y in enumerate(self.targets)
+        ]
+        self.done.append((_total([p[0] for p in parts]), _total([p[1] for p in parts])))
+        self.outputs = []
+
+    def sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every point's (loss sum, correct sum), float64 on the device, (n,) each."""
+        self.flush()
+        loss = torch.cat([loss for loss, _ in self.done])
+        correct = torch.cat([correct for _, correct in self.done])
+        return loss, correct
+
+    def totals(self) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`sums` on the host: one transfer."""
+        loss, correct = self.sums()
+        return loss.cpu().numpy(), correct.cpu().numpy()

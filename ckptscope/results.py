@@ -83,6 +83,7 @@ def build_result(
     n_examples: Sequence[int],
     runs: Sequence[RunInfo],
     attrs: Mapping[str, object],
+    extra: Mapping[str, xr.Variable] | None = None,
 ) -> xr.Dataset:
     """Return a result dataset from plain arrays.
 
@@ -90,6 +91,8 @@ def build_result(
         loss, accuracy: (run, group, split, alpha).
         distance: (run, group).
         attrs: provenance; values must be strings or numbers.
+        extra: more variables over the result's dims (the shape verdicts of
+            :func:`ckptscope.shape.shape_variables`): one dataset is built, not one per step.
     """
     for key, value in attrs.items():
         if not isinstance(value, (str, int, float, np.integer, np.floating)) or isinstance(
@@ -109,6 +112,7 @@ def build_result(
                 np.asarray(distance, dtype=np.float64),
                 VAR_ATTRS["distance"],
             ),
+            **dict(extra or {}),
         },
         coords={
             "run": ("run", [r.name for r in runs]),
@@ -148,28 +152,29 @@ def validate_result(ds: xr.Dataset, *, source: str = "the result") -> xr.Dataset
             f"`ckptscope path` (or ckptscope.save_result)."
         )
 
+    variables = ds.variables  # Variables, not DataArrays: no coordinate gathering per lookup
     for name in ("loss", "accuracy", "distance"):
         if name not in ds.data_vars:
             fail(f"variable {name!r} is missing")
     for name in CURVE_VARS:
-        if tuple(ds[name].dims) != DIMS:
-            fail(f"{name!r} has dims {tuple(ds[name].dims)}, expected {DIMS}")
-    if tuple(ds["distance"].dims) != ("run", "group"):
-        fail(f"'distance' has dims {tuple(ds['distance'].dims)}, expected ('run', 'group')")
+        if tuple(variables[name].dims) != DIMS:
+            fail(f"{name!r} has dims {tuple(variables[name].dims)}, expected {DIMS}")
+    if tuple(variables["distance"].dims) != ("run", "group"):
+        fail(f"'distance' has dims {tuple(variables['distance'].dims)}, expected ('run', 'group')")
     for name in ("run", "group", "split", "alpha", "pattern"):
         if name not in ds.coords:
             fail(f"coordinate {name!r} is missing")
     for name, dims in (("pattern", ("group",)), ("n_examples", ("split",))):
-        if name in ds.coords and tuple(ds[name].dims) != dims:
-            fail(f"{name!r} has dims {tuple(ds[name].dims)}, expected {dims}")
-    alpha = np.asarray(ds["alpha"].values, dtype=np.float64)
+        if name in ds.coords and tuple(variables[name].dims) != dims:
+            fail(f"{name!r} has dims {tuple(variables[name].dims)}, expected {dims}")
+    alpha = np.asarray(variables["alpha"].values, dtype=np.float64)
     if alpha.size == 0 or not np.all(np.isfinite(alpha)) or np.any(np.diff(alpha) <= 0):
         fail("'alpha' is not a finite, strictly increasing grid")
-    acc = np.asarray(ds["accuracy"].values)
+    acc = np.asarray(variables["accuracy"].values)
     if np.any((acc < 0) | (acc > 1)):
         fail("'accuracy' holds values outside [0, 1]")
     for name in ("run", "group", "split"):
-        values = [str(v) for v in ds[name].values]
+        values = [str(v) for v in variables[name].values]
         if len(set(values)) != len(values):
             fail(f"{name!r} labels repeat")
     version = ds.attrs.get("ckptscope_schema")

@@ -300,9 +300,22 @@ def classify(ds: xr.Dataset, *, rtol: float = DEFAULT_RTOL, atol: float = DEFAUL
     if variable not in curves:
         raise CkptscopeError(f"cannot classify {variable!r}: the result's curves are "
                              f"{sorted(curves) or list(CURVE_VARS)}; pass one of them.")
-    _check_options(rtol=rtol, atol=atol, plateau_alpha=plateau_alpha)
-    curve, a, valid = _curves(ds[variable].transpose(*DIMS).values, ds["alpha"].values)
+    # One assign, not one __setitem__ per variable: each of those is a full xarray merge.
+    out = ds.assign(shape_variables(ds[variable].transpose(*DIMS).values, ds["alpha"].values,
+                                    rtol=rtol, atol=atol, plateau_alpha=plateau_alpha))
+    out.attrs = {**ds.attrs, **shape_attrs(rtol=rtol, atol=atol, plateau_alpha=plateau_alpha,
+                                           variable=variable)}
+    return out
 
+
+def shape_variables(curves: np.ndarray, alpha: np.ndarray, *, rtol: float = DEFAULT_RTOL,
+                    atol: float = DEFAULT_ATOL,
+                    plateau_alpha: float = DEFAULT_PLATEAU_ALPHA) -> dict[str, xr.Variable]:
+    """The verdict ``shape`` and the ``METRICS`` of (run, group, split, alpha) loss curves, as
+    variables over (run, group, split) ready for a result dataset (what :func:`classify` adds;
+    :func:`ckptscope.linear_path` builds its result with them in one step)."""
+    _check_options(rtol=rtol, atol=atol, plateau_alpha=plateau_alpha)
+    curve, a, valid = _curves(curves, alpha)
     tol = tolerance(curve, a, rtol=rtol, atol=atol)
     values = {
         "shape": _verdicts(curve, a, valid, rtol=rtol, atol=atol, plateau_alpha=plateau_alpha),
@@ -314,16 +327,20 @@ def classify(ds: xr.Dataset, *, rtol: float = DEFAULT_RTOL, atol: float = DEFAUL
         "half_drop_alpha": half_drop_alpha(curve, a),
         "tolerance": tol,
     }
-    # One assign, not one __setitem__ per variable: each of those is a full xarray merge.
-    out = ds.assign({
+    return {
         name: xr.Variable(CURVE_DIMS,
                           np.where(valid, value, "invalid" if name == "shape" else np.nan),
                           {"description": DESCRIPTIONS[name]})
         for name, value in values.items()
-    })
-    out.attrs = {**ds.attrs, "shape_rtol": float(rtol), "shape_atol": float(atol),
-                 "shape_plateau_alpha": float(plateau_alpha), "shape_variable": variable}
-    return out
+    }
+
+
+def shape_attrs(*, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
+                plateau_alpha: float = DEFAULT_PLATEAU_ALPHA,
+                variable: str = "loss") -> dict[str, object]:
+    """The result attributes that record how the verdicts were made."""
+    return {"shape_rtol": float(rtol), "shape_atol": float(atol),
+            "shape_plateau_alpha": float(plateau_alpha), "shape_variable": variable}
 
 
 def aggregate(ds: xr.Dataset, **options) -> xr.Dataset:

@@ -235,3 +235,51 @@ def test_streams_only_what_does_not_fit_an_accelerator(conv_pair, image_data):
     ev = Evaluator(module, a, b, image_data, loss="cross_entropy",
                    config=EvalConfig(memory_budget=1))
     assert not ev.streaming
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 50])
+def test_deferred_loss_equals_one_call_per_point(size):
+    from ckptscope.evaluate import _Deferred
+    from ckptscope.losses import cross_entropy
+
+    g = torch.Generator().manual_seed(3)
+    y = torch.randint(0, 5, (7,), generator=g)  # the split's targets, the same at every point
+    points = []
+    for i in range(7):  # the batch size changes after point 4, as after an OOM back-off
+        spans = [(0, 4), (4, 7)] if i < 4 else [(0, 2), (2, 4), (4, 6), (6, 7)]
+        points.append([(torch.randn(hi - lo, 5, generator=g), y[lo:hi]) for lo, hi in spans])
+    deferred = _Deferred(cross_entropy, size)
+    for batches in points:
+        deferred.add(batches)
+    loss, correct = deferred.totals()
+    for i, batches in enumerate(points):
+        want_loss = sum(cross_entropy(out[None], t)[0].double() for out, t in batches)
+        want_correct = sum(int((out.argmax(-1) == t).sum()) for out, t in batches)
+        assert loss[i] == pytest.approx(float(want_loss), rel=1e-6)
+        assert correct[i] == want_correct
+    assert deferred.outputs == []
+
+
+def test_loop_with_few_points_per_loss_call_matches_reference(mlp_pair, spiral_small, monkeypatch):
+    from ckptscope.evaluate import _Deferred
+
+    module, a, b = mlp_pair
+    x, y = spiral_small["test"]
+    ev = Evaluator(module, a, b, {"test": (x, y)}, loss="bce",
+                   config=EvalConfig(strategy="loop", batch_size=64))
+    assert ev._deferred("test", len(ALPHAS)).size == len(ALPHAS)  # small outputs: all at once
+    whole = ev.path(list(a), ALPHAS)["test"]
+    monkeypatch.setattr(ev, "_deferred", lambda split, n: _Deferred(ev.loss_fn, 3))
+    loss, acc = ev.path(list(a), ALPHAS)["test"]
+    ref_loss, ref_acc = reference_path(module, a, b, list(a), ALPHAS, x, y, loss="bce")
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(acc, ref_acc, atol=1.5 / len(x))
+    np.testing.assert_allclose(loss, whole[0], rtol=1e-12)
+
+
+def test_deferral_is_bounded_by_the_memory_budget(conv_pair, image_data):
+    module, a, b = conv_pair
+    ev = Evaluator(module, a, b, image_data, loss="cross_entropy",
+                   config=EvalConfig(strategy="loop", memory_budget=16 * 37 * 3 * 4 * 2))
+    # 37 examples x 3 classes x 4 bytes per point; a sixteenth of the budget holds two points.
+    assert ev._deferred("test", 51).size == 2
