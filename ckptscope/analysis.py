@@ -261,6 +261,7 @@ def linear_path(
             "batch": evaluator.batch_size() if bn != "interpolate" else None,
             "bn_data": tensor_digest({"x": bn_data}) if bn_data is not None else None,
         }
+    todo = []  # (group index, its points on this rank, its cache key)
     for g, group in enumerate(resolved):
         points = np.flatnonzero(mine[g])
         if points.size == 0:
@@ -271,11 +272,21 @@ def linear_path(
             losses[0, g], accuracies[0, g] = cached
             advance(len(grid))
             continue
-        curves = evaluator.path(group.keys, grid[points], hold=hold, progress=advance)
+        todo.append((g, points, key))
+
+    def store(i: int, curves) -> None:
+        g, points, key = todo[i]
         for s, name in enumerate(splits):
             losses[0, g, s, points], accuracies[0, g, s, points] = curves[name]
         if cache is not None:
             cache.store(key, losses[0, g], accuracies[0, g])
+
+    evaluator.paths(
+        [(resolved[g].keys, grid[points]) for g, points, _ in todo],
+        hold=hold,
+        progress=advance,
+        done=store,
+    )
     if size > 1:  # every point is owned by one rank and zero on the others
         losses = distributed.reduce_sum(losses, config.device)
         accuracies = distributed.reduce_sum(accuracies, config.device)

@@ -32,7 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ckptscope.errors import CkptscopeError
 from ckptscope.hoist import SplitForward, split_forward, trace
 from ckptscope.losses import LossFn, get_loss, target_dtype
-from ckptscope.path import plan_path, stack_points, write_point
+from ckptscope.path import PathPlan, plan_path, stack_points, write_point
 
 STRATEGIES = ("auto", "loop", "vmap")
 BN_POLICIES = ("interpolate", "recompute", "batch")
@@ -305,19 +305,54 @@ class Evaluator:
             split -> (loss, accuracy), each (n,) float64: the mean loss over the split's
             examples and the fraction classified correctly.
         """
-        # Under bn="batch" the running statistics are gone from the model: they cannot move.
-        plan = plan_path(self.a, self.b, [k for k in keys if k in self.a], hold=hold)
-        split = self._split_for(plan.moving)
+        return self.paths([(keys, alphas)], hold=hold, progress=progress)[0]
+
+    def paths(
+        self,
+        items: Sequence[tuple[Sequence[str], np.ndarray]],
+        *,
+        hold: str = "end",
+        progress: Progress | None = None,
+        done: Callable[[int, dict], None] | None = None,
+    ) -> list[dict[str, tuple[np.ndarray, np.ndarray]]]:
+        """Evaluate several group paths, each ``(keys, alphas)``; one result per item, as
+        :meth:`path` returns.
+
+        A path whose upstream part can be hoisted runs alone (hoisting skips more work). Under
+        the ``vmap`` strategy the others share vectorised passes: their (group, alpha) points
+        are stacked into chunks as large as the memory budget holds, so a small group path
+        does not leave the device idle. ``done(i, result)`` is called as item ``i`` finishes.
+        """
+        results: list = [None] * len(items)
+        together: list[tuple[int, PathPlan, np.ndarray]] = []
+
+        def finish(i: int, sums) -> None:
+            results[i] = {
+                split: (loss / len(self.data[split][0]), correct / len(self.data[split][0]))
+                for split, (loss, correct) in sums.items()
+            }
+            if done:
+                done(i, results[i])
+
+        vectorised = self.config.resolved_strategy == "vmap"
         with self._autocast():
-            sums = self._try_hoisted(plan, split, alphas, progress) if split else None
-            if sums is None and self.config.resolved_strategy == "vmap" and plan.moving:
-                sums = self._path_vmap(plan, alphas, progress)
-            elif sums is None:
-                sums = self._path_loop(plan, alphas, progress)
-        return {
-            split: (loss / len(self.data[split][0]), correct / len(self.data[split][0]))
-            for split, (loss, correct) in sums.items()
-        }
+            for i, (keys, alphas) in enumerate(items):
+                # Under bn="batch" the running statistics are gone from the model: they
+                # cannot move.
+                plan = plan_path(self.a, self.b, [k for k in keys if k in self.a], hold=hold)
+                split = self._split_for(plan.moving)
+                if split and vectorised and not _has_state(split.prefix):
+                    split = None  # a prefix of reshapes saves nothing; sharing passes does
+                sums = self._try_hoisted(plan, split, alphas, progress) if split else None
+                if sums is None and vectorised and plan.moving and len(alphas):
+                    together.append((i, plan, np.asarray(alphas)))
+                    continue
+                if sums is None:
+                    sums = self._path_loop(plan, alphas, progress)
+                finish(i, sums)
+            if together:
+                self._paths_vmap(together, progress, finish)
+        return results
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         """A batch of inputs on the device (channels-last for conv nets on CUDA)."""
@@ -559,27 +594,54 @@ class Evaluator:
         return {split: pending.totals() for split, pending in deferred.items()}
 
     @torch.no_grad()
-    def _path_vmap(self, plan, alphas, progress):
+    def _paths_vmap(self, items, progress, finish) -> None:
+        """Several paths' (path, alpha) points under ``torch.vmap``, in chunks.
+
+        Every tensor that moves on any of the paths is stacked per point: the interpolated
+        value on the points of paths that move it, the held value on the others. The chunk is
+        what the memory budget holds of those stacks plus the activations.
+        """
         from torch.func import functional_call, vmap
 
-        fixed = {k: v for k, v in plan.base.items() if k not in plan.start}
-        chunk = self.chunk_size(plan.moving, len(alphas))
-        out = {split: (np.empty(len(alphas)), np.empty(len(alphas))) for split in self.data}
-        self._load_state(plan.base)  # for any state the module holds outside its state dict
+        held = items[0][1].base  # every plan holds the same endpoint
+        union = list(dict.fromkeys(k for _, plan, _ in items for k in plan.moving))
+        fixed = {k: v for k, v in held.items() if k not in union}
+        owner = np.concatenate([np.full(len(a), j) for j, (_, _, a) in enumerate(items)])
+        points = np.concatenate([a for _, _, a in items])
+        out = {split: (np.empty(len(points)), np.empty(len(points))) for split in self.data}
+        left = [len(a) for _, _, a in items]
+        chunk = self.chunk_size(union, len(points))
+        self._load_state(held)  # for any state the module holds outside its state dict
+        batched = vmap(
+            lambda moving, x: functional_call(self.module, (fixed, moving), (x,)),
+            in_dims=(0, None),
+        )
+        dev, dtype = self.config.device, self.config.dtype
 
-        def forward(moving, x):
-            return functional_call(self.module, (fixed, moving), (x,))
+        def stacked(lo: int, hi: int) -> dict[str, torch.Tensor]:
+            w = torch.as_tensor(points[lo:hi], dtype=dtype, device=dev)
+            mine = owner[lo:hi]
+            moving = {}
+            for k in union:
+                rows = [j for j, (_, plan, _) in enumerate(items) if k in plan.start]
+                start = items[rows[0]][1].start[k]
+                end = items[rows[0]][1].end[k]
+                values = stack_points(start, end, w)
+                on = np.isin(mine, rows)
+                if not on.all():  # the points of paths that hold k take the held value
+                    mask = torch.as_tensor(on, device=dev).view(-1, *([1] * start.dim()))
+                    values = torch.where(mask, values, held[k].unsqueeze(0))
+                moving[k] = values
+            return moving
 
-        batched = vmap(forward, in_dims=(0, None))
         lo = 0
-        while lo < len(alphas):
-            part = alphas[lo : lo + chunk]
-            weight = torch.as_tensor(part, dtype=self.config.dtype, device=self.config.device)
+        while lo < len(points):
+            hi = min(lo + chunk, len(points))
             try:
-                moving = {k: stack_points(plan.start[k], plan.end[k], weight) for k in plan.moving}
+                moving = stacked(lo, hi)
                 sums = {
                     split: self._accumulate(
-                        lambda x, moving=moving: batched(moving, x), split, len(part)
+                        lambda x, moving=moving: batched(moving, x), split, hi - lo
                     )
                     for split in self.data
                 }
@@ -594,13 +656,21 @@ class Evaluator:
                 self._note_oom(f"{chunk} alphas per pass")
                 continue
             for split, (loss, correct) in sums.items():
-                out[split][0][lo : lo + len(part)] = loss.cpu().numpy()
-                out[split][1][lo : lo + len(part)] = correct.cpu().numpy()
-            lo += len(part)
+                out[split][0][lo:hi] = loss.cpu().numpy()
+                out[split][1][lo:hi] = correct.cpu().numpy()
             if progress:
-                progress(len(part))
-        return out
+                progress(hi - lo)
+            for j in np.unique(owner[lo:hi]):
+                left[j] -= int(np.sum(owner[lo:hi] == j))
+                if left[j] == 0:
+                    span = owner == j
+                    finish(items[j][0], {s: (lo_[span], c[span]) for s, (lo_, c) in out.items()})
+            lo = hi
 
+
+def _has_state(module: nn.Module) -> bool:
+    """Whether a module holds any parameter or buffer (does any weighted work)."""
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
 
 def _total(parts: Sequence[torch.Tensor]) -> torch.Tensor:

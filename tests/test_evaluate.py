@@ -283,3 +283,33 @@ def test_deferral_is_bounded_by_the_memory_budget(conv_pair, image_data):
                    config=EvalConfig(strategy="loop", memory_budget=16 * 37 * 3 * 4 * 2))
     # 37 examples x 3 classes x 4 bytes per point; a sixteenth of the budget holds two points.
     assert ev._deferred("test", 51).size == 2
+
+
+@pytest.mark.parametrize("budget", [None, 40_000])
+def test_group_paths_share_vectorised_passes(mlp_pair, spiral_small, budget):
+    module, a, b = mlp_pair
+    x, y = spiral_small["test"]
+    groups = [list(a), ["layers.0.weight", "layers.0.bias"], ["layers.2.weight"]]
+    grids = [ALPHAS, ALPHAS[::2], ALPHAS[1:4]]  # sharded runs give groups different alphas
+    ev = Evaluator(module, a, b, {"test": (x, y)}, loss="bce",
+                   config=EvalConfig(strategy="vmap", batch_size=64, memory_budget=budget))
+    calls, finished, progressed = [], [], []
+    original = ev._accumulate
+
+    def counting(outputs_fn, split, k):
+        calls.append(k)
+        return original(outputs_fn, split, k)
+
+    ev._accumulate = counting
+    got = ev.paths(list(zip(groups, grids, strict=True)), progress=progressed.append,
+                   done=lambda i, _: finished.append(i))
+    # all and layer1 (only a flatten upstream) share passes; layer3 is hoisted on its own.
+    assert sorted(finished) == [0, 1, 2] and sum(progressed) == sum(map(len, grids))
+    if budget is None:
+        assert calls == [len(grids[0]) + len(grids[1])]
+    else:
+        assert len(calls) > 1 and max(calls) < len(grids[0])
+    for keys, grid, result in zip(groups, grids, got, strict=True):
+        ref_loss, ref_acc = reference_path(module, a, b, keys, grid, x, y, loss="bce")
+        np.testing.assert_allclose(result["test"][0], ref_loss, rtol=1e-5)
+        np.testing.assert_allclose(result["test"][1], ref_acc, atol=1.5 / len(x))
