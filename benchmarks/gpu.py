@@ -12,7 +12,8 @@ off), TF32 and bf16 matmul rates of the card (8192² matmuls); then the whole-mo
 ``--preset blocks`` sweep with the plain ``load_state_dict`` loop (also in channels-last
 layout, which ckptscope uses for conv nets on CUDA), loss-landscapes (when installed), and
 ckptscope's ``linear_path`` with ``auto`` (vmap on CUDA), ``loop`` and ``auto`` under bf16
-autocast; on the blocks also vmap without hoisting. Methods interleaved, median of
+autocast; on the blocks also vmap without hoisting, per group and with the groups sharing
+vectorised passes (``Evaluator.paths``). Methods interleaved, median of
 ``--repeat``. Prints a markdown table and writes it to ``--out``.
 
 The run is sized to finish inside ``--time-limit`` seconds (default 270, for a 5-minute slot):
@@ -41,6 +42,7 @@ AUTO = "ckptscope linear_path, auto"
 AUTO_BF16 = "ckptscope linear_path, auto, bf16 autocast"
 LOOP = "ckptscope linear_path, loop"
 NO_HOIST = "ckptscope Evaluator.path, vmap, no hoisting"
+TOGETHER = "ckptscope Evaluator.paths, vmap, no hoisting"  # group paths share vmap passes
 BASELINE_CL = "plain load_state_dict loop, channels-last"
 LL = "loss-landscapes linear_interpolation"
 
@@ -137,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     del probe
 
     names = [BASELINE, BASELINE_CL, LL, AUTO, LOOP, AUTO_BF16]
-    block_names = [BASELINE, AUTO, LOOP, NO_HOIST]
+    block_names = [BASELINE, AUTO, LOOP, NO_HOIST, TOGETHER]
     n_methods = len(methods(names))
     n_groups = len(blocks.resolved_groups())
     # Warm-up (cuDNN plans, allocator, vmap), then the plain loop's rate sizes the run.

@@ -194,18 +194,27 @@ def _linear_path(strategy: str, dtype: str = "float32") -> Method:
     return run
 
 
-def _evaluator(strategy: str, *, hoist: bool = True) -> Method:
+def _evaluator(strategy: str, *, hoist: bool = True, together: bool = False) -> Method:
+    """The engine alone: ``Evaluator.path`` per group, or ``Evaluator.paths`` for all of them
+    (``together``: under vmap the group paths that are not hoisted share vectorised passes)."""
+
     def run(w: Workload, alphas: np.ndarray, *, batch_size: int, device,
             mark: Mark | None = None) -> Curves:
         config = EvalConfig(
             device=torch.device(device), strategy=strategy, batch_size=batch_size, hoist=hoist
         )
         ev = Evaluator(w.module, w.start, w.end, {"test": (w.x, w.y)}, loss=w.loss, config=config)
-        curves = []
-        for g, group in enumerate(w.resolved_groups()):
-            curves.append(ev.path(group.keys, alphas)["test"])
-            if mark:
-                mark(g)
+        groups = w.resolved_groups()
+        if together:
+            results = ev.paths([(g.keys, alphas) for g in groups],
+                               done=lambda g, _: mark(g) if mark else None)
+            curves = [r["test"] for r in results]
+        else:
+            curves = []
+            for g, group in enumerate(groups):
+                curves.append(ev.path(group.keys, alphas)["test"])
+                if mark:
+                    mark(g)
         return Curves(np.stack([c[0] for c in curves]), np.stack([c[1] for c in curves]))
 
     return run
@@ -222,6 +231,7 @@ METHODS: dict[str, Method] = {
     "ckptscope Evaluator.path, vmap": _evaluator("vmap"),
     "ckptscope Evaluator.path, loop, no hoisting": _evaluator("loop", hoist=False),
     "ckptscope Evaluator.path, vmap, no hoisting": _evaluator("vmap", hoist=False),
+    "ckptscope Evaluator.paths, vmap, no hoisting": _evaluator("vmap", hoist=False, together=True),
     "ckptscope linear_path, auto, bf16 autocast": _linear_path("auto", "bf16"),
 }
 BASELINE = "plain load_state_dict loop"

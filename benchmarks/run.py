@@ -27,7 +27,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from measure import Timing, conv_rate, describe, forward_flops, matmul_rate, time_round_robin
+from measure import (
+    Timing,
+    conv_rate,
+    describe,
+    forward_flops,
+    matmul_rate,
+    pin_malloc,
+    time_round_robin,
+)
 from memory import measure_in_subprocess
 from methods import BASELINE, Curves, loss_landscapes_available, methods
 from workloads import Workload, resnet18_cifar, spiral_mlp
@@ -59,8 +67,9 @@ class Profile:
 
 
 PROFILES = {
-    "quick": Profile(repeat=11, resnet_repeat=1, resnet_alphas=5, blocks_alphas=3,
-                     memory_mlp=(1, 2, 5, 10, 20, 51, 204), memory_resnet=(1, 3, 6, 12)),
+    "quick": Profile(repeat=21, resnet_repeat=1, resnet_alphas=5, blocks_alphas=3,
+                     memory_mlp=(1, 2, 5, 10, 20, 51, 204), memory_resnet=(1, 3, 6, 12),
+                     blocks_methods=(BASELINE, LL, AUTO, "ckptscope linear_path, vmap")),
     "full": Profile(repeat=21, resnet_repeat=1, resnet_alphas=51, blocks_alphas=51,
                     memory_mlp=(1, 2, 5, 10, 20, 51, 204, 816),
                     memory_resnet=(1, 2, 3, 6, 12, 24, 51),
@@ -349,6 +358,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="torch threads (default: torch's); 1 is steadiest on a shared machine")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--resnet-images", type=int, default=512)
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc thresholds at their defaults (noisier)")
     parser.add_argument("--out", default=str(HERE / "README.md"),
                         help="markdown file to write ('-': print only)")
     args = parser.parse_args(argv)
@@ -356,7 +367,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     profile = PROFILES["quick" if args.quick else "full"]
     device = torch.device("cpu")
+    malloc = "glibc defaults (--default-malloc)" if args.default_malloc else pin_malloc()
     info = describe(device)
+    info["malloc"] = malloc
     if loss_landscapes_available() is None:
         info["loss-landscapes"] += " (cannot be imported: its rows are skipped)"
     bench = Bench(profile, device)
@@ -368,7 +381,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if "mlp-layers" in args.only:
         bench.speed(spiral_mlp(preset="layers"), 51,
                     [BASELINE, LL, AUTO, "ckptscope linear_path, vmap",
-                     "ckptscope Evaluator.path, loop, no hoisting"], profile.repeat)
+                     "ckptscope Evaluator.path, loop, no hoisting",
+                     "ckptscope Evaluator.paths, vmap, no hoisting"], profile.repeat)
     if "chunks" in args.only:
         bench.chunks(spiral_mlp(), 51, [2 << 20, 8 << 20, 32 << 20, None])
     if "resnet" in args.only:
