@@ -12,6 +12,12 @@ Two strategies compute the same numbers:
   with the number of alphas.
 
 ``strategy="auto"`` picks ``loop`` on the CPU and ``vmap`` on CUDA (see ``benchmarks/``).
+
+Around both: on a group path the part of the forward pass upstream of the group runs once per
+batch (:mod:`ckptscope.hoist`); under ``loop`` the outputs of several alphas are kept and go
+through one loss call per batch (:class:`_Deferred`), so a small model does not spend its time
+in loss kernels; and :meth:`Evaluator.paths` lets the group paths that are not hoisted share
+``vmap`` passes.
 Every pass runs in eval mode, without autograd, in float32 unless asked otherwise; the loss is
 the sum over all examples divided by N.
 """
@@ -335,24 +341,35 @@ class Evaluator:
                 done(i, results[i])
 
         vectorised = self.config.resolved_strategy == "vmap"
+        alone = []  # (item, plan, split or None)
+        for i, (keys, alphas) in enumerate(items):
+            # Under bn="batch" the running statistics are gone from the model: they cannot move.
+            plan = plan_path(self.a, self.b, [k for k in keys if k in self.a], hold=hold)
+            split = self._split_for(plan.moving)
+            if split and vectorised and not _has_state(split.prefix):
+                split = None  # a prefix of reshapes saves nothing; sharing passes does
+            if split is None and vectorised and plan.moving and len(alphas):
+                together.append((i, plan, np.asarray(alphas)))
+            else:
+                alone.append((i, plan, split))
         with self._autocast():
-            for i, (keys, alphas) in enumerate(items):
-                # Under bn="batch" the running statistics are gone from the model: they
-                # cannot move.
-                plan = plan_path(self.a, self.b, [k for k in keys if k in self.a], hold=hold)
-                split = self._split_for(plan.moving)
-                if split and vectorised and not _has_state(split.prefix):
-                    split = None  # a prefix of reshapes saves nothing; sharing passes does
+            if together:  # first: in a sweep these are the whole model and the first layers
+                self._paths_vmap(together, progress, finish)
+            for i, plan, split in alone:
+                alphas = items[i][1]
                 sums = self._try_hoisted(plan, split, alphas, progress) if split else None
-                if sums is None and vectorised and plan.moving and len(alphas):
-                    together.append((i, plan, np.asarray(alphas)))
-                    continue
-                if sums is None:
+                if sums is None and vectorised and plan.moving:
+                    sums = self._paths_vmap_one(plan, alphas, progress)
+                elif sums is None:
                     sums = self._path_loop(plan, alphas, progress)
                 finish(i, sums)
-            if together:
-                self._paths_vmap(together, progress, finish)
         return results
+
+    def _paths_vmap_one(self, plan: PathPlan, alphas: np.ndarray, progress):
+        """One path under vmap (a hoisted path that ran out of memory evaluated whole)."""
+        got = {}
+        self._paths_vmap([(0, plan, np.asarray(alphas))], progress, got.__setitem__)
+        return got[0]
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         """A batch of inputs on the device (channels-last for conv nets on CUDA)."""
