@@ -226,17 +226,20 @@ class Evaluator:
     def _probe_activation_bytes(self) -> int:
         """Activation bytes per example of one forward pass.
 
-        On CUDA the probe's measured peak. Elsewhere an estimate: the sum of the distinct
-        storages the leaf modules write (an in-place op shares its input's, and memory freed
-        and reused by a later layer counts once — without autograd few activations are alive
-        at a time).
+        On CUDA the probe's measured peak. Elsewhere an estimate that does not depend on the
+        allocator: the sum of the distinct storages the leaf modules write (an in-place op
+        shares its input's), every output kept alive until the pass ends so that no address is
+        reused. It counts every activation, not only the live ones — an upper bound, so the
+        batch size it gives is the same from run to run (``bn="batch"`` curves depend on it).
         """
         split, (x_all, _) = next(iter(self.data.items()))
         x = self._input(x_all[:8])
         storages: dict[int, int] = {}
+        kept: list[torch.Tensor] = []
 
         def hook(_mod, _inp, out):
             if isinstance(out, torch.Tensor):
+                kept.append(out)
                 storages[out.untyped_storage().data_ptr()] = out.untyped_storage().nbytes()
 
         # Leaf modules only: a container's output is its last child's, counted already.
@@ -258,6 +261,7 @@ class Evaluator:
         finally:
             for h in handles:
                 h.remove()
+            kept.clear()
         return max(1, math.ceil(sum(storages.values()) / len(x)))
 
     def _pick_batch_size(self) -> int:

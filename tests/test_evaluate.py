@@ -313,3 +313,32 @@ def test_group_paths_share_vectorised_passes(mlp_pair, spiral_small, budget):
         ref_loss, ref_acc = reference_path(module, a, b, keys, grid, x, y, loss="bce")
         np.testing.assert_allclose(result["test"][0], ref_loss, rtol=1e-5)
         np.testing.assert_allclose(result["test"][1], ref_acc, atol=1.5 / len(x))
+
+
+def test_cpu_activation_estimate_counts_every_activation_once():
+    """The batch size must not depend on what the allocator reused (bn=batch curves do)."""
+    from ckptscope.adapters.mlp import MLP
+
+    torch.manual_seed(0)
+    # Equal widths: each freed activation is the size of the next one, so an allocator reuses it.
+    module = MLP([16, 512, 512, 512, 512, 512, 1]).eval()
+    a = b = {k: v.clone() for k, v in module.state_dict().items()}
+    data = {"test": (torch.randn(100, 16), torch.randint(0, 2, (100,)).float())}
+    outputs = []
+    leaves = [m for m in module.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for m in leaves]
+    try:
+        with torch.no_grad():
+            module(data["test"][0][:8])
+    finally:
+        for h in handles:
+            h.remove()
+    distinct = {o.untyped_storage().data_ptr(): o.untyped_storage().nbytes() for o in outputs}
+    want = -(-sum(distinct.values()) // 8)
+    sizes = set()
+    for _ in range(3):
+        ev = Evaluator(module, a, b, data, loss="bce", config=EvalConfig())
+        sizes.add(ev._activation_bytes)
+        junk = [torch.empty(1 << k) for k in range(10, 20)]  # stir the allocator
+        del junk
+    assert sizes == {want}
