@@ -197,6 +197,12 @@ class Evaluator:
             )
             for split, (x, y) in data.items()
         }
+        if self.channels_last and not self.streaming:  # once, not once per batch and alpha
+            self.data = {
+                split: (x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x, y)
+                for split, (x, y) in self.data.items()
+            }
+        self._batch_views: dict[tuple[str, int], list] = {}
         if config.bn == "recompute":
             if bn_data is None or len(bn_data) == 0:
                 raise CkptscopeError(
@@ -533,14 +539,13 @@ class Evaluator:
         Under ``bn="interpolate"`` an out-of-memory error on a one-point pass halves the batch
         size and starts the split again (the curves do not depend on it there).
         """
-        x_all, y_all = self.data[split]
         dev = self.config.device
         while True:
             batch = self._batch_size
             try:
                 return [
-                    fn(self._input(x_all[lo:hi]), y_all[lo:hi].to(dev, non_blocking=True))
-                    for lo, hi in self._spans(len(x_all))
+                    fn(self._input(x), y.to(dev, non_blocking=True))
+                    for x, y in self._batches(split)
                 ]
             except torch.OutOfMemoryError:
                 if self.config.bn != "interpolate":
@@ -560,6 +565,18 @@ class Evaluator:
         per_point = max(1, len(self.data[split][0]) * self._output_bytes)
         room = min(self.config.budget // 16, 256 << 20)
         return _Deferred(self.loss_fn, max(1, min(n, room // per_point)))
+
+    def _batches(self, split: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The split's (inputs, targets) batches at the current batch size: views, made once
+        per batch size when the data lives on the device."""
+        key = (split, self._batch_size)
+        if key in self._batch_views:
+            return self._batch_views[key]
+        x_all, y_all = self.data[split]
+        batches = [(x_all[lo:hi], y_all[lo:hi]) for lo, hi in self._spans(len(x_all))]
+        if not self.streaming:
+            self._batch_views[key] = batches
+        return batches
 
     def _spans(self, n: int) -> list[tuple[int, int]]:
         """The (start, stop) of each batch of ``n`` examples.
