@@ -239,7 +239,8 @@ class Evaluator:
         batch size it gives is the same from run to run (``bn="batch"`` curves depend on it).
         """
         split, (x_all, _) = next(iter(self.data.items()))
-        x = self._input(x_all[:8])
+        # A copy: a view would share (and count) the storage of the whole split.
+        x = self._input(x_all[:8]).clone()
         storages: dict[int, int] = {}
         kept: list[torch.Tensor] = []
 
@@ -295,6 +296,16 @@ class Evaluator:
                 f"the model failed on the {split!r} inputs of shape {tuple(x.shape)} "
                 f"({reason[:200]}); check that the data fits the adapter (--data / --adapter)."
             ) from None
+
+    def _writes(self, plan: PathPlan) -> tuple[list, list, list]:
+        """The module tensors a path writes at each alpha, with their start and end values;
+        a tied tensor once (lerping it in place once per name would move it twice)."""
+        keys = list({id(self.slots[k]): k for k in reversed(plan.moving)}.values())[::-1]
+        return (
+            [self.slots[k] for k in keys],
+            [plan.start[k] for k in keys],
+            [plan.end[k] for k in keys],
+        )
 
     def _load_state(self, state: Mapping[str, torch.Tensor]) -> None:
         keys = [k for k in self.slots if k in state]
@@ -353,12 +364,15 @@ class Evaluator:
         vectorised = self.config.resolved_strategy == "vmap"
         alone = []  # (item, plan, split or None)
         for i, (keys, alphas) in enumerate(items):
+            if len(alphas) == 0:
+                finish(i, {split: (np.empty(0), np.empty(0)) for split in self.data})
+                continue
             # Under bn="batch" the running statistics are gone from the model: they cannot move.
             plan = plan_path(self.a, self.b, [k for k in keys if k in self.a], hold=hold)
             split = self._split_for(plan.moving)
             if split and vectorised and not _has_state(split.prefix):
                 split = None  # a prefix of reshapes saves nothing; sharing passes does
-            if split is None and vectorised and plan.moving and len(alphas):
+            if split is None and vectorised and plan.moving:
                 together.append((i, plan, np.asarray(alphas)))
             else:
                 alone.append((i, plan, split))
@@ -449,9 +463,7 @@ class Evaluator:
         moving_keys = [k for k in plan.moving if k in suffix_keys]
         vectorised = self.config.resolved_strategy == "vmap"
         chunk = self.chunk_size(plan.moving, n) if vectorised else 1
-        slots = [self.slots[k] for k in plan.moving]
-        starts = [plan.start[k] for k in plan.moving]
-        ends = [plan.end[k] for k in plan.moving]
+        slots, starts, ends = self._writes(plan)
 
         # Built once per path: the suffix takes one placeholder per frontier value.
         n_frontier = sum(node.op == "placeholder" for node in split.suffix.graph.nodes)
@@ -485,10 +497,11 @@ class Evaluator:
                 loss, correct = cat([suffix_sums(weights_at(c), cached) for c in steps])
             elif cached is not None:  # alphas outermost, one per pass
                 deferred = self._deferred(name, n)
+                run = deferred.batch_fn(lambda frontier: split.suffix(*frontier))
                 for c in steps:
                     weights_at(c)
-                    deferred.add([(split.suffix(*frontier), y) for frontier, y in cached])
-                loss, correct = deferred.sums()
+                    deferred.add([run(frontier, y) for frontier, y in cached])
+                loss, correct = deferred.sums(n)
             else:  # batches outermost: (loss, correct) sums over the alphas per batch
                 per_batch = []
                 for lo, hi in self._spans(len(x_all)):
@@ -499,11 +512,12 @@ class Evaluator:
                         per_batch.append(cat([suffix_sums(weights_at(c), [(frontier, y)])
                                               for c in steps]))
                         continue
-                    deferred = self._deferred(name, n)
+                    deferred = self._deferred(name, n, len(y))
+                    run = deferred.batch_fn(lambda frontier: split.suffix(*frontier))
                     for c in steps:
                         weights_at(c)
-                        deferred.add([(split.suffix(*frontier), y)])
-                    per_batch.append(deferred.sums())
+                        deferred.add([run(frontier, y)])
+                    per_batch.append(deferred.sums(n))
                 loss, correct = _total([p[0] for p in per_batch]), _total([p[1] for p in per_batch])
             out[name] = (loss.cpu().numpy(), correct.cpu().numpy())
         if progress:
@@ -559,12 +573,14 @@ class Evaluator:
                 self._batch_size = max(1, batch // 2)
                 self._note_oom(f"batch size {batch} -> {self._batch_size}")
 
-    def _deferred(self, split: str, n: int) -> _Deferred:
-        """A :class:`_Deferred` for ``n`` points on ``split``, holding as many points' outputs
-        as a sixteenth of the memory budget (at most 256 MiB) takes."""
-        per_point = max(1, len(self.data[split][0]) * self._output_bytes)
+    def _deferred(self, split: str, n: int, examples: int | None = None) -> _Deferred:
+        """A :class:`_Deferred` for ``n`` points on ``split`` (or on one batch of ``examples``),
+        holding as many points' outputs as a sixteenth of the memory budget (at most 256 MiB)
+        takes; none (a loss call per batch, as it comes) when not even one point fits."""
+        examples = len(self.data[split][0]) if examples is None else examples
+        per_point = max(1, examples * self._output_bytes)
         room = min(self.config.budget // 16, 256 << 20)
-        return _Deferred(self.loss_fn, max(1, min(n, room // per_point)))
+        return _Deferred(self.loss_fn, min(n, room // per_point))
 
     def _batches(self, split: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The split's (inputs, targets) batches at the current batch size: views, made once
@@ -613,12 +629,11 @@ class Evaluator:
         """One forward pass per alpha and batch; the outputs of several alphas go through one
         loss call per batch (:class:`_Deferred`)."""
         self._load_state(plan.base)
-        moving = [self.slots[k] for k in plan.moving]
-        starts = [plan.start[k] for k in plan.moving]
-        ends = [plan.end[k] for k in plan.moving]
+        moving, starts, ends = self._writes(plan)
         deferred = {split: self._deferred(split, len(alphas)) for split in self.data}
         forwards = {
-            split: (lambda x, y, s=split: (self._forward_checked(x, s), y)) for split in self.data
+            split: pending.batch_fn(lambda x, s=split: self._forward_checked(x, s))
+            for split, pending in deferred.items()
         }
         for alpha in alphas:
             if moving:
@@ -629,7 +644,7 @@ class Evaluator:
                 pending.add(self._over_batches(forwards[split], split, 1))
             if progress:
                 progress(1)
-        return {split: pending.totals() for split, pending in deferred.items()}
+        return {split: pending.totals(len(alphas)) for split, pending in deferred.items()}
 
     @torch.no_grad()
     def _paths_vmap(self, items, progress, finish) -> None:
@@ -642,8 +657,14 @@ class Evaluator:
         from torch.func import functional_call, vmap
 
         held = items[0][1].base  # every plan holds the same endpoint
-        union = list(dict.fromkeys(k for _, plan, _ in items for k in plan.moving))
-        fixed = {k: v for k, v in held.items() if k not in union}
+        # functional_call ties aliases itself: pass each tied tensor under its first name only.
+        first: dict[int, str] = {}
+        for k, t in self.slots.items():
+            first.setdefault(id(t), k)
+        name = {k: first[id(self.slots[k])] for k in held}
+        moves = [{name[k]: k for k in plan.moving} for _, plan, _ in items]  # name -> own key
+        union = list(dict.fromkeys(c for m in moves for c in m))
+        fixed = {k: v for k, v in held.items() if name[k] == k and k not in union}
         owner = np.concatenate([np.full(len(a), j) for j, (_, _, a) in enumerate(items)])
         points = np.concatenate([a for _, _, a in items])
         out = {split: (np.empty(len(points)), np.empty(len(points))) for split in self.data}
@@ -660,16 +681,15 @@ class Evaluator:
             w = torch.as_tensor(points[lo:hi], dtype=dtype, device=dev)
             mine = owner[lo:hi]
             moving = {}
-            for k in union:
-                rows = [j for j, (_, plan, _) in enumerate(items) if k in plan.start]
-                start = items[rows[0]][1].start[k]
-                end = items[rows[0]][1].end[k]
-                values = stack_points(start, end, w)
+            for c in union:
+                rows = [j for j, m in enumerate(moves) if c in m]
+                plan, k = items[rows[0]][1], moves[rows[0]][c]
+                values = stack_points(plan.start[k], plan.end[k], w)
                 on = np.isin(mine, rows)
-                if not on.all():  # the points of paths that hold k take the held value
-                    mask = torch.as_tensor(on, device=dev).view(-1, *([1] * start.dim()))
-                    values = torch.where(mask, values, held[k].unsqueeze(0))
-                moving[k] = values
+                if not on.all():  # the points of paths that hold it take the held value
+                    mask = torch.as_tensor(on, device=dev).view(-1, *([1] * (values.dim() - 1)))
+                    values = torch.where(mask, values, held[c].unsqueeze(0))
+                moving[c] = values
             return moving
 
         lo = 0
@@ -722,7 +742,8 @@ class _Deferred:
 
     A loss call is a handful of small kernels; on a small model, one per batch and point is a
     large share of the path. Stacking the outputs into ``(k, B, ...)`` gives the same per-point
-    sums (the loss contract is per point) from one call per batch.
+    sums (the loss contract is per point) from one call per batch. ``size`` 0 keeps nothing:
+    each batch's loss is taken as soon as its output exists (outputs too large to hold).
     """
 
     def __init__(self, loss_fn: LossFn, size: int):
@@ -731,9 +752,19 @@ class _Deferred:
         self.targets: list[torch.Tensor] = []
         self.done: list[tuple[torch.Tensor, torch.Tensor]] = []  # (k,) float64 sums, in order
 
+    def batch_fn(self, forward: Callable[[object], torch.Tensor]):
+        """What to run on each batch ``(x, y)``: keep ``forward(x)``, or with ``size`` 0 take
+        its loss sums at once (inside the caller's out-of-memory back-off)."""
+        if self.size == 0:
+            return lambda x, y: self.loss_fn(forward(x).unsqueeze(0), y)
+        return lambda x, y: (forward(x), y)
+
     def add(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """One point's ``(outputs, targets)`` per batch; the targets are the split's, cut the
-        same way at every point until the batch size changes."""
+        """One point's per-batch results of :meth:`batch_fn`. The targets are the split's, cut
+        the same way at every point until the batch size changes."""
+        if self.size == 0:  # (loss, correct) sums, (1,) each
+            self.done.append((_total([b[0] for b in batches]), _total([b[1] for b in batches])))
+            return
         targets = [y for _, y in batches]
         # A changed batch size (out-of-memory back-off) cuts the batches differently.
         if self.outputs and [len(y) for y in targets] != [len(y) for y in self.targets]:
@@ -746,21 +777,33 @@ class _Deferred:
     def flush(self) -> None:
         if not self.outputs:
             return
-        parts = [
-            self.loss_fn(torch.stack([point[b] for point in self.outputs]), y)
-            for b, y in enumerate(self.targets)
-        ]
+        try:
+            parts = [
+                self.loss_fn(torch.stack([point[b] for point in self.outputs]), y)
+                for b, y in enumerate(self.targets)
+            ]
+        except torch.OutOfMemoryError:  # the stacked loss did not fit: one point at a time
+            per_point = [
+                [self.loss_fn(point[b].unsqueeze(0), y) for b, y in enumerate(self.targets)]
+                for point in self.outputs
+            ]
+            parts = [
+                (torch.cat([p[b][0] for p in per_point]), torch.cat([p[b][1] for p in per_point]))
+                for b in range(len(self.targets))
+            ]
         self.done.append((_total([p[0] for p in parts]), _total([p[1] for p in parts])))
         self.outputs = []
 
-    def sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def sums(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every point's (loss sum, correct sum), float64 on the device, (n,) each."""
         self.flush()
-        loss = torch.cat([loss for loss, _ in self.done])
-        correct = torch.cat([correct for _, correct in self.done])
+        if not self.done:
+            return torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        loss = torch.cat([loss.reshape(-1) for loss, _ in self.done])
+        correct = torch.cat([correct.reshape(-1) for _, correct in self.done])
         return loss, correct
 
-    def totals(self) -> tuple[np.ndarray, np.ndarray]:
+    def totals(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`sums` on the host: one transfer."""
-        loss, correct = self.sums()
+        loss, correct = self.sums(n)
         return loss.cpu().numpy(), correct.cpu().numpy()

@@ -251,7 +251,7 @@ def test_deferred_loss_equals_one_call_per_point(size):
     deferred = _Deferred(cross_entropy, size)
     for batches in points:
         deferred.add(batches)
-    loss, correct = deferred.totals()
+    loss, correct = deferred.totals(7)
     for i, batches in enumerate(points):
         want_loss = sum(cross_entropy(out[None], t)[0].double() for out, t in batches)
         want_correct = sum(int((out.argmax(-1) == t).sum()) for out, t in batches)
@@ -342,3 +342,98 @@ def test_cpu_activation_estimate_counts_every_activation_once():
         junk = [torch.empty(1 << k) for k in range(10, 20)]  # stir the allocator
         del junk
     assert sizes == {want}
+
+
+def test_outputs_too_large_to_hold_take_their_loss_as_they_come(conv_pair, image_data):
+    module, a, b = conv_pair
+    ev = Evaluator(module, a, b, image_data, loss="cross_entropy",
+                   config=EvalConfig(strategy="loop", batch_size=10, memory_budget=16 * 100))
+    assert ev._deferred("test", len(ALPHAS)).size == 0  # 37 x 3 x 4 bytes > 100 bytes
+    events = []
+    original = ev.loss_fn
+
+    def loss(outputs, targets):
+        events.append(("loss", outputs.shape[0]))
+        return original(outputs, targets)
+
+    ev.loss_fn = loss
+    ev.module.register_forward_hook(lambda *_: events.append(("forward", 1)))
+    got, _ = ev.path(list(a), ALPHAS)["test"]
+    # Never more than one batch's output alive: each forward is followed by its loss.
+    assert events == [("forward", 1), ("loss", 1)] * (4 * len(ALPHAS))
+    x, y = image_data["test"]
+    np.testing.assert_allclose(got, reference_path(module, a, b, list(a), ALPHAS, x, y)[0],
+                               rtol=1e-5)
+
+
+def test_stacked_loss_out_of_memory_falls_back_to_one_point_at_a_time(conv_pair, image_data):
+    module, a, b = conv_pair
+    ev = Evaluator(module, a, b, image_data, loss="cross_entropy",
+                   config=EvalConfig(strategy="loop", batch_size=10))
+    want = ev.path(list(a), ALPHAS)["test"]
+    original, stacked = ev.loss_fn, []
+
+    def loss(outputs, targets):
+        if outputs.shape[0] > 1:
+            stacked.append(outputs.shape[0])
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(outputs, targets)
+
+    ev.loss_fn = loss
+    ev._deferred = lambda split, n, examples=None: _deferred_of(ev, 3)
+    got = ev.path(list(a), ALPHAS)["test"]
+    assert stacked  # the stacked call was tried and failed
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def _deferred_of(ev, size):
+    from ckptscope.evaluate import _Deferred
+
+    return _Deferred(ev.loss_fn, size)
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_an_empty_alpha_list_gives_empty_curves(mlp_pair, spiral_small, strategy):
+    module, a, b = mlp_pair
+    ev = Evaluator(module, a, b, spiral_small, loss="bce",
+                   config=EvalConfig(strategy=strategy, batch_size=64, hoist=False))
+    empty, full = ev.paths([(list(a), np.array([])), (list(a), ALPHAS)])
+    assert all(loss.shape == acc.shape == (0,) for loss, acc in empty.values())
+    assert full["test"][0].shape == (len(ALPHAS),)
+
+
+def test_activation_probe_does_not_count_the_split_behind_a_view():
+    module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4)).eval()
+    a = {k: v.clone() for k, v in module.state_dict().items()}
+    data = {"test": (torch.randn(100_000, 16), torch.randint(0, 4, (100_000,)))}
+    ev = Evaluator(module, a, a, data, loss="cross_entropy", config=EvalConfig())
+    assert ev._activation_bytes <= 4 * (16 + 4)  # one input row (the flatten) and one output
+
+
+@pytest.mark.parametrize("keys", [None, ["enc.weight"], ["dec.weight"], ["mid.weight"]])
+def test_tied_weights_move_once_under_both_strategies(keys):
+    from tests.conftest import perturbed
+    from tests.test_hoist import Tied
+
+    torch.manual_seed(0)
+    module = Tied()
+    a = {k: v.clone() for k, v in module.state_dict().items()}
+    b = perturbed(a, 0.5, 3)
+    b["dec.weight"] = b["enc.weight"]
+    g = torch.Generator().manual_seed(1)
+    data = {"test": (torch.randn(20, 4, generator=g), torch.randint(0, 3, (20,), generator=g))}
+    items = [(list(a), ALPHAS), (keys or list(a), ALPHAS[1:5])]
+    curves = {}
+    for strategy in ("loop", "vmap"):
+        ev = Evaluator(module, a, b, data, loss="cross_entropy",
+                       config=EvalConfig(strategy=strategy, batch_size=8, hoist=False))
+        curves[strategy] = [r["test"][0] for r in ev.paths(items)]
+    x, y = data["test"]
+    for (group, grid), loop, vmap in zip(items, curves["loop"], curves["vmap"], strict=True):
+        # A tied tensor moves under every name it has (the reference moves the names given).
+        tied = {"enc.weight", "dec.weight"}
+        named = sorted(set(group) | tied) if tied & set(group) else group
+        ref = reference_path(module, a, b, named, grid, x, y)[0]
+        np.testing.assert_allclose(loop, ref, rtol=1e-6)
+        np.testing.assert_allclose(vmap, ref, rtol=1e-6)
