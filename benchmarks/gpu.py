@@ -108,7 +108,8 @@ def bench(w: Workload, n_alpha: int, names: Sequence[str], *, repeat: int, batch
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="markdown file to write")
+    parser.add_argument("--out", default=None,
+                        help="markdown file to write (none or '-': print only)")
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--alphas", type=int, default=51)
     parser.add_argument("--block-alphas", type=int, default=11)
@@ -195,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     text = "\n".join(lines)
     print(text)
-    if args.out:
+    if args.out and args.out != "-":
         Path(args.out).write_text(text + "\n")
         log(f"wrote {args.out}")
     return 0
