@@ -504,10 +504,9 @@ class Evaluator:
                 loss, correct = deferred.sums(n)
             else:  # batches outermost: (loss, correct) sums over the alphas per batch
                 per_batch = []
-                for lo, hi in self._spans(len(x_all)):
-                    x = self._input(x_all[lo:hi])
-                    y = y_all[lo:hi].to(dev, non_blocking=True)
-                    frontier = split.prefix(x)
+                for x, y in self._batches(name):
+                    y = y.to(dev, non_blocking=True)
+                    frontier = split.prefix(self._input(x))
                     if vectorised:
                         per_batch.append(cat([suffix_sums(weights_at(c), [(frontier, y)])
                                               for c in steps]))
@@ -668,7 +667,7 @@ class Evaluator:
         owner = np.concatenate([np.full(len(a), j) for j, (_, _, a) in enumerate(items)])
         points = np.concatenate([a for _, _, a in items])
         out = {split: (np.empty(len(points)), np.empty(len(points))) for split in self.data}
-        left = [len(a) for _, _, a in items]
+        ends = np.cumsum([len(a) for _, _, a in items])  # item j: points up to ends[j]
         chunk = self.chunk_size(union, len(points))
         self._load_state(held)  # for any state the module holds outside its state dict
         batched = vmap(
@@ -718,11 +717,9 @@ class Evaluator:
                 out[split][1][lo:hi] = correct.cpu().numpy()
             if progress:
                 progress(hi - lo)
-            for j in np.unique(owner[lo:hi]):
-                left[j] -= int(np.sum(owner[lo:hi] == j))
-                if left[j] == 0:
-                    span = owner == j
-                    finish(items[j][0], {s: (lo_[span], c[span]) for s, (lo_, c) in out.items()})
+            for j in np.flatnonzero((ends > lo) & (ends <= hi)):  # the items this chunk ended
+                span = slice(ends[j] - len(items[j][2]), ends[j])
+                finish(items[j][0], {s: (loss[span], acc[span]) for s, (loss, acc) in out.items()})
             lo = hi
 
 
