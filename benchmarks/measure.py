@@ -43,34 +43,25 @@ class Timing:
         return f"{min(self.wall):.3g}-{max(self.wall):.3g}"
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-
-
 def pin_malloc() -> str:
-    """Keep freed memory in the heap (glibc only): blocks up to 32 MiB from the heap, and the
-    heap top given back to the system only beyond 256 MiB.
+    """Keep freed memory in the heap (:func:`ckptscope.allocator.keep_freed_memory`, what the
+    ``ckptscope`` program does) for every method in this process alike; a line for the machine
+    section.
 
     With glibc's defaults, whether a forward pass's activations come from warm heap pages or
     from fresh pages that must be faulted in depends on what the process freed before, so one
     method's timing moves with the previous method's garbage (seen here: the same MLP path
-    37 ms or 57 ms). Pinned, every method in the process meets the same allocator. Returns a
-    line for the machine section. ``MALLOC_*`` variables set by the caller are left alone.
+    37 ms or 57 ms).
     """
-    import ctypes
-    import ctypes.util
+    from ckptscope.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD, keep_freed_memory
 
-    if any(k.startswith("MALLOC_") for k in os.environ):
-        return "glibc defaults overridden by the environment: " + ", ".join(
-            f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_"))
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(
-            _M_TRIM_THRESHOLD, 256 << 20)
-    except (OSError, AttributeError):
-        ok = False
-    if not ok:
+    set_by_user = [f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_")]
+    if set_by_user:
+        return "glibc, as the environment sets it: " + ", ".join(set_by_user)
+    if not keep_freed_memory():
         return "the platform's default (mallopt not available)"
-    return "glibc, pinned for every method alike: mmap threshold 32 MiB, trim threshold 256 MiB"
+    return (f"glibc, pinned for every method alike: mmap threshold {MMAP_THRESHOLD >> 20} MiB, "
+            f"trim threshold {TRIM_THRESHOLD >> 20} MiB")
 
 
 def synchronize(device: torch.device) -> None:

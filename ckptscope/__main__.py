@@ -2,7 +2,7 @@
 
 import sys
 
-from ckptscope.cli import main
+from ckptscope.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -561,5 +561,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> int:
+    """The ``ckptscope`` program: :func:`main` in a process of its own, whose C allocator it
+    tunes first (:func:`ckptscope.allocator.keep_freed_memory`; ``CKPTSCOPE_MALLOC=default``
+    leaves it alone)."""
+    from ckptscope.allocator import keep_freed_memory
+
+    keep_freed_memory()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -156,3 +156,32 @@ def test_module_entry_point_and_version():
     )
     assert res.returncode == 2 and res.stderr.startswith("error: ")
     assert "Traceback" not in res.stderr
+
+
+def test_the_program_tunes_the_allocator_and_main_does_not(monkeypatch, capsys):
+    import ckptscope.allocator as allocator
+    from ckptscope.cli import run
+
+    calls = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: calls.append(1) or True)
+    assert main(["list"]) == 0 and calls == []  # a library caller's process is left alone
+    monkeypatch.setattr("sys.argv", ["ckptscope", "list"])
+    assert run() == 0 and calls == [1]
+    assert "mlp" in capsys.readouterr().out
+
+
+def test_allocator_settings_give_way_to_the_user(monkeypatch):
+    import platform
+
+    from ckptscope.allocator import keep_freed_memory
+
+    for name in [k for k in os.environ if k.startswith("MALLOC_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("CKPTSCOPE_MALLOC", "default")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("CKPTSCOPE_MALLOC")
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert keep_freed_memory() is True
