@@ -380,12 +380,13 @@ class Evaluator:
             if together:  # first: in a sweep these are the whole model and the first layers
                 self._paths_vmap(together, progress, finish)
             for i, plan, split in alone:
-                alphas = items[i][1]
-                sums = self._try_hoisted(plan, split, alphas, progress) if split else None
+                alphas, sums, fallback = items[i][1], None, progress
+                if split:
+                    sums, fallback = self._try_hoisted(plan, split, alphas, progress)
                 if sums is None and vectorised and plan.moving:
-                    sums = self._paths_vmap_one(plan, alphas, progress)
+                    sums = self._paths_vmap_one(plan, alphas, fallback)
                 elif sums is None:
-                    sums = self._path_loop(plan, alphas, progress)
+                    sums = self._path_loop(plan, alphas, fallback)
                 finish(i, sums)
         return results
 
@@ -414,14 +415,23 @@ class Evaluator:
 
     def _try_hoisted(self, plan, split: SplitForward, alphas, progress):
         """The hoisted path, or ``None`` when it ran out of device memory (the plain strategies
-        know how to back off)."""
+        know how to back off). Returns ``(sums, progress)``: the progress callback for the
+        fallback, which does not report again the alphas the hoisted attempt reported."""
+        reported = 0
+
+        def counting(done: int) -> None:
+            nonlocal reported
+            reported += done
+            if progress:
+                progress(done)
+
         try:
-            sums = self._path_hoisted(plan, split, alphas, progress)
+            sums = self._path_hoisted(plan, split, alphas, counting)
         except torch.OutOfMemoryError:
             self._note_oom("this group path evaluated whole (no hoisting)")
-            return None
+            return None, _skip_first(progress, reported)
         self.hoisted_paths += 1
-        return sums
+        return sums, progress
 
     def _split_for(self, moving: Sequence[str]) -> SplitForward | None:
         """The forward pass split at ``moving``, or ``None`` when hoisting does not apply."""
@@ -490,17 +500,30 @@ class Evaluator:
         def cat(sums) -> tuple[torch.Tensor, torch.Tensor]:
             return torch.cat([loss for loss, _ in sums]), torch.cat([c for _, c in sums])
 
+        # Progress counts alphas done on every split: with alphas outermost each one (or chunk)
+        # reports as it ends on the last split; with batches outermost the path ends at once.
+        last = list(self.data)[-1]
+
+        def report(name: str, done: int) -> None:
+            if progress and name == last:
+                progress(done)
+
         out = {}
         for name, (x_all, y_all) in self.data.items():
             cached = self._frontiers(split, x_all, y_all)
             if cached is not None and vectorised:  # alphas outermost, a chunk per pass
-                loss, correct = cat([suffix_sums(weights_at(c), cached) for c in steps])
+                sums = []
+                for c in steps:
+                    sums.append(suffix_sums(weights_at(c), cached))
+                    report(name, min(chunk, n - c))
+                loss, correct = cat(sums)
             elif cached is not None:  # alphas outermost, one per pass
                 deferred = self._deferred(name, n)
                 run = deferred.batch_fn(lambda frontier: split.suffix(*frontier))
                 for c in steps:
                     weights_at(c)
                     deferred.add([run(frontier, y) for frontier, y in cached])
+                    report(name, 1)
                 loss, correct = deferred.sums(n)
             else:  # batches outermost: (loss, correct) sums over the alphas per batch
                 per_batch = []
@@ -518,9 +541,8 @@ class Evaluator:
                         deferred.add([run(frontier, y)])
                     per_batch.append(deferred.sums(n))
                 loss, correct = _total([p[0] for p in per_batch]), _total([p[1] for p in per_batch])
+                report(name, n)
             out[name] = (loss.cpu().numpy(), correct.cpu().numpy())
-        if progress:
-            progress(n)
         return out
 
     def _frontiers(self, split: SplitForward, x_all, y_all) -> list | None:
@@ -721,6 +743,22 @@ class Evaluator:
                 span = slice(ends[j] - len(items[j][2]), ends[j])
                 finish(items[j][0], {s: (loss[span], acc[span]) for s, (loss, acc) in out.items()})
             lo = hi
+
+
+def _skip_first(progress: Progress | None, skip: int) -> Progress | None:
+    """``progress`` that swallows the first ``skip`` alphas reported to it."""
+    if progress is None or skip == 0:
+        return progress
+    left = skip
+
+    def report(done: int) -> None:
+        nonlocal left
+        passed = max(0, done - left)
+        left = max(0, left - done)
+        if passed:
+            progress(passed)
+
+    return report
 
 
 def _has_state(module: nn.Module) -> bool:

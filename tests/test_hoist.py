@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ckptscope.adapters import get_adapter
-from ckptscope.evaluate import EvalConfig, Evaluator
+from ckptscope.evaluate import EvalConfig, Evaluator, _Deferred
 from ckptscope.hoist import split_forward, trace
 from tests.conftest import perturbed
 from tests.reference import reference_path
@@ -188,3 +188,40 @@ def test_inplace_ops_and_tied_weights_keep_hoisting_exact(make, keys):
     (hoisted, _), _ = curves(module, a, b, data, keys)
     (plain, _), _ = curves(module, a, b, data, keys, hoist=False)
     np.testing.assert_allclose(hoisted, plain, rtol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_hoisted_progress_moves_per_alpha_and_counts_once_after_a_fallback(
+    mlp_pair, spiral_small, strategy, monkeypatch
+):
+    module, a, b = mlp_pair
+    keys = ["layers.2.weight", "layers.2.bias"]
+    grid = np.linspace(0, 1, 9)
+    data = {"test": spiral_small["test"]}  # 150 points: 3 batches per alpha
+    ev = Evaluator(module, a, b, data, loss="bce",
+                   config=EvalConfig(strategy=strategy, batch_size=64, memory_budget=1 << 20))
+    seen = []
+    ev.path(keys, grid, progress=seen.append)
+    assert ev.hoisted_paths == 1 and sum(seen) == len(grid)
+    if strategy == "loop":  # alphas outermost over the cached frontiers: one report per alpha
+        assert len(seen) == len(grid)
+
+    # Out of memory after some alphas were reported: the whole-path fallback does not recount.
+    original, calls = ev.loss_fn, []
+
+    def flaky(outputs, targets):
+        calls.append(1)
+        # loop: the third alpha's first batch; vmap: the first chunk's second batch
+        if len(calls) == (7 if strategy == "loop" else 2):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(outputs, targets)
+
+    monkeypatch.setattr(ev, "loss_fn", flaky)
+    monkeypatch.setattr(ev, "_deferred", lambda split, n, examples=None: _Deferred(flaky, 0))
+    seen = []
+    with pytest.warns(UserWarning, match="out of device memory"):
+        got = ev.path(keys, grid, progress=seen.append)["test"][0]
+    assert sum(seen) == len(grid) and ev.hoisted_paths == 1
+    if strategy == "loop":
+        assert seen[:2] == [1, 1]  # reported before the fallback, and not again after it
+    np.testing.assert_allclose(got, ev.path(keys, grid)["test"][0], rtol=1e-6)
