@@ -27,12 +27,14 @@ def keep_freed_memory() -> bool:
     """Set glibc's mmap threshold to 32 MiB and its trim threshold to 256 MiB.
 
     Does nothing, and returns False, when ``CKPTSCOPE_MALLOC=default`` is set, when the user
-    set any ``MALLOC_*`` variable (their choice wins), or when the C library has no
-    ``mallopt`` (not glibc). Returns True when both settings were applied.
+    set any ``MALLOC_*`` variable or a ``glibc.malloc.*`` tunable (their choice wins), or when
+    the C library has no ``mallopt`` (not glibc). Returns True when both settings were applied.
     """
     if os.environ.get(OPT_OUT, "") == "default":
         return False
     if any(name.startswith("MALLOC_") for name in os.environ):
+        return False
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -430,6 +430,10 @@ class Evaluator:
         except torch.OutOfMemoryError:
             self._note_oom("this group path evaluated whole (no hoisting)")
             return None, _skip_first(progress, reported)
+        except RuntimeError:  # vmap refused the suffix: the whole-path evaluation says why
+            if self.config.resolved_strategy != "vmap":
+                raise
+            return None, _skip_first(progress, reported)
         self.hoisted_paths += 1
         return sums, progress
 
@@ -467,10 +471,15 @@ class Evaluator:
 
         self._load_state(plan.base)
         dev, n = self.config.device, len(alphas)
-        suffix_keys = set(dict(split.suffix.named_parameters())) | set(
-            dict(split.suffix.named_buffers())
-        )
-        moving_keys = [k for k in plan.moving if k in suffix_keys]
+        # The suffix's name for each tensor it holds (a tied tensor is listed under one name,
+        # which need not be the one the group gives it).
+        in_suffix = {
+            id(t): name
+            for name, t in [*split.suffix.named_parameters(), *split.suffix.named_buffers()]
+        }
+        suffix_moving = {  # the suffix's name -> the group's key
+            in_suffix[id(self.slots[k])]: k for k in plan.moving if id(self.slots[k]) in in_suffix
+        }
         vectorised = self.config.resolved_strategy == "vmap"
         chunk = self.chunk_size(plan.moving, n) if vectorised else 1
         slots, starts, ends = self._writes(plan)
@@ -486,7 +495,10 @@ class Evaluator:
             """Point c's weights into the module (loop) or chunk c's stacked weights (vmap)."""
             if vectorised:
                 w = torch.as_tensor(alphas[c : c + chunk], dtype=self.config.dtype, device=dev)
-                return {k: stack_points(plan.start[k], plan.end[k], w) for k in moving_keys}
+                return {
+                    name: stack_points(plan.start[k], plan.end[k], w)
+                    for name, k in suffix_moving.items()
+                }
             write_point(slots, starts, ends, alphas[c])
             return None
 
@@ -680,8 +692,8 @@ class Evaluator:
         held = items[0][1].base  # every plan holds the same endpoint
         # functional_call ties aliases itself: pass each tied tensor under its first name only.
         first: dict[int, str] = {}
-        for k, t in self.slots.items():
-            first.setdefault(id(t), k)
+        for k in held:
+            first.setdefault(id(self.slots[k]), k)
         name = {k: first[id(self.slots[k])] for k in held}
         moves = [{name[k]: k for k in plan.moving} for _, plan, _ in items]  # name -> own key
         union = list(dict.fromkeys(c for m in moves for c in m))
@@ -734,6 +746,18 @@ class Evaluator:
                 chunk = max(1, chunk // 2)
                 self._note_oom(f"{chunk} alphas per pass")
                 continue
+            except RuntimeError as err:  # e.g. an in-place op that writes a moving tensor
+                if lo > 0:  # it passed one chunk: not a vmap limitation
+                    raise
+                reason = (str(err).splitlines() or [type(err).__name__])[0][:160]
+                warnings.warn(
+                    f"{type(self.module).__name__} cannot be vectorised over alphas ({reason}); "
+                    f"these paths are evaluated one alpha at a time (strategy loop).",
+                    stacklevel=4,
+                )
+                for i, plan, alphas in items:
+                    finish(i, self._path_loop(plan, alphas, progress))
+                return
             for split, (loss, correct) in sums.items():
                 out[split][0][lo:hi] = loss.cpu().numpy()
                 out[split][1][lo:hi] = correct.cpu().numpy()
@@ -817,11 +841,19 @@ class _Deferred:
                 self.loss_fn(torch.stack([point[b] for point in self.outputs]), y)
                 for b, y in enumerate(self.targets)
             ]
-        except torch.OutOfMemoryError:  # the stacked loss did not fit: one point at a time
-            per_point = [
-                [self.loss_fn(point[b].unsqueeze(0), y) for b, y in enumerate(self.targets)]
-                for point in self.outputs
-            ]
+        except torch.OutOfMemoryError:
+            parts = None  # out of the handler first: its traceback holds the stacked tensors
+        if parts is None:  # the stacked loss did not fit: one point at a time
+            try:
+                per_point = [
+                    [self.loss_fn(point[b].unsqueeze(0), y) for b, y in enumerate(self.targets)]
+                    for point in self.outputs
+                ]
+            except torch.OutOfMemoryError:
+                raise CkptscopeError(
+                    "out of device memory in the loss of one point; lower --batch-size or "
+                    "evaluate on the CPU."
+                ) from None
             parts = [
                 (torch.cat([p[b][0] for p in per_point]), torch.cat([p[b][1] for p in per_point]))
                 for b in range(len(self.targets))

@@ -437,3 +437,46 @@ def test_tied_weights_move_once_under_both_strategies(keys):
         ref = reference_path(module, a, b, named, grid, x, y)[0]
         np.testing.assert_allclose(loop, ref, rtol=1e-6)
         np.testing.assert_allclose(vmap, ref, rtol=1e-6)
+
+
+def test_stacked_loss_fallback_runs_after_the_failed_call_is_released():
+    import weakref
+
+    from ckptscope.evaluate import _Deferred
+    from ckptscope.losses import cross_entropy
+
+    stacked, alive_in_fallback = [], []
+
+    def loss(outputs, targets):
+        if outputs.shape[0] > 1:
+            stacked.append(weakref.ref(outputs))
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        alive_in_fallback.append(stacked[0]() is not None)
+        return cross_entropy(outputs, targets)
+
+    deferred = _Deferred(loss, 3)
+    y = torch.randint(0, 3, (5,))
+    for _ in range(3):
+        deferred.add([(torch.randn(5, 3), y)])
+    assert deferred.sums(3)[0].shape == (3,)
+    assert alive_in_fallback == [False, False, False]
+
+
+def test_vmap_takes_a_tied_tensor_under_the_name_the_checkpoint_has():
+    from tests.conftest import perturbed
+    from tests.test_hoist import Tied
+
+    torch.manual_seed(0)
+    module = Tied()
+    a = perturbed(module.state_dict(), 0.0, 1)
+    b = perturbed(a, 0.5, 3)
+    b["dec.weight"] = b["enc.weight"]
+    a.pop("enc.weight"), b.pop("enc.weight")  # a file that stores the tied tensor once
+    g = torch.Generator().manual_seed(1)
+    data = {"test": (torch.randn(20, 4, generator=g), torch.randint(0, 3, (20,), generator=g))}
+    got = {}
+    for strategy in ("loop", "vmap"):
+        ev = Evaluator(module, a, b, data, loss="cross_entropy",
+                       config=EvalConfig(strategy=strategy, batch_size=8, hoist=False))
+        got[strategy] = ev.path(list(a), ALPHAS)["test"][0]
+    np.testing.assert_allclose(got["vmap"], got["loop"], rtol=1e-6)
