@@ -37,6 +37,29 @@ def parameter_keys(state: Mapping[str, torch.Tensor], module: nn.Module | None =
     return keys
 
 
+def _moments(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], key: str):
+    """(||b - a||², ||a||², ||b||², <a, b>) of one tensor, in float64, in one pass over it."""
+    x, y = a[key].double().reshape(-1), b[key].double().reshape(-1)
+    d = y - x
+    return float(d @ d), float(x @ x), float(y @ y), float(x @ y)
+
+
+def _summed(moments: Iterable[tuple[float, float, float, float]]) -> tuple[float, ...]:
+    return tuple(map(sum, zip(*moments, strict=True))) or (0.0, 0.0, 0.0, 0.0)
+
+
+def _relative(d2: float, x2: float) -> float:
+    if x2 == 0.0:
+        return math.inf if d2 > 0 else math.nan
+    return math.sqrt(d2) / math.sqrt(x2)
+
+
+def _cosine(x2: float, y2: float, xy: float) -> float:
+    if x2 == 0.0 or y2 == 0.0:
+        return math.nan
+    return xy / math.sqrt(x2 * y2)
+
+
 def relative_distance(
     a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], keys: Iterable[str]
 ) -> float:
@@ -44,14 +67,8 @@ def relative_distance(
 
     Returns ``inf`` when ``a`` is zero over the keys but ``b`` is not.
     """
-    num = den = 0.0
-    for k in keys:
-        x, y = a[k].double(), b[k].double()
-        num += float(torch.sum((y - x) ** 2))
-        den += float(torch.sum(x**2))
-    if den == 0.0:
-        return math.inf if num > 0 else math.nan
-    return math.sqrt(num) / math.sqrt(den)
+    d2, x2, _, _ = _summed(_moments(a, b, k) for k in keys)
+    return _relative(d2, x2)
 
 
 def unique_keys(
@@ -74,22 +91,15 @@ def l2_distance(
     a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], keys: Iterable[str]
 ) -> float:
     """Return ||b - a||_F over ``keys``, in float64."""
-    return math.sqrt(sum(float(torch.sum((b[k].double() - a[k].double()) ** 2)) for k in keys))
+    return math.sqrt(_summed(_moments(a, b, k) for k in keys)[0])
 
 
 def cosine_similarity(
     a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], keys: Iterable[str]
 ) -> float:
     """Return <a, b> / (||a|| ||b||) over ``keys`` flattened into one vector; NaN if either is 0."""
-    dot = na = nb = 0.0
-    for k in keys:
-        x, y = a[k].double(), b[k].double()
-        dot += float(torch.sum(x * y))
-        na += float(torch.sum(x * x))
-        nb += float(torch.sum(y * y))
-    if na == 0.0 or nb == 0.0:
-        return math.nan
-    return dot / math.sqrt(na * nb)
+    _, x2, y2, xy = _summed(_moments(a, b, k) for k in keys)
+    return _cosine(x2, y2, xy)
 
 
 def distances(
@@ -157,12 +167,16 @@ def distance_table(
         list(a.state), normalise_groups(groups), full=full, source=a.path or "A"
     )
     keys = [unique_keys(g.keys, params, module) for g in resolved]
+    # One pass over each tensor, however many groups (and ``all``) hold it.
+    every = dict.fromkeys(k for ks in keys for k in ks)
+    moments = {k: _moments(a.state, b.state, k) for k in every}
+    sums = [_summed(moments[k] for k in ks) for ks in keys]
     return {
         "groups": [g.name for g in resolved],
         "patterns": [g.pattern for g in resolved],
-        "relative": [relative_distance(a.state, b.state, k) for k in keys],
-        "l2": [l2_distance(a.state, b.state, k) for k in keys],
-        "cosine": [cosine_similarity(a.state, b.state, k) for k in keys],
+        "relative": [_relative(d2, x2) for d2, x2, _, _ in sums],
+        "l2": [math.sqrt(d2) for d2, _, _, _ in sums],
+        "cosine": [_cosine(x2, y2, xy) for _, x2, y2, xy in sums],
         "n_tensors": [len(g.keys) for g in resolved],
         "n_params": [sum(a.state[x].numel() for x in k) for k in keys],
     }

@@ -391,6 +391,10 @@ def test_distance_table_is_eq4_by_hand(bn_pair, tmp_path, capsys):
     assert list(ds.n_params.values) == [25, 20, 5]
     l2 = np.sqrt(sum(float(((b[k].double() - a[k].double()) ** 2).sum()) for k in params))
     assert float(ds.l2.sel(group="all")) == pytest.approx(l2, rel=1e-12)
+    flat_a = np.concatenate([a[k].double().numpy().ravel() for k in params])
+    flat_b = np.concatenate([b[k].double().numpy().ravel() for k in params])
+    cosine = flat_a @ flat_b / np.sqrt((flat_a @ flat_a) * (flat_b @ flat_b))
+    assert float(ds.cosine.sel(group="all")) == pytest.approx(cosine, rel=1e-12)
     assert ds.attrs["start_path"] == str(pa)
 
 
