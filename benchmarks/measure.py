@@ -53,11 +53,15 @@ def pin_malloc() -> str:
     method's timing moves with the previous method's garbage (seen here: the same MLP path
     37 ms or 57 ms).
     """
-    from ckptscope.allocator import MMAP_THRESHOLD, TRIM_THRESHOLD, keep_freed_memory
+    from ckptscope.allocator import (
+        MMAP_THRESHOLD,
+        TRIM_THRESHOLD,
+        keep_freed_memory,
+        user_settings,
+    )
 
-    set_by_user = [f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_")]
-    if set_by_user:
-        return "glibc, as the environment sets it: " + ", ".join(set_by_user)
+    if user_settings():
+        return "as the environment sets it: " + ", ".join(user_settings())
     if not keep_freed_memory():
         return "the platform's default (mallopt not available)"
     return (f"glibc, pinned for every method alike: mmap threshold {MMAP_THRESHOLD >> 20} MiB, "

@@ -23,18 +23,25 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameter numbe
 OPT_OUT = "CKPTSCOPE_MALLOC"  # =default leaves the allocator alone
 
 
+def user_settings() -> list[str]:
+    """The allocator settings the environment makes (``NAME=value``): ours give way to them."""
+    found = [f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_")]
+    if os.environ.get(OPT_OUT, "") == "default":
+        found.append(f"{OPT_OUT}=default")
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        found.append(f"GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']}")
+    return found
+
+
 def keep_freed_memory() -> bool:
     """Set glibc's mmap threshold to 32 MiB and its trim threshold to 256 MiB.
 
-    Does nothing, and returns False, when ``CKPTSCOPE_MALLOC=default`` is set, when the user
-    set any ``MALLOC_*`` variable or a ``glibc.malloc.*`` tunable (their choice wins), or when
-    the C library has no ``mallopt`` (not glibc). Returns True when both settings were applied.
+    Does nothing, and returns False, when the environment sets the allocator
+    (:func:`user_settings`: ``CKPTSCOPE_MALLOC=default``, any ``MALLOC_*`` variable or a
+    ``glibc.malloc.*`` tunable — the user's choice wins), or when the C library has no
+    ``mallopt`` (not glibc). Returns True when both settings were applied.
     """
-    if os.environ.get(OPT_OUT, "") == "default":
-        return False
-    if any(name.startswith("MALLOC_") for name in os.environ):
-        return False
-    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+    if user_settings():
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

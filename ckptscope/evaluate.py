@@ -521,8 +521,8 @@ class Evaluator:
                 progress(done)
 
         out = {}
-        for name, (x_all, y_all) in self.data.items():
-            cached = self._frontiers(split, x_all, y_all)
+        for name in self.data:
+            cached = self._frontiers(split, name)
             if cached is not None and vectorised:  # alphas outermost, a chunk per pass
                 sums = []
                 for c in steps:
@@ -557,19 +557,19 @@ class Evaluator:
             out[name] = (loss.cpu().numpy(), correct.cpu().numpy())
         return out
 
-    def _frontiers(self, split: SplitForward, x_all, y_all) -> list | None:
-        """Every batch's (frontier, targets), or ``None`` when they would take more than half
-        the memory budget (estimated from the first batch)."""
+    def _frontiers(self, split: SplitForward, name: str) -> list | None:
+        """Every batch's (frontier, targets) on data split ``name``, or ``None`` when they would
+        take more than half the memory budget (estimated from the first batch)."""
         dev = self.config.device
         cached, limit = [], self.config.budget // 2
-        spans = self._spans(len(x_all))
-        for lo, hi in spans:
-            frontier = split.prefix(self._input(x_all[lo:hi]))
-            if lo == 0:
+        batches = self._batches(name)
+        for i, (x, y) in enumerate(batches):
+            frontier = split.prefix(self._input(x))
+            if i == 0:
                 per_batch = _nbytes([t for t in frontier if isinstance(t, torch.Tensor)])
-                if per_batch * len(spans) > limit:
+                if per_batch * len(batches) > limit:
                     return None
-            cached.append((frontier, y_all[lo:hi].to(dev, non_blocking=True)))
+            cached.append((frontier, y.to(dev, non_blocking=True)))
         return cached
 
     def _accumulate(self, outputs_fn, split: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:

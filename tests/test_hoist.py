@@ -122,7 +122,7 @@ def test_hoisted_batch_outer_when_frontiers_do_not_fit(mlp_pair, spiral_small, s
             config=EvalConfig(strategy=strategy, batch_size=16, memory_budget=budget),
         )
         split = ev._split_for(keys)
-        cached = ev._frontiers(split, *ev.data["test"])
+        cached = ev._frontiers(split, "test")
         assert (cached is None) == (budget is not None)
         results.append(ev.path(keys, ALPHAS)["test"][0])
     np.testing.assert_allclose(results[0], results[1], rtol=1e-6)
