@@ -182,11 +182,28 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cpu_vector_units() -> str:
+    """torch's CPU kernel level, and whether the CPU has bf16 dot products (AVX512-BF16, AMX)."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    bf16 = [name for name in ("avx512_bf16", "amx_bf16") if name in flags]
+    return (f"torch kernels {torch.backends.cpu.get_cpu_capability()}; bf16 dot products: "
+            f"{', '.join(bf16) if bf16 else 'none found'}")
+
+
 def describe(device: torch.device) -> dict[str, str]:
     """Machine, versions and date, for the header of a results file."""
     info = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": f"{_cpu_model()}, {os.cpu_count()} logical cores, {platform.machine()}",
+        "cpu vector units": _cpu_vector_units(),
         "torch threads": str(torch.get_num_threads()),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -54,6 +54,7 @@ def _batch_loss_and_correct(
     out: torch.Tensor, y: torch.Tensor, loss: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed loss and number correct of one batch (as ``ckptscope.losses`` defines them)."""
+    out = out.float()  # an autocast forward's bf16/fp16 logits: the loss in float32
     if loss == "bce":
         logits = out.reshape(-1)
         return (
@@ -81,11 +82,14 @@ def _evaluate_module(model, x, y, loss: str, batch_size: int) -> tuple[float, fl
 
 
 def plain_loop(w: Workload, alphas: np.ndarray, *, batch_size: int, device,
-               mark: Mark | None = None, channels_last: bool = False) -> Curves:
+               mark: Mark | None = None, channels_last: bool = False,
+               autocast: torch.dtype | None = None) -> Curves:
     """Per alpha: lerp every moving tensor into a new state dict and ``load_state_dict`` it.
 
     ``channels_last``: model and images in channels-last layout (what ckptscope does for conv
-    nets on CUDA), to tell the layout's gain from the strategy's.
+    nets), to tell the layout's gain from the strategy's. ``autocast``: forward passes under
+    ``torch.autocast`` in this dtype (the weight-cast cache off, as in ckptscope), to tell the
+    precision's gain from the strategy's.
     """
     device = torch.device(device)
     model = copy.deepcopy(w.module).to(device).eval()
@@ -106,7 +110,10 @@ def plain_loop(w: Workload, alphas: np.ndarray, *, batch_size: int, device,
                     k: torch.lerp(a[k], b[k], float(alpha)) if k in moving else b[k] for k in b
                 }
                 model.load_state_dict(state)
-                loss[g, i], accuracy[g, i] = _evaluate_module(model, x, y, w.loss, batch_size)
+                with torch.autocast(device.type, dtype=autocast or torch.bfloat16,
+                                    enabled=autocast is not None, cache_enabled=False):
+                    loss[g, i], accuracy[g, i] = _evaluate_module(
+                        model, x, y, w.loss, batch_size)
             if mark:
                 mark(g)
     return Curves(loss, accuracy)
@@ -223,6 +230,8 @@ def _evaluator(strategy: str, *, hoist: bool = True, together: bool = False) -> 
 METHODS: dict[str, Method] = {
     "plain load_state_dict loop": plain_loop,
     "plain load_state_dict loop, channels-last": partial(plain_loop, channels_last=True),
+    "plain load_state_dict loop, channels-last, bf16 autocast": partial(
+        plain_loop, channels_last=True, autocast=torch.bfloat16),
     "loss-landscapes linear_interpolation": loss_landscapes_path,
     "ckptscope linear_path, auto": _linear_path("auto"),
     "ckptscope linear_path, loop": _linear_path("loop"),

@@ -48,8 +48,13 @@ LL = "loss-landscapes linear_interpolation"
 MLP_METHODS = [BASELINE, LL, AUTO, "ckptscope linear_path, loop", "ckptscope linear_path, vmap",
                "ckptscope Evaluator.path, loop", "ckptscope Evaluator.path, vmap"]
 # On the CPU auto resolves to loop, so the ResNet sections time auto and vmap only (each run of a
-# method is minutes there).
-RESNET_METHODS = [BASELINE, LL, AUTO, "ckptscope linear_path, vmap"]
+# method is minutes there). ckptscope runs conv nets channels-last and the CPU has AVX512-BF16
+# units, so the plain loop is timed in that layout too, and both under bf16 autocast: the rows
+# tell layout and precision from strategy.
+CL = "plain load_state_dict loop, channels-last"
+BF16 = "ckptscope linear_path, auto, bf16 autocast"
+RESNET_METHODS = [BASELINE, CL, LL, AUTO, "ckptscope linear_path, vmap",
+                  "plain load_state_dict loop, channels-last, bf16 autocast", BF16]
 SECTIONS = ("mlp", "mlp-layers", "resnet", "resnet-blocks", "chunks", "memory")
 
 
@@ -69,12 +74,13 @@ class Profile:
 PROFILES = {
     "quick": Profile(repeat=21, resnet_repeat=1, resnet_alphas=5, blocks_alphas=3,
                      memory_mlp=(1, 2, 5, 10, 20, 51, 204), memory_resnet=(1, 3, 6, 12),
-                     blocks_methods=(BASELINE, LL, AUTO, "ckptscope linear_path, vmap")),
+                     blocks_methods=(BASELINE, CL, LL, AUTO, "ckptscope linear_path, vmap",
+                                     BF16)),
     "full": Profile(repeat=21, resnet_repeat=1, resnet_alphas=51, blocks_alphas=51,
                     memory_mlp=(1, 2, 5, 10, 20, 51, 204, 816),
                     memory_resnet=(1, 2, 3, 6, 12, 24, 51),
-                    blocks_methods=(BASELINE, LL, AUTO, "ckptscope linear_path, vmap",
-                                    "ckptscope Evaluator.path, loop, no hoisting")),
+                    blocks_methods=(BASELINE, CL, LL, AUTO, "ckptscope linear_path, vmap",
+                                    "ckptscope Evaluator.path, loop, no hoisting", BF16)),
 }
 
 

@@ -480,3 +480,54 @@ def test_vmap_takes_a_tied_tensor_under_the_name_the_checkpoint_has():
                        config=EvalConfig(strategy=strategy, batch_size=8, hoist=False))
         got[strategy] = ev.path(list(a), ALPHAS)["test"][0]
     np.testing.assert_allclose(got["vmap"], got["loop"], rtol=1e-6)
+
+
+def test_channels_last_default_follows_device_and_strategy():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert EvalConfig(device=cpu).wants_channels_last  # auto resolves to loop on the CPU
+    assert not EvalConfig(device=cpu, strategy="vmap").wants_channels_last
+    assert EvalConfig(device=cpu, bn="recompute", strategy="vmap").wants_channels_last  # loop
+    assert EvalConfig(device=cuda, strategy="vmap").wants_channels_last
+    assert not EvalConfig(device=cuda, channels_last=False).wants_channels_last
+    assert EvalConfig(device=cpu, strategy="vmap", channels_last=True).wants_channels_last
+
+
+class _PooledConvNet(torch.nn.Module):
+    """Conv, BatchNorm, global average pool: the pool's channels-last path restrides."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(6)
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(self.pool(torch.relu(self.bn(self.conv(x)))).flatten(1))
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channels_last_layout_gives_the_reference_path_quietly(image_data, strategy, channels_last):
+    import warnings
+
+    from tests.conftest import perturbed
+
+    torch.manual_seed(0)
+    module = _PooledConvNet()
+    a = perturbed(module.state_dict(), 0.1, 2)
+    b = perturbed(a, 0.3, 3)
+    x, y = image_data["test"]
+    config = EvalConfig(strategy=strategy, batch_size=10, channels_last=channels_last, hoist=False)
+    ev = Evaluator(module, a, b, image_data, loss="cross_entropy", config=config)
+    assert ev.channels_last is channels_last
+    assert ev.module.conv.weight.is_contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss, acc = ev.path(list(a), ALPHAS)["test"]
+    assert not [w for w in caught if "as_strided_" in str(w.message)]
+    ref_loss, ref_acc = reference_path(module, a, b, list(a), ALPHAS, x, y)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(acc, ref_acc, atol=1.5 / len(x))
