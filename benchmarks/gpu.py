@@ -3,7 +3,7 @@ over a plain loop. For a session with a CUDA device; without one it says so and 
 
 Usage:
     python benchmarks/gpu.py [--out benchmarks/results-gpu.md] [--images 2048] [--alphas 51]
-                             [--block-alphas 11] [--repeat 3] [--time-limit 270]
+                             [--block-alphas 11] [--repeat 3] [--time-limit 270] [--compile]
     python benchmarks/gpu.py --device cpu --images 16 --alphas 5 --block-alphas 5 --repeat 1
         # a smoke test of the script itself on a machine without a GPU
 
@@ -15,6 +15,12 @@ ckptscope's ``linear_path`` with ``auto`` (vmap on CUDA), ``loop`` and ``auto`` 
 autocast; on the blocks also vmap without hoisting, per group and with the groups sharing
 vectorised passes (``Evaluator.paths``). Methods interleaved, median of
 ``--repeat``. Prints a markdown table and writes it to ``--out``.
+
+``--compile`` adds the channels-last plain loop through ``torch.compile`` (default mode, and
+``reduce-overhead``: CUDA graphs) on the whole-model path, to see whether compilation pays on
+this card before the evaluator takes it on. Compiling costs a minute or more of the time limit
+(it happens in the warm-up, which runs the whole data once so that every batch shape is
+compiled before the timing); run it as a second command after the default one.
 
 The run is sized to finish inside ``--time-limit`` seconds (default 270, for a 5-minute slot):
 after the warm-up it measures the plain loop's images·α/s and lowers the α counts (never below
@@ -45,6 +51,8 @@ NO_HOIST = "ckptscope Evaluator.path, vmap, no hoisting"
 TOGETHER = "ckptscope Evaluator.paths, vmap, no hoisting"  # group paths share vmap passes
 BASELINE_CL = "plain load_state_dict loop, channels-last"
 LL = "loss-landscapes linear_interpolation"
+COMPILED = ["plain load_state_dict loop, channels-last, torch.compile",
+            "plain load_state_dict loop, channels-last, torch.compile reduce-overhead"]
 
 
 def log(message: str) -> None:
@@ -117,6 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, default=270.0, help="seconds for the run")
     parser.add_argument("--device", default="cuda",
                         help="cuda (default); cpu only to smoke-test this script with tiny sizes")
+    parser.add_argument("--compile", action="store_true",
+                        help="add the plain loop through torch.compile (default, reduce-overhead)")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("benchmarks/gpu.py: CUDA is not available on this machine; nothing to measure. "
@@ -139,14 +149,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     chunk = probe.chunk_size(list(whole.start), args.alphas)
     del probe
 
-    names = [BASELINE, BASELINE_CL, LL, AUTO, LOOP, AUTO_BF16]
+    names = [BASELINE, BASELINE_CL, LL, AUTO, LOOP, AUTO_BF16] + (COMPILED if args.compile else [])
     block_names = [BASELINE, AUTO, LOOP, NO_HOIST, TOGETHER]
     n_methods = len(methods(names))
     n_groups = len(blocks.resolved_groups())
     # Warm-up (cuDNN plans, allocator, vmap), then the plain loop's rate sizes the run.
     small = replace(whole, x=whole.x[:batch], y=whole.y[:batch])
-    for fn in methods(names).values():
-        fn(small, np.linspace(0, 1, 3), batch_size=batch, device=device)
+    for name, fn in methods(names).items():
+        # a compiled forward is compiled per batch shape: the whole data once covers the last one
+        fn(whole if name in COMPILED else small, np.linspace(0, 1, 2 if name in COMPILED else 3),
+           batch_size=batch, device=device)
     timings, _ = time_round_robin(
         {BASELINE: lambda: methods([BASELINE])[BASELINE](
             whole, np.linspace(0, 1, 5), batch_size=batch, device=device)},

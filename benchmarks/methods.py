@@ -81,21 +81,35 @@ def _evaluate_module(model, x, y, loss: str, batch_size: int) -> tuple[float, fl
     return total.item() / len(x), correct.item() / len(x)
 
 
+_COMPILED: dict[tuple, tuple[torch.nn.Module, Callable]] = {}
+
+
 def plain_loop(w: Workload, alphas: np.ndarray, *, batch_size: int, device,
                mark: Mark | None = None, channels_last: bool = False,
-               autocast: torch.dtype | None = None) -> Curves:
+               autocast: torch.dtype | None = None, compile_mode: str | None = None) -> Curves:
     """Per alpha: lerp every moving tensor into a new state dict and ``load_state_dict`` it.
 
     ``channels_last``: model and images in channels-last layout (what ckptscope does for conv
     nets), to tell the layout's gain from the strategy's. ``autocast``: forward passes under
     ``torch.autocast`` in this dtype (the weight-cast cache off, as in ckptscope), to tell the
-    precision's gain from the strategy's.
+    precision's gain from the strategy's. ``compile_mode``: the forward pass through
+    ``torch.compile(model, mode=...)`` (``"default"``, or ``"reduce-overhead"`` for CUDA graphs),
+    to see whether compilation pays before ckptscope's evaluator takes it on.
     """
     device = torch.device(device)
-    model = copy.deepcopy(w.module).to(device).eval()
+    key = (id(w.module), device, channels_last, compile_mode)
+    if compile_mode and key in _COMPILED:  # compiled once per process, not once per call
+        model, forward = _COMPILED[key]
+    else:
+        model = copy.deepcopy(w.module).to(device).eval()
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        # load_state_dict writes the eager module's tensors in place; the compiled one reads them.
+        forward = torch.compile(model, mode=compile_mode) if compile_mode else model
+        if compile_mode:
+            _COMPILED[key] = model, forward
     x, y = w.x.to(device), _targets(w, device)
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     a = {k: v.to(device) for k, v in w.start.items()}
     b = {k: v.to(device) for k, v in w.end.items()}
@@ -113,7 +127,7 @@ def plain_loop(w: Workload, alphas: np.ndarray, *, batch_size: int, device,
                 with torch.autocast(device.type, dtype=autocast or torch.bfloat16,
                                     enabled=autocast is not None, cache_enabled=False):
                     loss[g, i], accuracy[g, i] = _evaluate_module(
-                        model, x, y, w.loss, batch_size)
+                        forward, x, y, w.loss, batch_size)
             if mark:
                 mark(g)
     return Curves(loss, accuracy)
@@ -230,6 +244,10 @@ def _evaluator(strategy: str, *, hoist: bool = True, together: bool = False) -> 
 METHODS: dict[str, Method] = {
     "plain load_state_dict loop": plain_loop,
     "plain load_state_dict loop, channels-last": partial(plain_loop, channels_last=True),
+    "plain load_state_dict loop, channels-last, torch.compile": partial(
+        plain_loop, channels_last=True, compile_mode="default"),
+    "plain load_state_dict loop, channels-last, torch.compile reduce-overhead": partial(
+        plain_loop, channels_last=True, compile_mode="reduce-overhead"),
     "plain load_state_dict loop, channels-last, bf16 autocast": partial(
         plain_loop, channels_last=True, autocast=torch.bfloat16),
     "loss-landscapes linear_interpolation": loss_landscapes_path,

@@ -48,6 +48,9 @@ Progress = Callable[[int], None]
 _CPU_BUDGET = 1 << 30  # bytes; a quarter of a small laptop's free memory
 _CUDA_FRACTION = 0.5  # of the free device memory
 _MAX_BATCH = 4096
+# oneDNN's channels-last convolutions beat the default layout from about this batch size on
+# (ResNet-18 forward, one thread: -5% at 8-24 images, +6% at 45, +10% at 128).
+_CHANNELS_LAST_MIN_BATCH = 32
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -111,7 +114,8 @@ class EvalConfig:
             float16); weights stay in ``dtype`` and losses are summed in float32/float64.
         channels_last: run a conv net (a model with a ``Conv2d``) and its 4-D inputs in
             channels-last layout. ``None``: on CUDA, and on the CPU under the ``loop``
-            strategy (oneDNN is faster there; vectorised convolutions on the CPU are not).
+            strategy with batches of 32 examples or more (oneDNN is faster there; with smaller
+            batches, and for vectorised convolutions on the CPU, it was not).
     """
 
     device: torch.device = torch.device("cpu")
@@ -148,12 +152,6 @@ class EvalConfig:
             return self.strategy
         return "vmap" if self.device.type == "cuda" else "loop"
 
-    @property
-    def wants_channels_last(self) -> bool:
-        """Whether a conv net runs in channels-last layout (``channels_last``, resolved)."""
-        if self.channels_last is not None:
-            return self.channels_last
-        return self.device.type == "cuda" or self.resolved_strategy == "loop"
 
     @property
     def budget(self) -> int:
@@ -203,22 +201,13 @@ class Evaluator:
         self.loss_fn = get_loss(loss)
         dev, dtype = config.device, config.dtype
         self.module = copy.deepcopy(module).to(device=dev, dtype=dtype).eval()
-        # Conv nets run faster in channels-last layout: on CUDA (tensor cores, cuDNN) and on the
-        # CPU under loop (oneDNN: 6% on ResNet-18, 21-24% on VGG-11-BN and ResNet-50 forwards).
-        self.channels_last = config.wants_channels_last and any(
-            isinstance(m, nn.Conv2d) for m in self.module.modules()
-        )
-        if self.channels_last:
-            self.module = self.module.to(memory_format=torch.channels_last)
+        self.channels_last = False  # decided once the batch size is known (end of __init__)
         self.batchnorms = [m for m in self.module.modules() if isinstance(m, _BatchNorm)]
         if config.bn == "batch":
             for m in self.batchnorms:  # no running statistics: eval mode uses the batch's
                 m.track_running_stats = False
                 m.running_mean = m.running_var = m.num_batches_tracked = None
-        self.slots = {
-            **dict(self.module.named_parameters(remove_duplicate=False)),
-            **{k: v for k, v in self.module.named_buffers(remove_duplicate=False)},
-        }
+        self.slots = self._slots()
         self.a = {k: self._to_device(v) for k, v in a.items() if k in self.slots}
         self.b = {k: self._to_device(v) for k, v in b.items() if k in self.slots}
         tdtype = target_dtype(loss)
@@ -232,11 +221,6 @@ class Evaluator:
             )
             for split, (x, y) in data.items()
         }
-        if self.channels_last and not self.streaming:  # once, not once per batch and alpha
-            self.data = {
-                split: (x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x, y)
-                for split, (x, y) in self.data.items()
-            }
         self._batch_views: dict[tuple[str, int], list] = {}
         if config.bn == "recompute":
             if bn_data is None or len(bn_data) == 0:
@@ -258,6 +242,41 @@ class Evaluator:
         # measures the activations that size the batches and alpha chunks.
         self._activation_bytes = self._probe_activation_bytes()
         self._batch_size = self._pick_batch_size()
+        if self._use_channels_last():
+            self._to_channels_last()
+
+    def _slots(self) -> dict[str, torch.Tensor]:
+        """Every parameter and buffer of the module by name, tied tensors under each name."""
+        return {
+            **dict(self.module.named_parameters(remove_duplicate=False)),
+            **dict(self.module.named_buffers(remove_duplicate=False)),
+        }
+
+    def _use_channels_last(self) -> bool:
+        """Channels-last layout for a conv net: as configured; by default on CUDA (tensor
+        cores, cuDNN), and on the CPU under ``loop`` with batches of at least
+        ``_CHANNELS_LAST_MIN_BATCH`` examples (oneDNN; measured in docs/semantics.md)."""
+        config = self.config
+        if not any(isinstance(m, nn.Conv2d) for m in self.module.modules()):
+            return False
+        if config.channels_last is not None:
+            return config.channels_last
+        if config.device.type == "cuda":
+            return True
+        return (config.resolved_strategy == "loop"
+                and self._batch_size >= _CHANNELS_LAST_MIN_BATCH)
+
+    def _to_channels_last(self) -> None:
+        """The module, and the data when it lives on the device, in channels-last layout: once,
+        not once per batch and alpha (a streamed batch is converted as it is moved)."""
+        self.channels_last = True
+        self.module = self.module.to(memory_format=torch.channels_last)
+        self.slots = self._slots()  # a converted buffer is a new tensor
+        if not self.streaming:
+            self.data = {
+                split: (x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x, y)
+                for split, (x, y) in self.data.items()
+            }
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         dtype = self.config.dtype if t.is_floating_point() else t.dtype

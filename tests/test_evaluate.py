@@ -482,14 +482,35 @@ def test_vmap_takes_a_tied_tensor_under_the_name_the_checkpoint_has():
     np.testing.assert_allclose(got["vmap"], got["loop"], rtol=1e-6)
 
 
-def test_channels_last_default_follows_device_and_strategy():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert EvalConfig(device=cpu).wants_channels_last  # auto resolves to loop on the CPU
-    assert not EvalConfig(device=cpu, strategy="vmap").wants_channels_last
-    assert EvalConfig(device=cpu, bn="recompute", strategy="vmap").wants_channels_last  # loop
-    assert EvalConfig(device=cuda, strategy="vmap").wants_channels_last
-    assert not EvalConfig(device=cuda, channels_last=False).wants_channels_last
-    assert EvalConfig(device=cpu, strategy="vmap", channels_last=True).wants_channels_last
+@pytest.mark.parametrize(
+    "config, batch, expected",
+    [
+        ({}, 32, True),  # auto is loop on the CPU
+        ({}, 31, False),  # small batches: the default layout was faster
+        ({"strategy": "vmap"}, 64, False),
+        ({"strategy": "vmap", "bn": "recompute"}, 64, True),  # recompute runs loop
+        ({"channels_last": True}, 4, True),
+        ({"channels_last": False}, 64, False),
+    ],
+)
+def test_channels_last_default_follows_strategy_and_batch_size(image_data, config, batch,
+                                                               expected):
+    module = _PooledConvNet()
+    a = module.state_dict()
+    data = {"test": image_data["test"], "train": image_data["test"]}
+    ev = Evaluator(module, a, a, data, loss="cross_entropy", bn_data=image_data["test"][0],
+                   config=EvalConfig(batch_size=batch, **config))
+    assert ev.channels_last is expected
+    layout = torch.channels_last if expected else torch.contiguous_format
+    assert ev.module.conv.weight.is_contiguous(memory_format=layout)
+    assert all(x.is_contiguous(memory_format=layout) for x, _ in ev.data.values())
+    assert ev.slots["conv.weight"] is ev.module.conv.weight
+
+
+def test_a_net_without_convolutions_keeps_its_layout(mlp_pair, spiral_small):
+    module, a, b = mlp_pair
+    config = EvalConfig(channels_last=True)
+    assert not Evaluator(module, a, b, spiral_small, loss="bce", config=config).channels_last
 
 
 class _PooledConvNet(torch.nn.Module):
