@@ -171,28 +171,25 @@ def _package_version(name: str) -> str:
         return "not installed"
 
 
-def _cpu_model() -> str:
+def _cpuinfo(field: str) -> str | None:
+    """The value of the first ``field`` line of /proc/cpuinfo (None where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def _cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def _cpu_vector_units() -> str:
     """torch's CPU kernel level, and whether the CPU has bf16 dot products (AVX512-BF16, AMX)."""
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
+    flags = set((_cpuinfo("flags") or "").split())
     bf16 = [name for name in ("avx512_bf16", "amx_bf16") if name in flags]
     return (f"torch kernels {torch.backends.cpu.get_cpu_capability()}; bf16 dot products: "
             f"{', '.join(bf16) if bf16 else 'none found'}")
