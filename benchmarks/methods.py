@@ -54,7 +54,8 @@ def _batch_loss_and_correct(
     out: torch.Tensor, y: torch.Tensor, loss: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed loss and number correct of one batch (as ``ckptscope.losses`` defines them)."""
-    out = out.float()  # an autocast forward's bf16/fp16 logits: the loss in float32
+    if out.dtype in (torch.bfloat16, torch.float16):  # an autocast forward's logits
+        out = out.float()
     if loss == "bce":
         logits = out.reshape(-1)
         return (
@@ -81,7 +82,7 @@ def _evaluate_module(model, x, y, loss: str, batch_size: int) -> tuple[float, fl
     return total.item() / len(x), correct.item() / len(x)
 
 
-_COMPILED: dict[tuple, tuple[torch.nn.Module, Callable]] = {}
+_COMPILED: dict[tuple, tuple[torch.nn.Module, Callable]] = {}  # compiled models, per process
 
 
 def plain_loop(w: Workload, alphas: np.ndarray, *, batch_size: int, device,
@@ -97,7 +98,7 @@ def plain_loop(w: Workload, alphas: np.ndarray, *, batch_size: int, device,
     to see whether compilation pays before ckptscope's evaluator takes it on.
     """
     device = torch.device(device)
-    key = (id(w.module), device, channels_last, compile_mode)
+    key = (w.module, device, channels_last, compile_mode)  # the module itself: its id is reused
     if compile_mode and key in _COMPILED:  # compiled once per process, not once per call
         model, forward = _COMPILED[key]
     else:

@@ -68,27 +68,24 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-# functorch warns that it loops over the vmapped dimension for ``aten::as_strided_``: the
-# channels-last path of ``adaptive_avg_pool2d`` restrides its (N, C, 1, 1) output with it. The
-# loop is over that small output only; the warning would tell the user nothing they can act on.
 _AS_STRIDED_FALLBACK = (
     "There is a performance drop because we have not yet implemented the batching rule for "
     "aten::as_strided_"
 )
 
 
-def _vmap(fn: Callable, in_dims: tuple) -> Callable:
-    """``torch.func.vmap(fn, in_dims)`` without the ``as_strided_`` fallback warning."""
-    from torch.func import vmap
+def _ignore_as_strided_fallback() -> None:
+    """Silence functorch's warning that it loops over the vmapped dimension for
+    ``aten::as_strided_``: the channels-last path of ``adaptive_avg_pool2d`` restrides its
+    (N, C, 1, 1) output with it, a loop over that small output that the user cannot act on.
 
-    batched = vmap(fn, in_dims=in_dims)
-
-    def call(*args):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_AS_STRIDED_FALLBACK, category=UserWarning)
-            return batched(*args)
-
-    return call
+    Called when a vmapped pass is built, not at import (a filter added inside someone's
+    ``catch_warnings`` block is gone when the block ends), and only when the filter is
+    missing: every change to the filters makes Python forget which warnings it has shown, so
+    touching them per call would repeat every other warning once per batch."""
+    if not any(f[0] == "ignore" and f[1] is not None and f[1].pattern == _AS_STRIDED_FALLBACK
+               for f in warnings.filters):
+        warnings.filterwarnings("ignore", message=_AS_STRIDED_FALLBACK, category=UserWarning)
 
 
 @dataclass(frozen=True)
@@ -152,7 +149,6 @@ class EvalConfig:
             return self.strategy
         return "vmap" if self.device.type == "cuda" else "loop"
 
-
     @property
     def budget(self) -> int:
         if self.memory_budget is not None:
@@ -199,15 +195,19 @@ class Evaluator:
     ):
         self.config = config
         self.loss_fn = get_loss(loss)
+        _ignore_as_strided_fallback()  # before any forward pass (see there)
         dev, dtype = config.device, config.dtype
         self.module = copy.deepcopy(module).to(device=dev, dtype=dtype).eval()
-        self.channels_last = False  # decided once the batch size is known (end of __init__)
+        self.channels_last = False  # the layout is chosen at the end of __init__
         self.batchnorms = [m for m in self.module.modules() if isinstance(m, _BatchNorm)]
         if config.bn == "batch":
             for m in self.batchnorms:  # no running statistics: eval mode uses the batch's
                 m.track_running_stats = False
                 m.running_mean = m.running_var = m.num_batches_tracked = None
-        self.slots = self._slots()
+        self.slots = {
+            **dict(self.module.named_parameters(remove_duplicate=False)),
+            **{k: v for k, v in self.module.named_buffers(remove_duplicate=False)},
+        }
         self.a = {k: self._to_device(v) for k, v in a.items() if k in self.slots}
         self.b = {k: self._to_device(v) for k, v in b.items() if k in self.slots}
         tdtype = target_dtype(loss)
@@ -238,19 +238,16 @@ class Evaluator:
         self._traced: object = None  # the fx graph, traced on the first group path
         self._splits: dict[frozenset, SplitForward | None] = {}
         self.hoisted_paths = 0
+        # The layout first where it does not depend on the batch size, so the probe runs in it.
+        explicit = config.channels_last is not None or config.device.type == "cuda"
+        if explicit:
+            self._try_channels_last()
         # One probe forward pass, before any path: checks that the data fits the model and
         # measures the activations that size the batches and alpha chunks.
         self._activation_bytes = self._probe_activation_bytes()
         self._batch_size = self._pick_batch_size()
-        if self._use_channels_last():
-            self._to_channels_last()
-
-    def _slots(self) -> dict[str, torch.Tensor]:
-        """Every parameter and buffer of the module by name, tied tensors under each name."""
-        return {
-            **dict(self.module.named_parameters(remove_duplicate=False)),
-            **dict(self.module.named_buffers(remove_duplicate=False)),
-        }
+        if not explicit:
+            self._try_channels_last()
 
     def _use_channels_last(self) -> bool:
         """Channels-last layout for a conv net: as configured; by default on CUDA (tensor
@@ -266,17 +263,54 @@ class Evaluator:
         return (config.resolved_strategy == "loop"
                 and self._batch_size >= _CHANNELS_LAST_MIN_BATCH)
 
-    def _to_channels_last(self) -> None:
-        """The module, and the data when it lives on the device, in channels-last layout: once,
-        not once per batch and alpha (a streamed batch is converted as it is moved)."""
-        self.channels_last = True
-        self.module = self.module.to(memory_format=torch.channels_last)
-        self.slots = self._slots()  # a converted buffer is a new tensor
-        if not self.streaming:
-            self.data = {
-                split: (x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x, y)
-                for split, (x, y) in self.data.items()
-            }
+    def _try_channels_last(self) -> None:
+        """Switch a conv net to channels-last when :meth:`_use_channels_last` says so, and check
+        it with a forward pass of two examples: a model that reshapes with ``.view`` fails in
+        that layout, and then keeps the default one (or, when ``channels_last=True`` was asked
+        for, gets a one-line error)."""
+        if not self._use_channels_last():
+            return
+        self._set_layout(torch.channels_last)
+        if (err := self._forward_error()) is None:
+            return
+        self._set_layout(torch.contiguous_format)
+        # Asked for, and the model runs in the default layout: the layout is what fails. (If
+        # it fails in both, the probe pass that follows says what is wrong with the data.)
+        if self.config.channels_last and self._forward_error() is None:
+            reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+            raise CkptscopeError(
+                f"channels_last=True was asked for, but {type(self.module).__name__} fails "
+                f"in channels-last layout ({reason}); use channels_last=False or None."
+            )
+
+    def _forward_error(self) -> Exception | None:
+        """The error of a forward pass on two examples, if it fails."""
+        x_all = next(iter(self.data.values()))[0]
+        try:
+            with torch.no_grad(), self._autocast():
+                self.module(self._input(x_all[:2]))
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            return err
+        return None
+
+    def _set_layout(self, layout: torch.memory_format) -> None:
+        """The module's 4-D tensors, and the data held on the device, in ``layout``.
+
+        In place, tensor by tensor, so that every slot, tied alias and captured reference
+        stays the same tensor (``Module.to`` would give a converted buffer a new one under
+        each module that holds it, and untie it). Streamed batches are converted as they are
+        moved (:meth:`_input`)."""
+        self.channels_last = layout is torch.channels_last
+        for t in {id(t): t for t in self.slots.values() if t.dim() == 4}.values():
+            t.data = t.data.contiguous(memory_format=layout)
+        if self.streaming:
+            return
+        self.data = {
+            split: (x.contiguous(memory_format=layout) if x.dim() == 4 else x, y)
+            for split, (x, y) in self.data.items()
+        }
+        if self.bn_data is not None and self.bn_data.dim() == 4:
+            self.bn_data = self.bn_data.contiguous(memory_format=layout)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         dtype = self.config.dtype if t.is_floating_point() else t.dtype
@@ -521,7 +555,7 @@ class Evaluator:
         first and kept, and the alphas run outermost (the weights are written once per alpha);
         otherwise batch by batch, the weights written once per batch and alpha.
         """
-        from torch.func import functional_call
+        from torch.func import functional_call, vmap
 
         self._load_state(plan.base)
         dev, n = self.config.device, len(alphas)
@@ -540,7 +574,8 @@ class Evaluator:
 
         # Built once per path: the suffix takes one placeholder per frontier value.
         n_frontier = sum(node.op == "placeholder" for node in split.suffix.graph.nodes)
-        batched = _vmap(
+        _ignore_as_strided_fallback()
+        batched = vmap(
             lambda mv, *f: functional_call(split.suffix, mv, f),
             in_dims=(0, *([None] * n_frontier)),
         )
@@ -741,7 +776,7 @@ class Evaluator:
         value on the points of paths that move it, the held value on the others. The chunk is
         what the memory budget holds of those stacks plus the activations.
         """
-        from torch.func import functional_call
+        from torch.func import functional_call, vmap
 
         held = items[0][1].base  # every plan holds the same endpoint
         # functional_call ties aliases itself: pass each tied tensor under its first name only.
@@ -758,7 +793,8 @@ class Evaluator:
         ends = np.cumsum([len(a) for _, _, a in items])  # item j: points up to ends[j]
         chunk = self.chunk_size(union, len(points))
         self._load_state(held)  # for any state the module holds outside its state dict
-        batched = _vmap(
+        _ignore_as_strided_fallback()
+        batched = vmap(
             lambda moving, x: functional_call(self.module, (fixed, moving), (x,)),
             in_dims=(0, None),
         )

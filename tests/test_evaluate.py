@@ -545,10 +545,131 @@ def test_channels_last_layout_gives_the_reference_path_quietly(image_data, strat
     assert ev.module.conv.weight.is_contiguous(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format
     )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as caught:  # the filters as they are
         loss, acc = ev.path(list(a), ALPHAS)["test"]
     assert not [w for w in caught if "as_strided_" in str(w.message)]
     ref_loss, ref_acc = reference_path(module, a, b, list(a), ALPHAS, x, y)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     np.testing.assert_allclose(acc, ref_acc, atol=1.5 / len(x))
+
+
+class _ViewNet(torch.nn.Module):
+    """Flattens a conv output with ``.view``, which channels-last layout does not allow."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        return self.fc(h.view(h.size(0), -1))
+
+
+def test_a_model_that_fails_in_channels_last_keeps_the_default_layout(image_data):
+    from tests.conftest import perturbed
+
+    torch.manual_seed(0)
+    module = _ViewNet()
+    a = module.state_dict()
+    b = perturbed(a, 0.3, 3)
+    x, y = image_data["test"]
+    ev = Evaluator(module, a, b, image_data, loss="cross_entropy", config=EvalConfig(batch_size=37))
+    assert not ev.channels_last
+    loss, _ = ev.path(list(a), ALPHAS)["test"]
+    np.testing.assert_allclose(loss, reference_path(module, a, b, list(a), ALPHAS, x, y)[0],
+                               rtol=1e-5)
+    with pytest.raises(CkptscopeError, match="channels_last=True was asked for.*view"):
+        Evaluator(module, a, b, image_data, loss="cross_entropy",
+                  config=EvalConfig(channels_last=True))
+
+
+class _ScaledConvNet(torch.nn.Module):
+    """A conv net with 4-D buffers: ``s1.scale`` and ``s2.scale`` are one tensor (tied),
+    ``own`` is another."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.s1, self.s2 = torch.nn.Module(), torch.nn.Module()
+        scale = torch.ones(1, 6, 1, 1)
+        self.s1.register_buffer("scale", scale)
+        self.s2.register_buffer("scale", scale)
+        self.register_buffer("own", torch.ones(1, 6, 1, 1))
+        self.fc = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)) * self.s1.scale * self.own + self.s2.scale
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("keys", [["own"], ["s1.scale"], ["s2.scale"], None])
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_four_d_buffers_move_and_stay_tied_in_channels_last(image_data, keys, strategy):
+    from tests.conftest import perturbed
+
+    torch.manual_seed(0)
+    module = _ScaledConvNet()
+    a = perturbed(module.state_dict(), 0.1, 2)
+    a["s2.scale"] = a["s1.scale"]  # one tensor in the module, one value in the checkpoint
+    b = perturbed(a, 0.5, 3)
+    b["s2.scale"] = b["s1.scale"]
+    keys = keys or list(a)
+    curves = {}
+    for layout in (True, False):
+        config = EvalConfig(strategy=strategy, batch_size=37, channels_last=layout)
+        ev = Evaluator(module, a, b, image_data, loss="cross_entropy", config=config)
+        assert ev.channels_last is layout
+        assert ev.module.s1.scale is ev.module.s2.scale  # still tied
+        assert ev.slots["own"] is ev.module.own
+        curves[layout] = ev.path(keys, ALPHAS)["test"][0]
+    np.testing.assert_allclose(curves[True], curves[False], rtol=1e-5)
+    assert np.ptp(curves[False]) > 1e-3  # the path moves
+    if keys == ["own"]:
+        x, y = image_data["test"]
+        ref = reference_path(module, a, b, keys, ALPHAS, x, y)[0]
+        np.testing.assert_allclose(curves[True], ref, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bn, strategy", [("interpolate", "loop"), ("interpolate", "vmap"),
+                                          ("batch", "loop"), ("recompute", "loop")])
+@pytest.mark.parametrize("keys", [["fc.weight", "fc.bias"], ["bn.weight", "bn.bias"]])
+def test_hoisted_and_bn_policy_paths_agree_across_layouts(image_data, bn, strategy, keys):
+    from tests.conftest import perturbed
+
+    torch.manual_seed(0)
+    module = _PooledConvNet()
+    a = perturbed(module.state_dict(), 0.1, 2)
+    b = perturbed(a, 0.3, 3)
+    data = {"test": image_data["test"], "train": image_data["test"]}
+    curves = []
+    for layout in (True, False):
+        config = EvalConfig(strategy=strategy, batch_size=37, channels_last=layout, bn=bn)
+        ev = Evaluator(module, a, b, data, loss="cross_entropy", config=config,
+                       bn_data=image_data["test"][0])
+        curves.append(ev.path(keys, ALPHAS)["test"][0])
+        if bn != "recompute":
+            assert ev.hoisted_paths == 1
+    np.testing.assert_allclose(curves[0], curves[1], rtol=1e-5)
+
+
+class _ChattyConvNet(_PooledConvNet):
+    def forward(self, x):
+        import warnings
+
+        warnings.warn("a warning from the model's forward", stacklevel=1)
+        return super().forward(x)
+
+
+def test_a_models_own_warning_shows_once_under_vmap(image_data):
+    import warnings
+
+    torch.manual_seed(0)
+    module = _ChattyConvNet()
+    a = module.state_dict()
+    config = EvalConfig(strategy="vmap", batch_size=5, channels_last=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.filterwarnings("default", message="a warning from the model")
+        ev = Evaluator(module, a, a, image_data, loss="cross_entropy", config=config)
+        ev.path(list(a), ALPHAS)  # 8 batches
+    assert sum("from the model" in str(w.message) for w in caught) == 1
