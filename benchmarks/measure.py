@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import statistics
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -126,6 +130,27 @@ def matmul_rate(
         synchronize(device)
         rates.append(2 * n**3 * inner / (now() - t0))
     return statistics.median(rates)
+
+
+def fma_peak() -> float | None:
+    """The fp32 FMA peak of one core in FLOP/s: ``fma_peak.c`` built with the system's C compiler
+    (``cc -O2 -march=native``) and run; None where there is no compiler or it fails. No
+    Python-level loop gets near the peak, and no torch kernel is a fair stand-in for it."""
+    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = Path(tmp) / "fma_peak"
+        try:
+            subprocess.run(
+                [compiler, "-O2", "-march=native", "-ffp-contract=fast", "-o", str(exe),
+                 str(Path(__file__).with_name("fma_peak.c"))],
+                check=True, capture_output=True, timeout=60)
+            out = subprocess.run([str(exe)], check=True, capture_output=True, text=True,
+                                 timeout=60).stdout
+            return max(float(line.split()[1]) for line in out.splitlines() if line.strip()) * 1e9
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+            return None
 
 
 def conv_rate(device: torch.device, *, repeat: int = 5, clock: str = "wall") -> float:

@@ -31,6 +31,7 @@ from measure import (
     Timing,
     conv_rate,
     describe,
+    fma_peak,
     forward_flops,
     matmul_rate,
     pin_malloc,
@@ -113,6 +114,7 @@ class Bench:
         self.rates: list[float] = []  # fp32 matmul FLOP per CPU second
         self.wall_rates: list[float] = []
         self.conv_rates: list[float] = []
+        self.peak: float | None = None  # one core's fp32 FMA peak, FLOP/s (fma_peak)
         self.rows: list[Row] = []
         self.group_rows: list[tuple[str, list[str], dict[str, list[float]]]] = []
         self.chunk_rows: list[tuple[str, int, Timing]] = []
@@ -322,6 +324,9 @@ def render(bench: Bench, info: dict[str, str], command: str) -> str:
         f"- fp32 3x3 convolution (256 channels, 16x16, batch 32): median "
         f"{np.median(bench.conv_rates) / 1e9:.1f} GFLOP per CPU second (for context: a ResNet "
         "can beat the matmul floor where the convolutions outrun the matmul)",
+        "- fp32 FMA peak of one core (`benchmarks/fma_peak.c`, `cc -O2 -march=native`): "
+        + (f"{bench.peak / 1e9:.1f} GFLOP/s; a row's share of it is its % of matmul floor × "
+           f"{bench.rate / bench.peak:.2f}" if bench.peak else "not measured (no C compiler)"),
         "",
     ]
     if bench.rows:
@@ -380,6 +385,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         info["loss-landscapes"] += " (cannot be imported: its rows are skipped)"
     bench = Bench(profile, device)
     bench.sample_rate()
+    bench.peak = fma_peak()
     started = time.perf_counter()
 
     if "mlp" in args.only:
