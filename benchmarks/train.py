@@ -43,10 +43,12 @@ def fake_cifar(root: Path, n: int) -> Path:
     return root
 
 
-def measure(name: str, overrides: dict, *, data_dir=None, device="cpu", amp=False) -> float:
+def measure(name: str, overrides: dict, *, data_dir=None, device="cpu", amp=False,
+            channels_last=None) -> float:
     recipe = replace(load_recipe(name), **overrides)
     with tempfile.TemporaryDirectory() as out:
-        result = run(recipe, seed=0, out=out, data_dir=data_dir, device=device, amp=amp)
+        result = run(recipe, seed=0, out=out, data_dir=data_dir, device=device, amp=amp,
+                     channels_last=channels_last)
     return result.images_per_second
 
 
@@ -66,9 +68,11 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         root = fake_cifar(Path(tmp), 256)
         overrides = {"epochs": 1, "train_examples": 512}
-        rows.append(("resnet18-cifar10", overrides,
-                     measure("resnet18-cifar10", overrides, data_dir=root, device=args.device,
-                             amp=args.amp)))
+        # the default layout (channels-last for a conv net), then the other one, in one process
+        for label, layout in (("", None), (", channels_last=False", False)):
+            rows.append((f"resnet18-cifar10{label}", overrides,
+                         measure("resnet18-cifar10", overrides, data_dir=root,
+                                 device=args.device, amp=args.amp, channels_last=layout)))
     lines = [
         f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch "
         f"{torch.__version__}, device {args.device}{' (bf16 autocast)' if args.amp else ''}, "

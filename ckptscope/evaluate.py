@@ -49,8 +49,9 @@ _CPU_BUDGET = 1 << 30  # bytes; a quarter of a small laptop's free memory
 _CUDA_FRACTION = 0.5  # of the free device memory
 _MAX_BATCH = 4096
 # oneDNN's channels-last convolutions beat the default layout from about this batch size on
-# (ResNet-18 forward, one thread: -5% at 8-24 images, +6% at 45, +10% at 128).
-_CHANNELS_LAST_MIN_BATCH = 32
+# (ResNet-18 forward, one thread: -5% at 8-24 images, +6% at 45, +10% at 128); the trainer
+# uses the same threshold.
+CHANNELS_LAST_MIN_BATCH = 32
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -252,7 +253,7 @@ class Evaluator:
     def _use_channels_last(self) -> bool:
         """Channels-last layout for a conv net: as configured; by default on CUDA (tensor
         cores, cuDNN), and on the CPU under ``loop`` with batches of at least
-        ``_CHANNELS_LAST_MIN_BATCH`` examples (oneDNN; measured in docs/semantics.md)."""
+        ``CHANNELS_LAST_MIN_BATCH`` examples (oneDNN; measured in docs/semantics.md)."""
         config = self.config
         if not any(isinstance(m, nn.Conv2d) for m in self.module.modules()):
             return False
@@ -261,7 +262,7 @@ class Evaluator:
         if config.device.type == "cuda":
             return True
         return (config.resolved_strategy == "loop"
-                and self._batch_size >= _CHANNELS_LAST_MIN_BATCH)
+                and self._batch_size >= CHANNELS_LAST_MIN_BATCH)
 
     def _try_channels_last(self) -> None:
         """Switch a conv net to channels-last when :meth:`_use_channels_last` says so, and check

@@ -356,3 +356,46 @@ def test_random_flip_and_brightness():
     ratio = bright / pixels.clamp_min(1e-3)
     assert bright.min() >= -1e-6 and bright.max() <= 1 + 1e-6
     assert (ratio[pixels > 0.1] > 0.95 - 1e-4).all()
+
+
+class ViewConvNet(torch.nn.Module):
+    """A conv net that flattens with ``.view``: it cannot run in channels-last layout."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = torch.nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        return self.fc(h.view(h.size(0), -1))
+
+
+def _layout_runs(recipe, tmp_path, name, layouts):
+    finals = {}
+    for layout in layouts:
+        out = run(recipe, seed=0, out=tmp_path / f"{name}-{layout}", channels_last=layout)
+        finals[layout] = load_file(out.final)
+    return finals
+
+
+def test_run_default_layout_on_the_cpu_is_channels_last_for_a_conv_net(tmp_path):
+    # batch 32 from 16 images: the step sees all 16, the layout rule sees the recipe's 32
+    recipe = override(load_recipe("resnet18-cifar10"), {
+        **TINY, "batch_size": 32, "data": TINY_IMAGES, "augment": []})
+    finals = _layout_runs(recipe, tmp_path, "resnet", (None, True, False))
+    assert all(torch.equal(finals[None][k], finals[True][k]) for k in finals[None])
+    small = override(recipe, {"batch_size": 8})  # below the threshold: the default layout
+    finals = _layout_runs(small, tmp_path, "resnet-small", (None, False))
+    assert all(torch.equal(finals[None][k], finals[False][k]) for k in finals[None])
+
+
+def test_run_a_model_that_cannot_run_channels_last_keeps_the_default_layout(tmp_path):
+    recipe = override(load_recipe("resnet18-cifar10"), {
+        **TINY, "batch_size": 32, "data": TINY_IMAGES,
+        "adapter": "tests.test_train_run:ViewConvNet", "augment": []})
+    finals = _layout_runs(recipe, tmp_path, "view", (None, False))
+    assert all(torch.equal(finals[None][k], finals[False][k]) for k in finals[None])
+    with pytest.raises(CkptscopeError, match="channels_last=True was asked for.*view"):
+        run(recipe, seed=0, out=tmp_path / "forced", channels_last=True)
+    assert not list((tmp_path / "forced").glob("*"))  # nothing half-written

@@ -22,6 +22,7 @@ count gives a bitwise identical theta_f, resumed or not.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -36,6 +37,7 @@ from ckptscope.checkpoints import save_checkpoint
 from ckptscope.data import load_data
 from ckptscope.data.transforms import subset
 from ckptscope.errors import CkptscopeError
+from ckptscope.evaluate import CHANNELS_LAST_MIN_BATCH
 from ckptscope.files import replacing, write_text
 from ckptscope.losses import get_loss, target_dtype
 from ckptscope.train.interventions import initial_state
@@ -108,6 +110,31 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 # --- atomic files ------------------------------------------------------------------------------
+def _channels_last_pays(module: torch.nn.Module, dev: torch.device, recipe: Recipe) -> bool:
+    """The default layout choice for image data: channels-last on CUDA, and on the CPU for a
+    conv net trained in batches of at least the evaluator's threshold (one thread, batch 128:
+    a ResNet-18 step 13-27% faster, VGG-11-BN 10-14%)."""
+    if dev.type == "cuda":
+        return True
+    return (recipe.batch_size >= CHANNELS_LAST_MIN_BATCH
+            and any(isinstance(m, torch.nn.Conv2d) for m in module.modules()))
+
+
+def _forward_error(module: torch.nn.Module, x: torch.Tensor) -> Exception | None:
+    """The error of a forward pass on ``x``, if it fails: in eval mode and without gradients,
+    so that it moves no BatchNorm statistics and draws nothing from the random generators."""
+    training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            module(x)
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        return err
+    finally:
+        module.train(training)
+    return None
+
+
 def _atomic_torch_save(obj: object, path: Path) -> None:
     with replacing(path) as tmp:
         torch.save(obj, tmp)
@@ -189,7 +216,8 @@ def run(
         device: ``cpu``, ``cuda[:i]`` or ``auto``.
         amp: bf16 autocast for forward passes.
         compile: ``torch.compile`` the module for training.
-        channels_last: image batches in channels-last layout (default: on CUDA only).
+        channels_last: image batches and the model in channels-last layout (default: on CUDA,
+            and on the CPU for a conv net trained in batches of 32 or more).
         save_every: also write ``epoch_XXX.safetensors`` every this many epochs (0: never).
         checkpoint_every: write the resume state every this many epochs (>= 1).
         resume: continue from ``resume.pt``; a finished run is returned as it is.
@@ -239,12 +267,24 @@ def run(
             f"recipe {recipe.name!r}: augment={recipe.augment} needs image data, and {spec} is "
             f"not; --set augment=[]."
         )
-    memory_format = torch.channels_last if (
-        image and (channels_last if channels_last is not None else dev.type == "cuda")
-    ) else torch.contiguous_format
 
     torch.manual_seed(seed)  # PyTorch's default init draws from the global RNG
     module = adapter.make(options)
+    memory_format = torch.channels_last if image and (
+        channels_last if channels_last is not None else _channels_last_pays(module, dev, recipe)
+    ) else torch.contiguous_format
+    # Checked on a copy, before anything is written: a .view of a conv output, say, fails.
+    if memory_format is torch.channels_last and (err := _forward_error(
+        copy.deepcopy(module).to(memory_format=torch.channels_last),
+        splits["train"][0][:2].contiguous(memory_format=torch.channels_last),
+    )):
+        if channels_last:
+            reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+            raise CkptscopeError(
+                f"channels_last=True was asked for, but the model fails in channels-last "
+                f"layout ({reason}); use channels_last=False or None."
+            )
+        memory_format = torch.contiguous_format  # the default layout, as if never asked
     labels_gen = torch.Generator().manual_seed(stream_seed(seed, "labels"))
     metadata = {
         "recipe": recipe.name,
