@@ -104,6 +104,7 @@ def linear_path(
     adapter_options: Mapping[str, object] | None = None,
     dtype: str = "float32",
     strategy: str = "auto",
+    channels_last: bool | None = None,
     bn: str = "interpolate",
     bn_batches: int = 20,
     data_size: int | None = None,
@@ -138,6 +139,8 @@ def linear_path(
         dtype: "float32" (default), "float64", or "bf16" / "fp16" (float32 weights, forward
             passes under ``torch.autocast`` in that precision).
         strategy: "auto", "loop" or "vmap" (see :mod:`ckptscope.evaluate`).
+        channels_last: conv nets in channels-last memory layout; ``None``: where it is faster
+            (CUDA; the CPU's ``loop`` with batches of 32 or more). Changes rounding only.
         bn: BatchNorm running statistics: "interpolate" (they move with their group, as in the
             paper), "recompute" (re-estimated at every alpha on ``bn_batches`` batches of the
             training split) or "batch" (each evaluation batch's own statistics).
@@ -213,6 +216,7 @@ def linear_path(
         autocast=AUTOCAST.get(dtype),
         batch_size=batch_size,
         strategy=strategy,
+        channels_last=channels_last,
         memory_budget=memory_budget,
         bn=bn,
         bn_batches=bn_batches,

@@ -257,6 +257,8 @@ def demo(out, seed, epochs):
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--strategy", type=click.Choice(["auto", "loop", "vmap"]), default="auto",
               show_default=True, help="Evaluator strategy.")
+@click.option("--channels-last/--no-channels-last", default=None,
+              help="Conv nets in channels-last memory layout (default: where it is faster).")
 @click.option("--bn", type=click.Choice(["interpolate", "recompute", "batch"]),
               default="interpolate", show_default=True,
               help="BatchNorm running stats: move with their group, re-estimate at every alpha "
@@ -274,8 +276,8 @@ def demo(out, seed, epochs):
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Write a figure (.png, .pdf, .svg).")
 def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adapter,
-         adapter_opts, data, split, hold, no_full, device, dtype, batch_size, strategy, bn,
-         bn_batches, data_size, seed, tolerances, out, plot):
+         adapter_opts, data, split, hold, no_full, device, dtype, batch_size, strategy,
+         channels_last, bn, bn_batches, data_size, seed, tolerances, out, plot):
     """Evaluate loss and accuracy on the straight line from START to END."""
     from ckptscope.analysis import linear_paths
     from ckptscope.cache import PathCache
@@ -299,7 +301,8 @@ def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adap
         runs, adapter, data, groups=group_specs, alphas=grid, full=not no_full, hold=hold,
         device=device, batch_size=batch_size, split=split,
         adapter_options=_key_values(adapter_opts, "--adapter-opt"), dtype=dtype,
-        strategy=strategy, bn=bn, bn_batches=bn_batches, data_size=data_size, seed=seed,
+        strategy=strategy, channels_last=channels_last, bn=bn, bn_batches=bn_batches,
+        data_size=data_size, seed=seed,
         tolerances=_tolerances(tolerances),
         progress=lambda label, done, total: bars[label](done, total),
         resume_dir=_partial_dir(out),

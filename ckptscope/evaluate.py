@@ -280,8 +280,9 @@ class Evaluator:
         if self.config.channels_last and self._forward_error() is None:
             reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
             raise CkptscopeError(
-                f"channels_last=True was asked for, but {type(self.module).__name__} fails "
-                f"in channels-last layout ({reason}); use channels_last=False or None."
+                f"channels-last layout was asked for (--channels-last, channels_last=True), but "
+                f"{type(self.module).__name__} fails in it ({reason}); leave the layout to "
+                f"ckptscope or turn it off (--no-channels-last, channels_last=False)."
             )
 
     def _forward_error(self) -> Exception | None:

@@ -188,3 +188,35 @@ def test_allocator_settings_give_way_to_the_user(monkeypatch):
     monkeypatch.delenv("GLIBC_TUNABLES")
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert keep_freed_memory() is True
+
+
+def tiny_images():
+    """37 random 3x8x8 images in 3 classes: one batch of 37 takes the channels-last default."""
+    import torch
+
+    g = torch.Generator().manual_seed(5)
+    return {"test": (torch.randn(37, 3, 8, 8, generator=g), torch.randint(0, 3, (37,),
+                                                                         generator=g))}
+
+
+def test_path_channels_last_flags(tmp_path, capsys):
+    import numpy as np
+
+    from tests.conftest import perturbed
+    from tests.test_evaluate import _ViewNet  # flattens with .view: fails channels-last
+
+    a = _ViewNet().state_dict()
+    meta = {"adapter": "tests.test_evaluate:_ViewNet", "data": "tests.test_cli:tiny_images"}
+    pair = [str(save_checkpoint(tmp_path / f"{n}.safetensors", s, metadata=meta))
+            for n, s in (("a", a), ("b", perturbed(a, 0.3, 3)))]
+    curves = []
+    for flags in ([], ["--no-channels-last"]):
+        out = tmp_path / f"r{len(flags)}.nc"
+        code, _, err = run(["path", *pair, "--alphas", "3", "--out", str(out), *flags], capsys)
+        assert code == 0, err
+        curves.append(open_result(out)["loss"].values)
+    np.testing.assert_array_equal(curves[0], curves[1])  # the default fell back to the layout
+    code, _, err = run(["path", *pair, "--alphas", "3", "--channels-last",
+                        "--out", str(tmp_path / "forced.nc")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--no-channels-last" in err, err
+    assert not (tmp_path / "forced.nc").exists()

@@ -579,7 +579,7 @@ def test_a_model_that_fails_in_channels_last_keeps_the_default_layout(image_data
     loss, _ = ev.path(list(a), ALPHAS)["test"]
     np.testing.assert_allclose(loss, reference_path(module, a, b, list(a), ALPHAS, x, y)[0],
                                rtol=1e-5)
-    with pytest.raises(CkptscopeError, match="channels_last=True was asked for.*view"):
+    with pytest.raises(CkptscopeError, match="channels-last layout was asked for.*view"):
         Evaluator(module, a, b, image_data, loss="cross_entropy",
                   config=EvalConfig(channels_last=True))
 
