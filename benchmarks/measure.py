@@ -132,25 +132,31 @@ def matmul_rate(
     return statistics.median(rates)
 
 
-def fma_peak() -> float | None:
-    """The fp32 FMA peak of one core in FLOP/s: ``fma_peak.c`` built with the system's C compiler
-    (``cc -O2 -march=native``) and run; None where there is no compiler or it fails. No
-    Python-level loop gets near the peak, and no torch kernel is a fair stand-in for it."""
-    compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
-        return None
+def fma_peak() -> tuple[float | None, str]:
+    """One core's fp32 peak in FLOP/s, and what was measured: ``fma_peak.c`` built with the
+    system's C compiler (``-O2 -march=native``; the next compiler is tried when one fails) and
+    run. ``(None, why)`` where no compiler builds it. No Python-level loop gets near the peak,
+    and no torch kernel is a fair stand-in for it."""
+    compilers = [c for c in dict.fromkeys(shutil.which(n) for n in ("cc", "gcc", "clang")) if c]
+    if not compilers:
+        return None, "no C compiler"
+    source = Path(__file__).with_name("fma_peak.c")
     with tempfile.TemporaryDirectory() as tmp:
         exe = Path(tmp) / "fma_peak"
-        try:
-            subprocess.run(
-                [compiler, "-O2", "-march=native", "-ffp-contract=fast", "-o", str(exe),
-                 str(Path(__file__).with_name("fma_peak.c"))],
-                check=True, capture_output=True, timeout=60)
-            out = subprocess.run([str(exe)], check=True, capture_output=True, text=True,
-                                 timeout=60).stdout
-            return max(float(line.split()[1]) for line in out.splitlines() if line.strip()) * 1e9
-        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-            return None
+        for compiler in compilers:
+            try:
+                subprocess.run([compiler, "-O2", "-march=native", "-ffp-contract=fast", "-o",
+                                str(exe), str(source)], check=True, capture_output=True,
+                               timeout=60)
+                lines = subprocess.run([str(exe)], check=True, capture_output=True, text=True,
+                                       timeout=60).stdout.split("\n")
+                fields = dict(line.split() for line in lines if line.strip())
+                rate = max(float(v) for k, v in fields.items() if k != "fma") * 1e9
+            except (OSError, subprocess.SubprocessError, ValueError):
+                continue
+            what = "FMA" if fields.get("fma") == "1" else "multiply-add (no FMA in this build)"
+            return rate, f"{what}, {Path(compiler).name} -O2 -march=native"
+    return None, f"{', '.join(Path(c).name for c in compilers)} could not build or run it"
 
 
 def conv_rate(device: torch.device, *, repeat: int = 5, clock: str = "wall") -> float:

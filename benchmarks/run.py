@@ -114,7 +114,7 @@ class Bench:
         self.rates: list[float] = []  # fp32 matmul FLOP per CPU second
         self.wall_rates: list[float] = []
         self.conv_rates: list[float] = []
-        self.peak: float | None = None  # one core's fp32 FMA peak, FLOP/s (fma_peak)
+        self.peak: tuple[float | None, str] = (None, "not run")  # measure.fma_peak()
         self.rows: list[Row] = []
         self.group_rows: list[tuple[str, list[str], dict[str, list[float]]]] = []
         self.chunk_rows: list[tuple[str, int, Timing]] = []
@@ -324,9 +324,9 @@ def render(bench: Bench, info: dict[str, str], command: str) -> str:
         f"- fp32 3x3 convolution (256 channels, 16x16, batch 32): median "
         f"{np.median(bench.conv_rates) / 1e9:.1f} GFLOP per CPU second (for context: a ResNet "
         "can beat the matmul floor where the convolutions outrun the matmul)",
-        "- fp32 FMA peak of one core (`benchmarks/fma_peak.c`, `cc -O2 -march=native`): "
-        + (f"{bench.peak / 1e9:.1f} GFLOP/s; a row's share of it is its % of matmul floor × "
-           f"{bench.rate / bench.peak:.2f}" if bench.peak else "not measured (no C compiler)"),
+        f"- fp32 peak of one core (`benchmarks/fma_peak.c`; {bench.peak[1]}): "
+        + (f"{bench.peak[0] / 1e9:.1f} GFLOP/s; a row's share of it is its % of matmul floor × "
+           f"{bench.rate / bench.peak[0]:.2f}" if bench.peak[0] else "not measured"),
         "",
     ]
     if bench.rows:

@@ -399,3 +399,38 @@ def test_run_a_model_that_cannot_run_channels_last_keeps_the_default_layout(tmp_
     with pytest.raises(CkptscopeError, match="channels_last=True was asked for.*view"):
         run(recipe, seed=0, out=tmp_path / "forced", channels_last=True)
     assert not list((tmp_path / "forced").glob("*"))  # nothing half-written
+
+
+def test_run_resumed_keeps_the_layout_it_started_in(tmp_path):
+    recipe = override(load_recipe("resnet18-cifar10"), {
+        **TINY, "epochs": 2, "batch_size": 32, "data": TINY_IMAGES, "augment": []})
+
+    def stop_after_first(record):
+        if record.get("epoch") == 1:
+            raise KeyboardInterrupt
+
+    whole = {layout: load_file(run(recipe, seed=0, out=tmp_path / f"whole-{layout}",
+                                   channels_last=layout).final) for layout in (None, False)}
+    assert load_checkpoint(tmp_path / "whole-None" / "final.safetensors").metadata[
+        "channels_last"] == "true"
+
+    def resumed(name, first, then, *, forget=False):
+        with pytest.raises(KeyboardInterrupt):
+            run(recipe, seed=0, out=tmp_path / name, channels_last=first,
+                on_epoch=stop_after_first)
+        if forget:  # a resume file from before the layout was recorded
+            state = torch.load(tmp_path / name / "resume.pt", weights_only=True)
+            del state["channels_last"]
+            torch.save(state, tmp_path / name / "resume.pt")
+        return load_file(run(recipe, seed=0, out=tmp_path / name, channels_last=then,
+                             resume=True).final)
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert not same(whole[None], whole[False])  # the layout shows in θ_f
+    assert same(resumed("cl", None, None), whole[None])
+    assert same(resumed("nchw", False, None), whole[False])  # not today's default
+    assert same(resumed("old", False, None, forget=True), whole[False])  # the CPU's old default
+    with pytest.raises(CkptscopeError, match="trained with channels_last=True"):
+        resumed("clash", None, False)

@@ -94,10 +94,12 @@ _DEVICE = click.option("--device", default="auto", show_default=True,
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option("--amp", is_flag=True, help="bf16 autocast.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model.")
+@click.option("--channels-last/--no-channels-last", default=None,
+              help="Conv nets in channels-last layout (default: where it is faster).")
 @click.option("--list", "list_", is_flag=True, help="List the recipes and exit.")
 @click.option("--show", default=None, metavar="NAME", help="Print a resolved recipe and exit.")
 def train(recipe_name, seed, sets, data_dir, device, out, save_every, checkpoint_every, resume,
-          amp, compile_, list_, show):
+          amp, compile_, channels_last, list_, show):
     """Train a recipe: DIR/init.safetensors, final.safetensors, metrics.jsonl."""
     from ckptscope.train.recipe import load_recipe, recipe_names
     from ckptscope.train.run import run
@@ -116,7 +118,8 @@ def train(recipe_name, seed, sets, data_dir, device, out, save_every, checkpoint
     recipe = _recipe(recipe_name, sets)
     bar = EpochBar(recipe.epochs)
     result = run(recipe, seed=seed, out=out, data_dir=data_dir, device=device, amp=amp,
-                 compile=compile_, save_every=save_every, checkpoint_every=checkpoint_every,
+                 compile=compile_, channels_last=channels_last, save_every=save_every,
+                 checkpoint_every=checkpoint_every,
                  resume=resume, on_epoch=bar.end_epoch, on_step=bar.step)
     click.echo(_summary_line(recipe.name, seed, result))
     click.echo(f"wrote {result.init}, {result.final}, {Path(out) / 'metrics.jsonl'}")

@@ -22,7 +22,6 @@ count gives a bitwise identical theta_f, resumed or not.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -37,7 +36,7 @@ from ckptscope.checkpoints import save_checkpoint
 from ckptscope.data import load_data
 from ckptscope.data.transforms import subset
 from ckptscope.errors import CkptscopeError
-from ckptscope.evaluate import CHANNELS_LAST_MIN_BATCH
+from ckptscope.evaluate import CHANNELS_LAST_MIN_BATCH, set_layout
 from ckptscope.files import replacing, write_text
 from ckptscope.losses import get_loss, target_dtype
 from ckptscope.train.interventions import initial_state
@@ -110,27 +109,53 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 # --- atomic files ------------------------------------------------------------------------------
-def _channels_last_pays(module: torch.nn.Module, dev: torch.device, recipe: Recipe) -> bool:
-    """The default layout choice for image data: channels-last on CUDA, and on the CPU for a
-    conv net trained in batches of at least the evaluator's threshold (one thread, batch 128:
-    a ResNet-18 step 13-27% faster, VGG-11-BN 10-14%)."""
-    if dev.type == "cuda":
-        return True
-    return (recipe.batch_size >= CHANNELS_LAST_MIN_BATCH
-            and any(isinstance(m, torch.nn.Conv2d) for m in module.modules()))
+def _layout(module: torch.nn.Module, x: torch.Tensor, dev: torch.device, recipe: Recipe,
+            asked: bool | None, stored: bool | None) -> torch.memory_format:
+    """The memory layout to train in: the resumed run's (``stored``), else as ``asked``, else
+    channels-last for a conv net on image data on CUDA, and on the CPU in batches of at least
+    the evaluator's threshold (one thread, batch 128: a ResNet-18 step 13-27% faster, VGG-11-BN
+    10-14%). A forward pass on two examples checks it first; a model that cannot run in it (a
+    ``.view`` of a conv output, say) keeps the default layout, or, when it was asked for, gets
+    a one-line error."""
+    if stored is not None and asked is not None and asked != stored:
+        raise CkptscopeError(
+            f"this run was trained with channels_last={stored}; resume it with the same "
+            f"setting (or leave it out)."
+        )
+    conv = any(isinstance(m, torch.nn.Conv2d) for m in module.modules())
+    want = next((v for v in (stored, asked) if v is not None), None)
+    if want is None:
+        want = conv and (dev.type == "cuda" or recipe.batch_size >= CHANNELS_LAST_MIN_BATCH)
+    if not want or x.dim() != 4:
+        return torch.contiguous_format
+    if (err := _forward_error(module, x[:2], torch.channels_last)) is None:
+        return torch.channels_last
+    # Asked for, and the model runs in the default layout: the layout is what fails.
+    if asked and _forward_error(module, x[:2], torch.contiguous_format) is None:
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise CkptscopeError(
+            f"channels_last=True was asked for, but the model fails in channels-last layout "
+            f"({reason}); use channels_last=False or None."
+        )
+    return torch.contiguous_format
 
 
-def _forward_error(module: torch.nn.Module, x: torch.Tensor) -> Exception | None:
-    """The error of a forward pass on ``x``, if it fails: in eval mode and without gradients,
-    so that it moves no BatchNorm statistics and draws nothing from the random generators."""
+def _forward_error(module: torch.nn.Module, x: torch.Tensor,
+                   layout: torch.memory_format) -> Exception | None:
+    """The error of a forward pass on ``x`` with the module in ``layout``, if it fails. In eval
+    mode and without gradients, so that it moves no BatchNorm statistics and draws nothing from
+    the random generators; the module is left in the default layout, in its own mode."""
+    tensors = [*module.parameters(), *module.buffers()]
     training = module.training
     module.eval()
     try:
+        set_layout(tensors, layout)
         with torch.no_grad():
-            module(x)
-    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            module(x.contiguous(memory_format=layout))
+    except Exception as err:  # anything: a model that fails here keeps the default layout
         return err
     finally:
+        set_layout(tensors, torch.contiguous_format)
         module.train(training)
     return None
 
@@ -216,8 +241,8 @@ def run(
         device: ``cpu``, ``cuda[:i]`` or ``auto``.
         amp: bf16 autocast for forward passes.
         compile: ``torch.compile`` the module for training.
-        channels_last: image batches and the model in channels-last layout (default: on CUDA,
-            and on the CPU for a conv net trained in batches of 32 or more).
+        channels_last: a conv net and its image batches in channels-last layout (default: on
+            CUDA, and on the CPU in batches of 32 or more; a resumed run keeps its own).
         save_every: also write ``epoch_XXX.safetensors`` every this many epochs (0: never).
         checkpoint_every: write the resume state every this many epochs (>= 1).
         resume: continue from ``resume.pt``; a finished run is returned as it is.
@@ -270,21 +295,6 @@ def run(
 
     torch.manual_seed(seed)  # PyTorch's default init draws from the global RNG
     module = adapter.make(options)
-    memory_format = torch.channels_last if image and (
-        channels_last if channels_last is not None else _channels_last_pays(module, dev, recipe)
-    ) else torch.contiguous_format
-    # Checked on a copy, before anything is written: a .view of a conv output, say, fails.
-    if memory_format is torch.channels_last and (err := _forward_error(
-        copy.deepcopy(module).to(memory_format=torch.channels_last),
-        splits["train"][0][:2].contiguous(memory_format=torch.channels_last),
-    )):
-        if channels_last:
-            reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
-            raise CkptscopeError(
-                f"channels_last=True was asked for, but the model fails in channels-last "
-                f"layout ({reason}); use channels_last=False or None."
-            )
-        memory_format = torch.contiguous_format  # the default layout, as if never asked
     labels_gen = torch.Generator().manual_seed(stream_seed(seed, "labels"))
     metadata = {
         "recipe": recipe.name,
@@ -309,6 +319,12 @@ def run(
                 f"{out / RESUME} was written with another seed or recipe; resume with the same "
                 f"--recipe, --seed and --set, or choose another --out."
             )
+    # Before anything is written. A resumed run keeps the layout it was trained in (one from
+    # before the layout was recorded: channels-last for image data on CUDA, as it was then).
+    stored = None if resume_state is None else resume_state.get(
+        "channels_last", image and dev.type == "cuda")
+    memory_format = _layout(module, splits["train"][0], dev, recipe, channels_last, stored)
+    metadata["channels_last"] = memory_format is torch.channels_last
     notes: dict = {}
     if resume_state is None:
         for stale in (METRICS, LOG):
@@ -324,8 +340,7 @@ def run(
         module.load_state_dict(resume_state["model"])
         notes = json.loads(resume_state.get("notes", "{}"))
     module.to(dev)
-    if memory_format is torch.channels_last:
-        module.to(memory_format=torch.channels_last)
+    set_layout([*module.parameters(), *module.buffers()], memory_format)
 
     x, y = (t.to(dev) for t in splits["train"])
     y = y.to(tdtype) if tdtype is not None else y
@@ -383,7 +398,8 @@ def run(
                             metadata={**metadata, "epoch": epoch, "role": "epoch"})
         if epoch % checkpoint_every == 0 and epoch != recipe.epochs:
             _save_resume(out / RESUME, module, optimizer, order_gen, augment_gen, dev,
-                         epoch=epoch, seed=seed, config=metadata["config"], notes=notes)
+                         epoch=epoch, seed=seed, config=metadata["config"], notes=notes,
+                         channels_last=metadata["channels_last"])
         if on_epoch:
             on_epoch(record)
     rate = images / train_seconds if train_seconds else float("nan")
@@ -397,13 +413,14 @@ def run(
 
 
 def _save_resume(path: Path, module, optimizer, order_gen, augment_gen, dev, *, epoch: int,
-                 seed: int, config: str, notes: dict) -> None:
+                 seed: int, config: str, notes: dict, channels_last: bool) -> None:
     """The resume state: plain tensors, numbers and strings only (loads with weights_only)."""
     state = {
         "epoch": epoch,
         "seed": seed,
         "recipe": config,
         "notes": json.dumps(notes),
+        "channels_last": channels_last,
         "model": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "rng_order": order_gen.get_state(),
