@@ -24,6 +24,20 @@ class SmallConvNet(nn.Module):
         return self.fc(x.flatten(1))
 
 
+class ViewNet(nn.Module):
+    """A conv net on 3x8x8 images that flattens with ``.view``, which channels-last layout does
+    not allow."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, classes)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        return self.fc(h.view(h.size(0), -1))
+
+
 def perturbed(state: dict, scale: float, seed: int) -> dict:
     """A second endpoint: floats moved by noise; BN running var kept positive; ints bumped."""
     g = torch.Generator().manual_seed(seed)

@@ -202,11 +202,10 @@ def tiny_images():
 def test_path_channels_last_flags(tmp_path, capsys):
     import numpy as np
 
-    from tests.conftest import perturbed
-    from tests.test_evaluate import _ViewNet  # flattens with .view: fails channels-last
+    from tests.conftest import ViewNet, perturbed  # flattens with .view: fails channels-last
 
-    a = _ViewNet().state_dict()
-    meta = {"adapter": "tests.test_evaluate:_ViewNet", "data": "tests.test_cli:tiny_images"}
+    a = ViewNet().state_dict()
+    meta = {"adapter": "tests.conftest:ViewNet", "data": "tests.test_cli:tiny_images"}
     pair = [str(save_checkpoint(tmp_path / f"{n}.safetensors", s, metadata=meta))
             for n, s in (("a", a), ("b", perturbed(a, 0.3, 3)))]
     curves = []

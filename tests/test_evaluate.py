@@ -553,24 +553,11 @@ def test_channels_last_layout_gives_the_reference_path_quietly(image_data, strat
     np.testing.assert_allclose(acc, ref_acc, atol=1.5 / len(x))
 
 
-class _ViewNet(torch.nn.Module):
-    """Flattens a conv output with ``.view``, which channels-last layout does not allow."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = torch.nn.Linear(4 * 8 * 8, 3)
-
-    def forward(self, x):
-        h = torch.relu(self.conv(x))
-        return self.fc(h.view(h.size(0), -1))
-
-
 def test_a_model_that_fails_in_channels_last_keeps_the_default_layout(image_data):
-    from tests.conftest import perturbed
+    from tests.conftest import ViewNet, perturbed
 
     torch.manual_seed(0)
-    module = _ViewNet()
+    module = ViewNet()
     a = module.state_dict()
     b = perturbed(a, 0.3, 3)
     x, y = image_data["test"]

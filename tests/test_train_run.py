@@ -358,19 +358,6 @@ def test_random_flip_and_brightness():
     assert (ratio[pixels > 0.1] > 0.95 - 1e-4).all()
 
 
-class ViewConvNet(torch.nn.Module):
-    """A conv net that flattens with ``.view``: it cannot run in channels-last layout."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = torch.nn.Linear(4 * 8 * 8, 10)
-
-    def forward(self, x):
-        h = torch.relu(self.conv(x))
-        return self.fc(h.view(h.size(0), -1))
-
-
 def _layout_runs(recipe, tmp_path, name, layouts):
     finals = {}
     for layout in layouts:
@@ -393,7 +380,8 @@ def test_run_default_layout_on_the_cpu_is_channels_last_for_a_conv_net(tmp_path)
 def test_run_a_model_that_cannot_run_channels_last_keeps_the_default_layout(tmp_path):
     recipe = override(load_recipe("resnet18-cifar10"), {
         **TINY, "batch_size": 32, "data": TINY_IMAGES,
-        "adapter": "tests.test_train_run:ViewConvNet", "augment": []})
+        "adapter": "tests.conftest:ViewNet", "adapter_options": {"classes": 10},
+        "augment": []})
     finals = _layout_runs(recipe, tmp_path, "view", (None, False))
     assert all(torch.equal(finals[None][k], finals[False][k]) for k in finals[None])
     with pytest.raises(CkptscopeError, match="channels_last=True was asked for.*view"):
