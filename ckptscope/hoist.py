@@ -90,22 +90,75 @@ def _mutated(node: fx.Node, gm: fx.GraphModule) -> fx.Node | None:
     return first if writes else None
 
 
+# Ops whose output may share storage with their first input: a write through the output is
+# a write to the input (and to every other view of it). Names of tensor methods and of
+# torch / operator functions; a name list errs on the side of "may alias" (less hoisting,
+# never a wrong curve).
+_VIEW_NAMES = frozenset({
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose",
+    "transpose_", "permute", "t", "squeeze", "unsqueeze", "expand", "expand_as", "narrow",
+    "select", "unfold", "as_strided", "detach", "contiguous", "split", "split_with_sizes",
+    "tensor_split", "chunk", "unbind", "movedim", "moveaxis", "diagonal", "swapaxes",
+    "swapdims", "real", "imag", "view_as_real", "view_as_complex", "getitem", "__getitem__",
+    "type_as", "to", "float", "double", "half", "bfloat16", "requires_grad_", "dropout",
+    "alias", "indices", "values", "adjoint", "mT", "mH", "T", "H", "align_as", "refine_names",
+    "rename",
+})
+# Modules that may hand back their input (or a view of it) unchanged.
+_VIEW_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d,
+                 nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def _may_alias_input(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether ``node``'s output may share storage with its first input."""
+    if node.op in ("call_method", "call_function"):
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+        return str(name) in _VIEW_NAMES
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), _VIEW_MODULES)
+    return False
+
+
+def _alias_classes(nodes: list[fx.Node], gm: fx.GraphModule) -> dict[fx.Node, frozenset]:
+    """Node -> the nodes whose values may share its storage (itself included)."""
+    parent = {node: node for node in nodes}
+
+    def root(node: fx.Node) -> fx.Node:
+        while parent[node] is not node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    for node in nodes:
+        base = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        if base is not None and base in parent and _may_alias_input(node, gm):
+            parent[root(node)] = root(base)
+    classes: dict[fx.Node, set] = {}
+    for node in nodes:
+        classes.setdefault(root(node), set()).add(node)
+    return {node: frozenset(classes[root(node)]) for node in nodes}
+
+
 def _inplace_hazard(nodes: list[fx.Node], dependent: set[fx.Node], gm: fx.GraphModule) -> bool:
     """True when splitting would change what an in-place op does.
 
     Two cases: an op of the suffix writes into a value the prefix made (it would pile up over
     the alphas, which reuse that value), or an op of the prefix writes into a value that a
-    suffix op read earlier in the original order (the write would now come first).
+    suffix op read earlier in the original order (the write would now come first). A write
+    through a view writes its base and every other view of it: each value that may share the
+    written one's storage counts as written.
     """
     order = {node: i for i, node in enumerate(nodes)}
+    aliases = _alias_classes(nodes, gm)
     for node in nodes:
         target = _mutated(node, gm)
         if target is None:
             continue
-        if node in dependent and target not in dependent:
+        written = aliases.get(target, frozenset({target}))
+        if node in dependent and any(t not in dependent for t in written):
             return True
         if node not in dependent and any(
-            user in dependent and order[user] < order[node] for user in target.users
+            user in dependent and order[user] < order[node] for t in written for user in t.users
         ):
             return True
     return False

@@ -156,6 +156,35 @@ class ReluAfterSkip(nn.Module):
         return self.l2(h) + y
 
 
+class ReluThroughViewAfterSkip(nn.Module):
+    """As :class:`ReluAfterSkip`, the in-place op writing ``h`` through a view of it."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.skip, self.l2 = nn.Linear(4, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.l1(x)
+        y = self.skip(h)
+        v = nn.functional.relu(h.view(-1, 8), inplace=True)
+        return self.l2(v) + y
+
+
+class ReluThroughFlattenModuleAfterSkip(nn.Module):
+    """The view is made by a module (``nn.Flatten`` of an already flat tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.skip, self.l2 = nn.Linear(4, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+        self.flat = nn.Flatten()
+
+    def forward(self, x):
+        h = self.l1(x)
+        y = self.skip(h)
+        v = torch.relu_(self.flat(h))
+        return self.l2(v) + y
+
+
 class TiedAfterPre(nn.Module):
     """As :class:`Tied` behind a first layer, so both uses of the tied weight are downstream of
     anything hoisted."""
@@ -189,6 +218,8 @@ class Tied(nn.Module):
     [
         (AddInPlace, ["bias"]),
         (ReluAfterSkip, ["skip.weight", "skip.bias"]),
+        (ReluThroughViewAfterSkip, ["skip.weight", "skip.bias"]),
+        (ReluThroughFlattenModuleAfterSkip, ["skip.weight", "skip.bias"]),
         (Tied, ["dec.weight"]),
         (Tied, ["enc.weight"]),
         (TiedAfterPre, ["dec.weight"]),
