@@ -27,16 +27,34 @@ def alpha_grid(alphas: int | Sequence[float] | np.ndarray) -> np.ndarray:
     """Return the alpha values as a float64 array.
 
     Args:
-        alphas: a count ``n >= 2`` (evenly spaced on [0, 1], both ends included) or a sequence of
-            finite, strictly increasing values (values outside [0, 1] extrapolate).
+        alphas: an int count ``n >= 2`` (evenly spaced on [0, 1], both ends included) or a
+            sequence of at least two finite, strictly increasing values (values outside [0, 1]
+            extrapolate). A float is refused: ``51.0`` is neither.
     """
-    if isinstance(alphas, (int, np.integer)) and not isinstance(alphas, bool):
+    if isinstance(alphas, bool):
+        raise CkptscopeError(f"alphas={alphas} is a bool; give a count (51) or a list of values.")
+    if isinstance(alphas, (int, np.integer)):
         if alphas < 2:
             raise CkptscopeError(f"alphas={alphas} is too few; ask for at least 2 (0 and 1).")
         return np.linspace(0.0, 1.0, int(alphas))
-    grid = np.asarray(alphas, dtype=np.float64).reshape(-1)
+    if isinstance(alphas, (str, bytes)) or np.ndim(alphas) == 0:
+        # A float count (51.0) would otherwise read as the one-point grid [51.0].
+        raise CkptscopeError(
+            f"alphas={alphas!r} is neither a count nor a list; give an int count (e.g. 51) or "
+            f"the values as a list (e.g. [0, 0.5, 1])."
+        )
+    try:
+        grid = np.asarray(alphas, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise CkptscopeError(
+            f"alphas={alphas!r} is not a list of numbers; give e.g. [0, 0.5, 1] or a count."
+        ) from None
     if grid.size == 0:
         raise CkptscopeError("the alpha grid is empty; give a count or a list of values.")
+    if grid.size == 1:
+        raise CkptscopeError(
+            f"the alpha grid has one point ({grid[0]:g}); a path needs at least two (0 and 1)."
+        )
     if not np.all(np.isfinite(grid)):
         raise CkptscopeError(f"the alpha grid holds NaN or Inf ({grid.tolist()[:8]}).")
     if grid.size > 1 and not np.all(np.diff(grid) > 0):

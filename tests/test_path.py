@@ -23,7 +23,18 @@ def test_alpha_grid_sequence_and_extrapolation():
 
 @pytest.mark.parametrize(
     "bad, match",
-    [(1, "too few"), ([], "empty"), ([0, 0.5, 0.5], "increasing"), ([0, float("nan")], "NaN")],
+    [
+        (1, "too few"),
+        ([], "empty"),
+        ([0, 0.5, 0.5], "increasing"),
+        ([0, float("nan")], "NaN"),
+        ([0.5], "one point"),
+        (51.0, "neither a count nor a list"),
+        (np.float64(51), "neither a count nor a list"),
+        (True, "bool"),
+        ("51", "neither a count nor a list"),
+        ([0, "a"], "not a list of numbers"),
+    ],
 )
 def test_alpha_grid_errors(bad, match):
     with pytest.raises(CkptscopeError, match=match):
@@ -51,3 +62,12 @@ def test_state_at_group_moves_rest_held():
 def test_plan_path_rejects_bad_hold():
     with pytest.raises(CkptscopeError, match="hold"):
         plan_path({}, {}, [], hold="middle")
+
+
+@pytest.mark.parametrize("alphas, match", [([0.5], "one point"), (51.0, "neither a count")])
+def test_linear_path_refuses_a_bad_grid_before_any_work(tmp_path, alphas, match):
+    from ckptscope import linear_path
+
+    # The checkpoints do not exist: the grid's error comes first, before anything is read.
+    with pytest.raises(CkptscopeError, match=match):
+        linear_path(tmp_path / "a.safetensors", tmp_path / "b.safetensors", alphas=alphas)
