@@ -422,3 +422,26 @@ def test_run_resumed_keeps_the_layout_it_started_in(tmp_path):
     assert same(resumed("old", False, None, forget=True), whole[False])  # the CPU's old default
     with pytest.raises(CkptscopeError, match="trained with channels_last=True"):
         resumed("clash", None, False)
+
+
+def test_resume_refuses_a_finished_run_of_another_recipe(tmp_path):
+    recipe = override(load_recipe("mlp-spiral-fig1a"), {"epochs": 1, "data": "spiral:64,32"})
+    run(recipe, seed=0, out=tmp_path)
+    assert run(recipe, seed=0, out=tmp_path, resume=True).skipped  # the same recipe: handed back
+    other = override(recipe, {"lr": 0.5})
+    with pytest.raises(CkptscopeError, match=r"finished with another recipe \(lr: 0\.0005 -> 0\.5\)"):
+        run(other, seed=0, out=tmp_path, resume=True)
+    with pytest.raises(CkptscopeError, match=r"another recipe \(seed: 0 -> 1\)"):
+        run(recipe, seed=1, out=tmp_path, resume=True)
+
+
+def test_sweep_refuses_a_folder_trained_with_another_lr(tmp_path):
+    from ckptscope.cli import main
+
+    small = ["--set", "epochs=1", "--set", "data=spiral:64,32"]
+    args = ["sweep", "--recipe", "mlp-spiral-fig1a", "--seeds", "0", "--out", str(tmp_path),
+            "--alphas", "3", "--device", "cpu", *small]
+    assert main(args) == 0
+    stamp = (tmp_path / "seed_0" / "final.safetensors").stat().st_mtime_ns
+    assert main([*args, "--set", "lr=0.5"]) == 2
+    assert (tmp_path / "seed_0" / "final.safetensors").stat().st_mtime_ns == stamp

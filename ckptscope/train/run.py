@@ -208,6 +208,41 @@ def _truncate_log(path: Path, epoch: int, *, jsonl: bool) -> list[dict]:
     return records
 
 
+def recipe_changes(recorded: object, recipe: Recipe) -> list[str]:
+    """``field: recorded -> now`` for each recipe field that differs from a run's recorded
+    config (a JSON object, or its text as the checkpoint metadata holds it)."""
+    if isinstance(recorded, str):
+        try:
+            recorded = json.loads(recorded)
+        except ValueError:
+            recorded = None
+    if not isinstance(recorded, dict):
+        return ["config: unreadable in the run's files"]
+    now = json.loads(json.dumps(recipe.to_dict()))  # the same JSON types as the record
+    return [f"{k}: {recorded.get(k)!r} -> {now.get(k)!r}"
+            for k in sorted(set(recorded) | set(now)) if recorded.get(k) != now.get(k)]
+
+
+def _check_finished_matches(out: Path, recipe: Recipe, seed: int) -> None:
+    """Refuse to hand back a finished run that was trained with another recipe or seed: a
+    sweep with ``--set lr=0.5`` over a folder trained with another lr would return the old
+    run as if it were the new one. A run from before configs were recorded is accepted."""
+    from ckptscope.checkpoints import load_checkpoint
+
+    meta = load_checkpoint(out / FINAL).metadata
+    if "config" not in meta:
+        return
+    changes = recipe_changes(meta["config"], recipe)
+    if str(meta.get("seed", seed)) != str(seed):
+        changes.insert(0, f"seed: {meta.get('seed')} -> {seed}")
+    if changes:
+        raise CkptscopeError(
+            f"{out} holds a run finished with another recipe ({'; '.join(changes[:4])}"
+            f"{'; ...' if len(changes) > 4 else ''}); choose another --out, or delete {out} to "
+            f"train it again."
+        )
+
+
 def _versions() -> dict:
     from ckptscope import __version__
 
@@ -265,6 +300,7 @@ def run(
     dev = resolve_device(device)
     if (out / FINAL).is_file():
         if resume:
+            _check_finished_matches(out, recipe, seed)
             return RunOutput(out, out / INIT, out / FINAL, read_metrics(out / METRICS),
                              skipped=True)
         raise CkptscopeError(f"{out} holds a finished run; choose another --out or delete it.")
@@ -315,9 +351,13 @@ def run(
     if resume and (out / RESUME).is_file():
         resume_state = torch.load(out / RESUME, map_location="cpu", weights_only=True)
         if resume_state.get("seed") != seed or resume_state.get("recipe") != metadata["config"]:
+            changes = recipe_changes(resume_state.get("recipe"), recipe)
+            if resume_state.get("seed") != seed:
+                changes.insert(0, f"seed: {resume_state.get('seed')!r} -> {seed}")
             raise CkptscopeError(
-                f"{out / RESUME} was written with another seed or recipe; resume with the same "
-                f"--recipe, --seed and --set, or choose another --out."
+                f"{out / RESUME} was written with another seed or recipe "
+                f"({'; '.join(changes[:4])}); resume with the same --recipe, --seed and --set, "
+                f"or choose another --out."
             )
     # Before anything is written. A resumed run keeps the layout it was trained in (one from
     # before the layout was recorded: channels-last for image data on CUDA, as it was then).
