@@ -35,8 +35,8 @@ _ALPHA_SLACK = 1e-9
 
 DESCRIPTIONS = {
     "shape": "monotonic | barrier | plateau | invalid: invalid if NaN/Inf in [0, 1]; barrier if "
-             "barrier_height > tolerance; plateau if half_drop_alpha >= "
-             "shape_plateau_alpha; else monotonic (a flat curve included)",
+             "barrier_height > tolerance; plateau if L_0 - L_1 > tolerance and "
+             "half_drop_alpha >= shape_plateau_alpha; else monotonic (a flat curve included)",
     "barrier_height": "max_i (L_i - min_{j<=i} L_j): largest rise above the running minimum",
     "chord_barrier": "max_i (L_i - ((1 - t_i) L_0 + t_i L_1)), t = alpha rescaled so the first "
                      "and last alpha in [0, 1] map to 0 and 1",
@@ -211,7 +211,8 @@ def verdict(loss: np.ndarray, alpha: np.ndarray | None = None, *, rtol: float = 
 
     - ``invalid``: NaN or Inf in [0, 1];
     - ``barrier``: ``barrier_height > tolerance(rtol, atol)``;
-    - ``plateau``: not a barrier, and the loss stays near ``L_0`` until late:
+    - ``plateau``: not a barrier, the loss drops by more than the tolerance
+      (``L_0 - L_1 > tolerance``), and it stays near ``L_0`` until late:
       ``half_drop_alpha >= plateau_alpha``;
     - ``monotonic``: the rest (no barrier: an early enough drop, or a flat curve).
 
@@ -227,10 +228,12 @@ def verdict(loss: np.ndarray, alpha: np.ndarray | None = None, *, rtol: float = 
 def _verdicts(curve, a, valid, *, rtol, atol, plateau_alpha) -> np.ndarray:
     tol = tolerance(curve, a, rtol=rtol, atol=atol)
     barrier = barrier_height(curve, a) > tol
-    # A flat curve (no drop: half_drop_alpha is NaN) has no barrier: it is "monotonic", the
-    # paper's NB, not a plateau, which is a loss that stays high and then falls late.
+    # A flat curve has no barrier: it is "monotonic", the paper's NB, not a plateau, which is
+    # a loss that stays high and then falls late. "Falls" means by more than the tolerance: a
+    # flat curve whose end jitters 1e-7 below its start is as flat as one that jitters above.
+    drops = curve[..., 0] - curve[..., -1] > tol
     late = np.nan_to_num(half_drop_alpha(curve, a), nan=-1.0) >= plateau_alpha
-    plateau = ~barrier & late
+    plateau = ~barrier & drops & late
     names = np.where(barrier, "barrier", np.where(plateau, "plateau", "monotonic"))
     return np.where(valid, names, "invalid")
 

@@ -181,6 +181,16 @@ def test_verdict_flat_with_float_noise_is_not_barrier():
     assert shape.verdict(np.full(A.size, 0.7), A) == "monotonic"
 
 
+@pytest.mark.parametrize("end", [-1e-7, 1e-7, -0.5e-2])
+def test_verdict_flat_curve_is_monotonic_whichever_way_its_end_jitters(end):
+    # Within the tolerance (atol 1e-2) the curve is flat: a drop that small is no plateau.
+    loss = np.full(A.size, 2.302585)
+    loss[-1] += end
+    assert shape.verdict(loss, A) == "monotonic"
+    # With a floor below the jitter it is a real drop (late: a plateau), or a real rise.
+    assert shape.verdict(loss, A, atol=1e-9) == ("plateau" if end < 0 else "barrier")
+
+
 def test_verdict_small_real_bump_is_barrier():
     # A rise of 3% of the range counts at the default rtol of 2%.
     loss = np.linspace(2.0, 1.0, 21)
