@@ -33,7 +33,15 @@ DIMS = ("run", "group", "split", "alpha")
 CURVE_VARS = ("loss", "accuracy")
 _ENGINE = "scipy"
 # How a curve was measured: results that differ in these are not runs of one experiment.
-MERGE_SETTINGS = ("hold", "bn_policy", "bn_batches", "dtype", "loss_function", "data_seed")
+MERGE_SETTINGS = ("adapter", "adapter_options", "hold", "bn_policy", "bn_batches", "dtype",
+                  "loss_function", "data_seed")
+# Settings that change the curves only under some BatchNorm policies: batch statistics
+# (bn=batch, and the re-estimation of bn=recompute) depend on how the examples are batched.
+BATCH_DEPENDENT = ("batch", "recompute")
+# Provenance that may differ between merged runs without changing what was measured; where it
+# does, the merged result lists every value instead of claiming the first one's.
+MERGE_PROVENANCE = ("device", "strategy", "batch_size", "world_size", "torch_version",
+                    "ckptscope_version", "created")
 
 VAR_ATTRS = {
     "loss": {"long_name": "loss", "description": "sum of per-example losses over the split / N"},
@@ -249,7 +257,9 @@ def merge_results(datasets: Sequence[xr.Dataset], *, sources: Sequence[str] | No
                 f"({first.attrs.get('data')}, {first['n_examples'].values.tolist()}); evaluate "
                 f"both on the same data."
             )
-        for setting in MERGE_SETTINGS:
+        settings = MERGE_SETTINGS + (
+            ("batch_size",) if first.attrs.get("bn_policy") in BATCH_DEPENDENT else ())
+        for setting in settings:
             if ds.attrs.get(setting) != first.attrs.get(setting):
                 raise CkptscopeError(
                     f"cannot merge {name}: it was evaluated with {setting}="
@@ -276,8 +286,24 @@ def merge_results(datasets: Sequence[xr.Dataset], *, sources: Sequence[str] | No
                        combine_attrs="override")
     merged.attrs = {
         k: v for k, v in first.attrs.items() if not k.startswith("shape_")
-    } | {"merged_from": ", ".join(names)}
+    } | _differing_provenance(datasets) | {"merged_from": ", ".join(names)}
     return validate_result(merged, source="the merged result")
+
+
+def _differing_provenance(datasets: Sequence[xr.Dataset]) -> dict[str, str]:
+    """Provenance attributes whose values differ between inputs: each distinct value, in
+    order, joined with ``", "`` (a merged result does not claim the first input's for all)."""
+    out = {}
+    for key in MERGE_PROVENANCE:
+        values = [str(ds.attrs[key]) for ds in datasets if key in ds.attrs]
+        distinct = list(dict.fromkeys(values))
+        if len(distinct) > 1:
+            out[key] = ", ".join(distinct)
+    notes = list(dict.fromkeys(str(ds.attrs["notes"]) for ds in datasets
+                               if ds.attrs.get("notes")))
+    if len(notes) > 1:
+        out["notes"] = "; ".join(notes)
+    return out
 
 
 def build_distances(*, groups: Sequence[str], patterns: Sequence[str], relative: Sequence[float],

@@ -134,3 +134,29 @@ def test_merge_results_refuses_other_measurement_settings():
     other = make_result().assign_attrs(hold="start")
     with pytest.raises(CkptscopeError, match="hold='start'"):
         merge_results([make_result(), other])
+
+
+@pytest.mark.parametrize(
+    "first, other, match",
+    [
+        ({}, {"adapter": "vgg11"}, "adapter='vgg11'"),
+        ({"adapter_options": '{"widths": [2, 50, 1]}'}, {"adapter_options": '{"widths": [2, 9, 1]}'},
+         "adapter_options"),
+        ({"bn_policy": "batch", "batch_size": 64}, {"bn_policy": "batch", "batch_size": 32},
+         "batch_size=32"),
+        ({"bn_policy": "recompute", "batch_size": 64}, {"bn_policy": "recompute", "batch_size": 8},
+         "batch_size=8"),
+    ],
+)
+def test_merge_results_refuses_runs_measured_another_way(first, other, match):
+    with pytest.raises(CkptscopeError, match=match):
+        merge_results([make_result().assign_attrs(first),
+                       make_result().assign_attrs({**first, **other})])
+
+
+def test_merge_results_lists_provenance_that_differs():
+    a = make_result().assign_attrs(bn_policy="interpolate", batch_size=64, device="cpu")
+    b = make_result().assign_attrs(bn_policy="interpolate", batch_size=32, device="cpu")
+    merged = merge_results([a, b])  # the batch size does not change interpolated-BN curves
+    assert merged.attrs["batch_size"] == "64, 32"
+    assert merged.attrs["device"] == "cpu"
