@@ -110,6 +110,8 @@ def verified(ds: xr.Dataset, *, source: str | None = None) -> xr.Dataset:
         return fresh
     first, last = shapes.endpoint_indices(ds["alpha"].values)
     loss = fresh["loss"].transpose(*DIMS).values[..., first:last + 1].astype(np.float64)
+    # Round-off in a loss-unit metric scales with the loss, not with the metric: the chord
+    # barrier of a straight curve is 0 give or take an ulp of L.
     scale = np.where(np.isfinite(loss), np.abs(loss), 0.0).max(axis=-1)
     for name in stored:
         was = ds[name].transpose(*shapes.CURVE_DIMS).values
