@@ -103,7 +103,7 @@ def verified(ds: xr.Dataset, *, source: str | None = None) -> xr.Dataset:
     """
     source = source or _source(ds, "the result")
     validate_result(ds, source=source)
-    options = shapes.shape_options(ds)
+    options = shapes.shape_options(ds, source=source)
     fresh = shapes.classify(ds, **options)
     stored = [name for name in ("shape", *shapes.METRICS) if name in ds.data_vars]
     if not stored:
@@ -173,8 +173,9 @@ def check(ds: xr.Dataset, expectations: Iterable[Expectation | str] | Expectatio
     if rtol is None and atol is None and plateau_alpha is None:
         ds = verified(ds)
     else:  # re-classified explicitly: the stored verdicts are replaced, not compared
-        ds = shapes.classify(ds, **shapes.shape_options(ds, rtol=rtol, atol=atol,
-                                                         plateau_alpha=plateau_alpha))
+        options = shapes.shape_options(ds, rtol=rtol, atol=atol, plateau_alpha=plateau_alpha,
+                                       source=_source(ds, "the result"))
+        ds = shapes.classify(ds, **options)
     groups = [str(g) for g in ds["group"].values]
     splits = [str(s) for s in ds["split"].values]
     runs = [str(r) for r in ds["run"].values]
@@ -310,7 +311,7 @@ def compare(baseline: xr.Dataset, new: xr.Dataset, *, rtol: float = DEFAULT_COMP
             f"{b_alpha[-1]:g}); evaluate both with the same --alphas."
         )
     options = shapes.shape_options(baseline, rtol=shape_rtol, atol=shape_atol,
-                                   plateau_alpha=plateau_alpha)
+                                   plateau_alpha=plateau_alpha, source=names[0])
     base, cand = shapes.classify(baseline, **options), shapes.classify(new, **options)
     base_values = {m: _metric_values(base, m) for m in ("shape", *COMPARED)}
     cand_values = {m: _metric_values(cand, m) for m in ("shape", *COMPARED)}

@@ -455,7 +455,8 @@ def merge(results, out):
 
     _check_suffix(out, (".nc",), "--out")
     datasets = [open_result(r) for r in results]
-    options = shape_options(datasets[0])  # recorded (validated), else the defaults
+    # The first input's recorded tolerances (validated), else the defaults.
+    options = shape_options(datasets[0], source=repr(results[0]))
     merged = classify(merge_results(datasets, sources=list(results)), **options)
     save_result(merged, out)
     click.echo(f"wrote {out}: {merged.sizes['run']} runs, {merged.sizes['group']} groups")

@@ -258,9 +258,13 @@ def check_tolerances(*, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
 
 
 def shape_options(ds: xr.Dataset, *, rtol: float | None = None, atol: float | None = None,
-                  plateau_alpha: float | None = None) -> dict[str, float]:
+                  plateau_alpha: float | None = None,
+                  source: str = "the result") -> dict[str, float]:
     """Return the ``classify`` tolerances for a result: those given, else the ones recorded in
     ``ds.attrs`` (``shape_rtol``, ``shape_atol``, ``shape_plateau_alpha``), else the defaults.
+
+    Args:
+        source: how errors name the result.
 
     Raises:
         CkptscopeError: a given or recorded tolerance is not a finite number in range; a
@@ -277,7 +281,7 @@ def shape_options(ds: xr.Dataset, *, rtol: float | None = None, atol: float | No
             except CkptscopeError:
                 want = "a number in (0, 1]" if key == "plateau_alpha" else "a finite number >= 0"
                 raise CkptscopeError(
-                    f"the result records shape_{key}={str(value)[:40]!r}, not {want}; give the "
+                    f"{source} records shape_{key}={str(value)[:40]!r}, not {want}; give the "
                     f"tolerance explicitly (check --tolerance {key}=VALUE) or write the result "
                     f"again with `ckptscope path`."
                 ) from None
