@@ -1,115 +1,51 @@
-"""Expectations held against a classified result, and comparisons of two results.
+"""Expectations held against a result, and comparisons of two results.
 
-An expectation is ``GROUP[@SPLIT]:METRIC OP VALUE``, e.g. ``all:shape=plateau`` or
-``layer3@test:barrier_height<=0.5``; ``*`` as GROUP means every group, and no ``@SPLIT`` means
-every split. They come inline or from a TOML file (``docs/metrics.md`` has the schema). ``check``
-returns one row per (expectation, run, group, split); ``to_junit`` renders rows for CI;
-``compare`` holds a new result against a baseline. Nothing here prints or exits.
+``check`` holds expectations (``GROUP[@SPLIT]:METRIC OP VALUE``, inline or from a TOML file: see
+``ckptscope.expectations`` and ``docs/metrics.md``) against a result and returns one row per
+(expectation, run, group, split); ``to_junit`` renders rows for CI; ``compare`` holds a new
+result against a baseline. Both trust only the curves: the verdicts and metrics are recomputed
+from the loss (``verified``), and a result whose stored ones disagree is refused. Nothing here
+prints or exits.
 """
 
 from __future__ import annotations
 
 import math
-import operator
-import os
-import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
 from ckptscope import shape as shapes
 from ckptscope.errors import CkptscopeError
+from ckptscope.expectations import (
+    DERIVED,
+    METRICS,
+    OPS,
+    Expectation,
+    as_expectations,
+    load_expectations,
+    parse_expectation,
+)
+from ckptscope.results import DIMS, validate_result
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: the tomli backport is a dependency there
-    import tomli as tomllib
+# The expectation names stay importable from here, where they were first defined.
+__all__ = ["COMPARED", "METRICS", "CheckRow", "CompareRow", "Expectation", "check", "compare",
+           "load_expectations", "parse_expectation", "to_junit", "verified"]
 
-OPS = {"=": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le,
-       ">": operator.gt, ">=": operator.ge}
-DERIVED = ("loss_start", "loss_end", "acc_start", "acc_end", "distance")
-METRICS = ("shape", *shapes.METRICS, *DERIVED)
-TABLE_KEYS = ("group", "split", "metric", "op", "value")
 # Metrics whose drift compare() reports, averaged over runs.
 COMPARED = ("barrier_height", "chord_barrier", "midpoint_barrier", "loss_start", "loss_end",
             "acc_end")
 DEFAULT_COMPARE_RTOL = 0.05
 DEFAULT_COMPARE_ATOL = 1e-3
-
-_INLINE = re.compile(
-    r"^(?P<target>.+):\s*(?P<metric>[A-Za-z_]\w*)\s*(?P<op><=|>=|!=|==|=|<|>)\s*"
-    r"(?P<value>[^:<>=!\s]+)\s*$"
-)
-_EXAMPLE = "e.g. 'all:shape=plateau' or 'layer3@test:barrier_height<=0.5'"
 _INVALID = "curve is invalid (NaN/Inf)"
-
-
-@dataclass(frozen=True)
-class Expectation:
-    """One claim about a metric: ``GROUP[@SPLIT]:METRIC OP VALUE``.
-
-    Attributes:
-        group: a group label, or ``*`` for every group.
-        metric: one of ``METRICS``.
-        op: one of ``=``, ``!=``, ``<``, ``<=``, ``>``, ``>=`` (``==`` is read as ``=``).
-        value: a shape name for ``shape``, else a number (``true``/``false`` read as 1/0).
-        split: a split label, or ``None`` for every split.
-    """
-
-    group: str
-    metric: str
-    op: str
-    value: float | str
-    split: str | None = None
-
-    def __post_init__(self):
-        if not isinstance(self.group, str) or not self.group.strip():
-            raise CkptscopeError(f"expectation group must be a non-empty string (or '*'), got "
-                                 f"{self.group!r}; {_EXAMPLE}.")
-        if self.split is not None and (not isinstance(self.split, str) or not self.split.strip()):
-            raise CkptscopeError(f"expectation split must be a non-empty string, got "
-                                 f"{self.split!r}; leave it out to check every split.")
-        if self.metric not in METRICS:
-            raise CkptscopeError(f"unknown metric {self.metric!r}; known metrics: "
-                                 f"{', '.join(METRICS)}.")
-        op = "=" if self.op == "==" else self.op
-        if op not in OPS:
-            raise CkptscopeError(f"unknown comparison {self.op!r} in {self.metric} expectation; "
-                                 f"use one of {' '.join(OPS)}.")
-        object.__setattr__(self, "op", op)
-        if self.metric == "shape":
-            if self.value not in shapes.SHAPES:
-                raise CkptscopeError(f"shape value {self.value!r} is not a shape; use one of "
-                                     f"{', '.join(shapes.SHAPES)}.")
-            if op not in ("=", "!="):
-                raise CkptscopeError(f"shape compares with = or !=, not {op!r}; e.g. "
-                                     f"'all:shape!=barrier'.")
-            return
-        object.__setattr__(self, "value", _number(self.value, self.metric))
-
-    def __str__(self) -> str:
-        target = self.group if self.split is None else f"{self.group}@{self.split}"
-        value = self.value if isinstance(self.value, str) else format(self.value, ".15g")
-        return f"{target}:{self.metric}{self.op}{value}"
-
-
-def _number(value, metric: str) -> float:
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return float(value.strip().lower() == "true")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise CkptscopeError(f"{metric} takes a number, got {value!r}; e.g. "
-                             f"'layer3:{metric}<=0.5'.") from None
-    if math.isnan(number):
-        raise CkptscopeError(f"{metric} cannot be compared with NaN; give a number.")
-    return number
+# A stored metric may differ from its recomputation by float round-off only: a relative 1e-9 of
+# the curve's scale (loss units) or of 1 (alpha units, 0/1 flags). The same code on the same
+# float64 curve gives the same bits; the slack only spares a platform's last-ulp differences.
+_ROUND_OFF = 1e-9
+_LOSS_UNITS = ("barrier_height", "chord_barrier", "midpoint_barrier", "tolerance")
 
 
 @dataclass(frozen=True)
@@ -146,110 +82,71 @@ class CompareRow:
         return f"{self.group}@{self.split}:{self.metric}"
 
 
-# --- reading expectations --------------------------------------------------------------------
-def parse_expectation(text: str) -> Expectation:
-    """Parse ``GROUP[@SPLIT]:METRIC OP VALUE``.
+# --- trusting a result ------------------------------------------------------------------------
+def verified(ds: xr.Dataset, *, source: str | None = None) -> xr.Dataset:
+    """Return a result classified afresh from its loss curves with its recorded tolerances.
 
-    The last ``:`` followed by a metric name splits the target from the claim, so group regexes
-    may hold ``:``; the last ``@`` in the target names the split.
+    The verdicts and metrics a result stores are claims, and CI gates on them, so they are never
+    used as they are: ``shape`` and the ``shape.METRICS`` are recomputed from ``loss`` and the
+    alpha grid with the tolerances in ``ds.attrs`` (``shape.shape_options``; the defaults where
+    none are recorded), and every stored one must agree: the same verdict, the same metric up to
+    float round-off (a relative 1e-9 of the curve's scale), NaN where the recomputation has NaN.
 
-    Example:
-        >>> parse_expectation("layer3@test:barrier_height<=0.5")
-        Expectation(group='layer3', metric='barrier_height', op='<=', value=0.5, split='test')
-
-    Raises:
-        CkptscopeError: the text does not have that form, or names an unknown metric, operator
-            or shape.
-    """
-    if not isinstance(text, str):
-        raise CkptscopeError(f"an expectation is a string, got {type(text).__name__}; "
-                             f"{_EXAMPLE}.")
-    match = _INLINE.match(text.strip())
-    if match is None:
-        raise CkptscopeError(f"expectation {text!r} is not GROUP[@SPLIT]:METRIC OP VALUE; "
-                             f"{_EXAMPLE}.")
-    group, at, split = match["target"].strip().rpartition("@")
-    if not at:
-        group, split = split, None
-    elif not split.strip():
-        raise CkptscopeError(f"expectation {text!r} has '@' but no split after it; write "
-                             f"GROUP@SPLIT, or drop '@' to check every split.")
-    return Expectation(group=group.strip(), split=split.strip() if split else None,
-                       metric=match["metric"], op=match["op"], value=match["value"])
-
-
-def load_expectations(path: str | os.PathLike) -> list[Expectation]:
-    """Read expectations from a TOML file.
-
-    The file holds one key, ``expect``: an array whose items are inline strings or tables with
-    keys ``group``, ``metric``, ``value`` and optionally ``split`` and ``op`` (default ``=``)::
-
-        expect = ["all:shape=plateau", "layer3:barrier_height<=0.5"]
-
-    or::
-
-        [[expect]]
-        group = "all"
-        split = "test"
-        metric = "shape"
-        value = "plateau"
+    Args:
+        ds: a result, classified or not (an unclassified one is simply classified).
+        source: how errors name the result (default: its file, if it was read from one).
 
     Raises:
-        CkptscopeError: the file is missing, not TOML, or an item is malformed (named by its
-            position).
+        CkptscopeError: the result is malformed, a recorded tolerance is out of range, or a
+            stored variable disagrees (the first one is named: run, group, split, variable,
+            stored and recomputed values, and how to re-classify).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CkptscopeError(f"expectations file {str(path)!r} does not exist or is not a file.")
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except tomllib.TOMLDecodeError as err:
-        raise CkptscopeError(f"{str(path)!r} is not valid TOML ({err}); see docs/metrics.md "
-                             f"for the expectations schema.") from None
-    unknown = sorted(set(data) - {"expect"})
-    if unknown:
-        raise CkptscopeError(f"{str(path)!r} has unknown key(s) {unknown}; the only top-level "
-                             f"key is 'expect' (a list of strings or [[expect]] tables).")
-    items = data.get("expect")
-    if not isinstance(items, list) or not items:
-        raise CkptscopeError(f"{str(path)!r} holds no expectations; add "
-                             f"expect = [\"all:shape=plateau\"] or [[expect]] tables.")
-    out = []
-    for i, item in enumerate(items, start=1):
-        try:
-            if isinstance(item, str):
-                out.append(parse_expectation(item))
-            elif isinstance(item, dict):
-                out.append(_from_table(item))
-            else:
-                raise CkptscopeError(f"got {type(item).__name__} {item!r}; use a string or a "
-                                     f"table")
-        except CkptscopeError as err:
-            raise CkptscopeError(f"{str(path)!r}, expectation {i}: {err}") from None
-    return out
+    source = source or _source(ds, "the result")
+    validate_result(ds, source=source)
+    options = shapes.shape_options(ds, source=source)
+    fresh = shapes.classify(ds, **options)
+    stored = [name for name in ("shape", *shapes.METRICS) if name in ds.data_vars]
+    if not stored:
+        return fresh
+    first, last = shapes.endpoint_indices(ds["alpha"].values)
+    loss = fresh["loss"].transpose(*DIMS).values[..., first:last + 1].astype(np.float64)
+    # Round-off in a loss-unit metric scales with the loss, not with the metric: the chord
+    # barrier of a straight curve is 0 give or take an ulp of L.
+    scale = np.where(np.isfinite(loss), np.abs(loss), 0.0).max(axis=-1)
+    for name in stored:
+        was = ds[name].transpose(*shapes.CURVE_DIMS).values
+        now = fresh[name].transpose(*shapes.CURVE_DIMS).values
+        bad = _disagree(name, was, now, scale if name in _LOSS_UNITS else 1.0)
+        if bad.any():
+            r, g, s = np.argwhere(bad)[0]
+            show = (lambda v: repr(str(v))) if name == "shape" else (lambda v: repr(float(v)))
+            raise CkptscopeError(
+                f"{source} stores {name} = {show(was[r, g, s])} for run "
+                f"{str(ds['run'].values[r])!r}, group {str(ds['group'].values[g])!r}, split "
+                f"{str(ds['split'].values[s])!r}, but its loss curve gives "
+                f"{show(now[r, g, s])} (shape_rtol {options['rtol']:g}, shape_atol "
+                f"{options['atol']:g}, shape_plateau_alpha {options['plateau_alpha']:g}); "
+                f"re-classify it from its curves with `ckptscope merge RESULT -o NEW.nc`, or "
+                f"give the tolerances explicitly (check --tolerance)."
+            )
+    return fresh
 
 
-def _from_table(table: dict) -> Expectation:
-    unknown = sorted(set(table) - set(TABLE_KEYS))
-    if unknown:
-        raise CkptscopeError(f"unknown key(s) {unknown}; an [[expect]] table has "
-                             f"{', '.join(TABLE_KEYS)}")
-    missing = [k for k in ("group", "metric", "value") if k not in table]
-    if missing:
-        raise CkptscopeError(f"missing key(s) {missing}; an [[expect]] table needs group, "
-                             f"metric and value")
-    for key in ("group", "split", "metric", "op"):
-        if key in table and not isinstance(table[key], str):
-            raise CkptscopeError(f"{key} must be a string, got {table[key]!r}")
-    return Expectation(group=table["group"], split=table.get("split"), metric=table["metric"],
-                       op=table.get("op", "="), value=table["value"])
+def _disagree(name: str, was: np.ndarray, now: np.ndarray, scale) -> np.ndarray:
+    """Where a stored (run, group, split) variable differs from its recomputation."""
+    if name == "shape":
+        return was.astype(str) != now.astype(str)
+    was, now = was.astype(np.float64), now.astype(np.float64)
+    with np.errstate(invalid="ignore"):  # inf - inf
+        slack = _ROUND_OFF * np.maximum(np.maximum(np.abs(was), np.abs(now)), scale)
+        same = (was == now) | (np.isnan(was) & np.isnan(now)) | (np.abs(was - now) <= slack)
+    return ~same
 
 
-def _as_expectations(expectations) -> list[Expectation]:
-    if isinstance(expectations, str | Expectation):
-        expectations = [expectations]
-    return [e if isinstance(e, Expectation) else parse_expectation(e) for e in expectations]
+def _source(ds: xr.Dataset, default: str) -> str:
+    """The file a result was read from (xarray records it), else ``default``."""
+    path = ds.encoding.get("source")
+    return repr(str(path)) if path else default
 
 
 # --- checking --------------------------------------------------------------------------------
@@ -258,19 +155,27 @@ def check(ds: xr.Dataset, expectations: Iterable[Expectation | str] | Expectatio
           plateau_alpha: float | None = None) -> list[CheckRow]:
     """Hold expectations against a result; return one row per (expectation, run, group, split).
 
-    ``ds`` is classified first when it has no ``shape`` yet, or when a tolerance is given
-    (``shape.classify``; unset ones are read from ``ds.attrs``, else take the defaults). A NaN
-    actual value fails with ``curve is invalid (NaN/Inf)`` (or why the metric is undefined), as
-    does any claim about an invalid curve other than ``shape=invalid``. Numbers compare
-    exactly, except that ``=`` and ``!=`` allow a relative 1e-9.
+    The verdicts and metrics are recomputed from the loss curves, never read from ``ds``: with
+    the recorded tolerances (``verified``, which refuses a result whose stored verdicts
+    disagree), or, when a tolerance is given, with it (unset ones recorded, else the defaults)
+    and the stored verdicts are replaced. Every claim about an invalid curve (NaN/Inf in
+    [0, 1]) fails with ``curve is invalid (NaN/Inf)`` except ``shape=invalid``: ``shape!=barrier``
+    and ``loss_end<0.5`` too, though its end may be finite. On a valid curve a NaN metric fails
+    and says why it is undefined. Numbers compare exactly, except that ``=`` and ``!=`` allow a
+    relative 1e-9.
 
     Raises:
-        CkptscopeError: an expectation names a group or split the result does not have (the
-            known ones are listed).
+        CkptscopeError: the result is malformed or its stored verdicts disagree with its curves
+            (``verified``), a tolerance is out of range, or an expectation names a group or split
+            the result does not have (the known ones are listed).
     """
-    exps = _as_expectations(expectations)
-    if "shape" not in ds.data_vars or any(v is not None for v in (rtol, atol, plateau_alpha)):
-        ds = shapes.classify(ds, **_shape_options(ds, rtol, atol, plateau_alpha))
+    exps = as_expectations(expectations)
+    if rtol is None and atol is None and plateau_alpha is None:
+        ds = verified(ds)
+    else:  # re-classified explicitly: the stored verdicts are replaced, not compared
+        options = shapes.shape_options(ds, rtol=rtol, atol=atol, plateau_alpha=plateau_alpha,
+                                       source=_source(ds, "the result"))
+        ds = shapes.classify(ds, **options)
     groups = [str(g) for g in ds["group"].values]
     splits = [str(s) for s in ds["split"].values]
     runs = [str(r) for r in ds["run"].values]
@@ -312,30 +217,27 @@ def _metric_values(ds: xr.Dataset, metric: str) -> np.ndarray:
         i0, i1 = shapes.endpoint_indices(ds["alpha"].values)
         curve = ds[var].transpose(*shapes.CURVE_DIMS, "alpha").values.astype(np.float64)
         return curve[..., i0 if end == "start" else i1]
-    if metric not in ds.data_vars:
-        raise CkptscopeError(f"the result has no {metric!r} (classified by an older ckptscope?); "
-                             f"classify it again with ckptscope.shape.classify.")
     return ds[metric].transpose(*shapes.CURVE_DIMS).values
 
 
 def _hold(exp: Expectation, actual, verdict: str, ds: xr.Dataset, index) -> tuple[bool, str]:
     want = f"{exp.op} {exp.value}" if isinstance(exp.value, str) else f"{exp.op} {exp.value:g}"
+    if verdict == "invalid":
+        # Nothing measured on a NaN/Inf curve is trustworthy, a finite endpoint included: the
+        # one claim it bears out is that it is invalid (shape!=barrier too is a claim that the
+        # curve has some other, valid, shape).
+        if exp.metric == "shape" and exp.op == "=" and exp.value == "invalid":
+            return True, "shape = invalid"
+        return False, _INVALID
     if exp.metric == "shape":
-        if actual == "invalid" and exp.value != "invalid":
-            return False, _INVALID
         passed = OPS[exp.op](str(actual), exp.value)
         r, g, s = index
-        height = float(ds["barrier_height"].values[r, g, s]) if "barrier_height" in ds else None
-        tol = float(ds["tolerance"].values[r, g, s]) if "tolerance" in ds else None
-        detail = ""
-        if actual != "invalid" and height is not None and tol is not None:
-            detail = f" (barrier_height {height:.4g}, tolerance {tol:.4g})"
-        head = f"shape = {actual}{detail}"
+        height = float(ds["barrier_height"].values[r, g, s])
+        tol = float(ds["tolerance"].values[r, g, s])
+        head = f"shape = {actual} (barrier_height {height:.4g}, tolerance {tol:.4g})"
         return passed, head if passed else f"{head}, expected {want}"
     actual = float(actual)
     if math.isnan(actual):
-        if verdict == "invalid":
-            return False, _INVALID
         why = " (the loss does not drop from L_0 to L_1)" if exp.metric == "half_drop_alpha" else ""
         return False, f"{exp.metric} is undefined (NaN){why}"
     if exp.op in ("=", "!="):
@@ -372,16 +274,26 @@ def compare(baseline: xr.Dataset, new: xr.Dataset, *, rtol: float = DEFAULT_COMP
             plateau_alpha: float | None = None) -> list[CompareRow]:
     """Hold a new result against a baseline, per (group, split).
 
-    Both are (re)classified with the same shape tolerances: those given, else the ones recorded
-    in ``baseline.attrs``, else the defaults. Per (group, split) one ``shape`` row (the most
-    common verdict over runs, ties going to ``barrier``, any invalid run making it ``invalid``)
-    passes when the verdict is unchanged; one row per metric in ``COMPARED`` (means over runs)
-    passes when ``|new - baseline| <= atol + rtol * |baseline|``. Runs need not match: the two
+    Both are classified afresh from their loss curves with the same shape tolerances: those
+    given, else the ones recorded in ``baseline.attrs``, else the defaults. Unless tolerances are
+    given, each result must first pass ``verified`` against its own recorded tolerances (a stored
+    verdict that its curves do not bear out is refused). Per (group, split) one ``shape`` row
+    (the most common verdict over runs, ties going to ``barrier``, any invalid run making it
+    ``invalid``) passes when the verdict is unchanged; one row per metric in ``COMPARED`` (means
+    over runs) passes when ``|new - baseline| <= atol + rtol * |baseline|``. Every row of a
+    (group, split) with an invalid curve on either side fails. Runs need not match: the two
     results may hold different seeds and numbers of runs.
 
     Raises:
-        CkptscopeError: the results differ in groups, splits or alpha grid.
+        CkptscopeError: either result is malformed or disagrees with its own curves, or the
+            results differ in groups, splits or alpha grid.
     """
+    names = (_source(baseline, "the baseline"), _source(new, "the new result"))
+    validate_result(baseline, source=names[0])
+    validate_result(new, source=names[1])
+    if shape_rtol is None and shape_atol is None and plateau_alpha is None:
+        verified(baseline, source=names[0])
+        verified(new, source=names[1])
     for dim in ("group", "split"):
         a = [str(v) for v in baseline[dim].values]
         b = [str(v) for v in new[dim].values]
@@ -398,7 +310,8 @@ def compare(baseline: xr.Dataset, new: xr.Dataset, *, rtol: float = DEFAULT_COMP
             f"from {a_alpha[0]:g} to {a_alpha[-1]:g}, new {b_alpha.size} from {b_alpha[0]:g} to "
             f"{b_alpha[-1]:g}); evaluate both with the same --alphas."
         )
-    options = _shape_options(baseline, shape_rtol, shape_atol, plateau_alpha)
+    options = shapes.shape_options(baseline, rtol=shape_rtol, atol=shape_atol,
+                                   plateau_alpha=plateau_alpha, source=names[0])
     base, cand = shapes.classify(baseline, **options), shapes.classify(new, **options)
     base_values = {m: _metric_values(base, m) for m in ("shape", *COMPARED)}
     cand_values = {m: _metric_values(cand, m) for m in ("shape", *COMPARED)}
@@ -415,20 +328,13 @@ def compare(baseline: xr.Dataset, new: xr.Dataset, *, rtol: float = DEFAULT_COMP
             was = shapes.majority(base_values["shape"][:, ia[0], ia[1]])
             now = shapes.majority(cand_values["shape"][:, ib[0], ib[1]])
             rows.append(_shape_row(group, split, was, now))
+            invalid = "baseline" if was[0] == "invalid" else "new" if now[0] == "invalid" else ""
             for metric in COMPARED:
                 b = float(np.mean(base_values[metric][:, ia[0], ia[1]]))
                 n = float(np.mean(cand_values[metric][:, ib[0], ib[1]]))
-                rows.append(_drift_row(group, split, metric, b, n, rtol=rtol, atol=atol))
+                rows.append(_drift_row(group, split, metric, b, n, rtol=rtol, atol=atol,
+                                       invalid=invalid))
     return rows
-
-
-def _shape_options(ds: xr.Dataset, rtol, atol, plateau_alpha) -> dict:
-    """Return classify options: those given, else the ones recorded in ``ds``, else defaults."""
-    given = {"rtol": rtol, "atol": atol, "plateau_alpha": plateau_alpha}
-    defaults = {"rtol": shapes.DEFAULT_RTOL, "atol": shapes.DEFAULT_ATOL,
-                "plateau_alpha": shapes.DEFAULT_PLATEAU_ALPHA}
-    return {k: given[k] if given[k] is not None else float(ds.attrs.get(f"shape_{k}", defaults[k]))
-            for k in given}
 
 
 def _shape_row(group: str, split: str, was, now) -> CompareRow:
@@ -446,9 +352,11 @@ def _shape_row(group: str, split: str, was, now) -> CompareRow:
 
 
 def _drift_row(group: str, split: str, metric: str, b: float, n: float, *, rtol: float,
-               atol: float) -> CompareRow:
-    if math.isnan(b) or math.isnan(n):
-        side = "baseline" if math.isnan(b) else "new"
+               atol: float, invalid: str = "") -> CompareRow:
+    """``invalid``: the side ("baseline" or "new") with an invalid curve here, if any; its mean
+    may be finite (an endpoint of a curve with NaN inside) but is not a measurement."""
+    if invalid or math.isnan(b) or math.isnan(n):
+        side = invalid or ("baseline" if math.isnan(b) else "new")
         return CompareRow(group, split, metric, b, n, False, f"{side} {_INVALID}")
     delta = n - b
     passed = abs(delta) <= atol + rtol * abs(b)

@@ -451,13 +451,13 @@ def compare(baseline, new, rtol, atol, junit):
 def merge(results, out):
     """Join results computed separately into one, along the run dim."""
     from ckptscope.results import merge_results, open_result, save_result
-    from ckptscope.shape import classify
+    from ckptscope.shape import classify, shape_options
 
     _check_suffix(out, (".nc",), "--out")
     datasets = [open_result(r) for r in results]
-    shape_options = {k[len("shape_"):]: v for k, v in datasets[0].attrs.items()
-                     if k in ("shape_rtol", "shape_atol", "shape_plateau_alpha")}
-    merged = classify(merge_results(datasets, sources=list(results)), **shape_options)
+    # The first input's recorded tolerances (validated), else the defaults.
+    options = shape_options(datasets[0], source=repr(results[0]))
+    merged = classify(merge_results(datasets, sources=list(results)), **options)
     save_result(merged, out)
     click.echo(f"wrote {out}: {merged.sizes['run']} runs, {merged.sizes['group']} groups")
 
@@ -504,9 +504,11 @@ def _verdict(rows, headers: list[str], cells: list[list[str]], junit: str | None
     """Print a PASS/FAIL table and the counts, write the JUnit report, exit 1 on a failure."""
     from ckptscope.check import to_junit
 
-    _write_text(junit, to_junit(rows))
+    # Everything is rendered before the report is written: a failure leaves no file behind.
     marks = [["PASS" if r.passed else "FAIL", *cell] for r, cell in zip(rows, cells, strict=True)]
-    click.echo(_table(["", *headers], marks))
+    table = _table(["", *headers], marks)
+    _write_text(junit, to_junit(rows))
+    click.echo(table)
     failed = sum(not r.passed for r in rows)
     click.echo(f"{len(rows) - failed} passed, {failed} failed")
     sys.exit(EXIT_FAILED if failed else 0)

@@ -6,7 +6,7 @@ import numpy as np
 import xarray as xr
 
 from ckptscope.groups import WHOLE_MODEL
-from ckptscope.shape import majority
+from ckptscope.shape import classify, majority, shape_options
 
 VARIABLES = ("loss", "accuracy")
 LAYOUTS = ("split", "run")
@@ -34,13 +34,18 @@ def plot_path(ds: xr.Dataset, *, variable: str = "loss", split: str | None = Non
         title: the axes title (default: the data and split).
         reference: draw a dotted line at the whole-model value at alpha = 0 (the paper's "level
             of loss at initialization").
-        verdicts: put each curve's shape verdict in the legend.
+        verdicts: put each curve's shape verdict in the legend (for a classified result:
+            recomputed from the loss curves with its recorded tolerances).
 
     Returns:
         The matplotlib ``Axes``.
     """
     import matplotlib.pyplot as plt
 
+    if verdicts and variable == "loss" and "shape" in ds.data_vars:
+        # The legend's verdicts come from the curves drawn, never from the stored ones (a file
+        # can say anything): classified again with the result's recorded tolerances.
+        ds = classify(ds, **shape_options(ds))
     if ax is None:
         _, ax = plt.subplots(figsize=(5.5, 3.8))
     split = split if split is not None else str(ds["split"].values[0])

@@ -17,6 +17,7 @@ temporary name in the target folder and renamed, so a crash never leaves a half-
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,20 @@ from ckptscope.files import replacing
 SCHEMA_VERSION = 1
 DIMS = ("run", "group", "split", "alpha")
 CURVE_VARS = ("loss", "accuracy")
+# The classification a result may carry over (run, group, split): ckptscope.shape computes it.
+SHAPES = ("monotonic", "barrier", "plateau", "invalid")
+SHAPE_METRICS = ("barrier_height", "chord_barrier", "midpoint_barrier", "peak_alpha",
+                 "above_start", "half_drop_alpha", "tolerance")
+# What each variable and coordinate holds: "float" (real floating point, any width), "int",
+# "number" (int or float), "text" (str). Checked on every open: a forged or foreign file whose
+# values would be coerced (strings parsed as numbers, int8 losses) is refused, not guessed at.
+KINDS = {
+    "loss": "float", "accuracy": "float", "distance": "float", "alpha": "float",
+    "run": "text", "group": "text", "split": "text", "pattern": "text",
+    "start_path": "text", "end_path": "text", "start_sha256": "text", "end_sha256": "text",
+    "n_tensors": "int", "n_params": "number", "n_examples": "int",
+    "shape": "text", **dict.fromkeys(SHAPE_METRICS, "float"),
+}
 _ENGINE = "scipy"
 # How a curve was measured: results that differ in these are not runs of one experiment.
 MERGE_SETTINGS = ("adapter", "adapter_options", "hold", "bn_policy", "bn_batches", "dtype",
@@ -123,7 +138,7 @@ def build_result(
             **dict(extra or {}),
         },
         coords={
-            "run": ("run", [r.name for r in runs]),
+            "run": ("run", [str(r.name) for r in runs]),
             "group": ("group", list(groups)),
             "split": ("split", list(splits)),
             "alpha": ("alpha", np.asarray(alphas, dtype=np.float64), VAR_ATTRS["alpha"]),
@@ -150,6 +165,11 @@ def build_result(
 def validate_result(ds: xr.Dataset, *, source: str = "the result") -> xr.Dataset:
     """Raise unless ``ds`` follows the result contract; return it.
 
+    Checks the variables and coordinates with their dims, that no dim is empty, what each holds
+    (``KINDS``: loss, accuracy, distance and alpha are real floats, labels are strings; the
+    shape verdicts, if present, are names from ``SHAPES`` and their metrics floats), a finite
+    increasing alpha grid, accuracies in [0, 1], unique labels and the schema version.
+
     Raises:
         CkptscopeError: naming the first thing missing or malformed.
     """
@@ -175,25 +195,67 @@ def validate_result(ds: xr.Dataset, *, source: str = "the result") -> xr.Dataset
     for name, dims in (("pattern", ("group",)), ("n_examples", ("split",))):
         if name in ds.coords and tuple(variables[name].dims) != dims:
             fail(f"{name!r} has dims {tuple(variables[name].dims)}, expected {dims}")
-    alpha = np.asarray(variables["alpha"].values, dtype=np.float64)
-    if alpha.size == 0 or not np.all(np.isfinite(alpha)) or np.any(np.diff(alpha) <= 0):
+    for name in ("shape", *SHAPE_METRICS):
+        if name in variables and tuple(variables[name].dims) != DIMS[:3]:
+            fail(f"{name!r} has dims {tuple(variables[name].dims)}, expected {DIMS[:3]}")
+    for dim in DIMS:
+        if ds.sizes[dim] == 0:
+            fail(f"it has no {dim}s (the {dim!r} dim is empty)")
+    for name, kind in KINDS.items():
+        if name in variables:
+            problem = _kind_problem(variables[name].values, kind)
+            if problem:
+                fail(f"{name!r} holds {problem}, expected {_EXPECTED[kind]}")
+    alpha = variables["alpha"].values
+    if not np.all(np.isfinite(alpha)) or np.any(np.diff(alpha) <= 0):
         fail("'alpha' is not a finite, strictly increasing grid")
-    acc = np.asarray(variables["accuracy"].values)
+    acc = variables["accuracy"].values
     if np.any((acc < 0) | (acc > 1)):
         fail("'accuracy' holds values outside [0, 1]")
     for name in ("run", "group", "split"):
         values = [str(v) for v in variables[name].values]
         if len(set(values)) != len(values):
             fail(f"{name!r} labels repeat")
+    if "shape" in variables:
+        unknown = sorted(set(np.unique(variables["shape"].values).tolist()) - set(SHAPES))
+        if unknown:
+            fail(f"'shape' holds {unknown[0][:40]!r}, not one of {', '.join(SHAPES)}")
     version = ds.attrs.get("ckptscope_schema")
     if version is None:
         fail("attribute 'ckptscope_schema' is missing")
+    if not isinstance(version, numbers.Integral) or isinstance(version, bool):
+        fail(f"attribute 'ckptscope_schema' is {str(version)[:40]!r}, expected an integer")
     if int(version) > SCHEMA_VERSION:
         raise CkptscopeError(
             f"{source} uses result schema {int(version)}, newer than this ckptscope reads "
             f"({SCHEMA_VERSION}); upgrade ckptscope."
         )
     return ds
+
+
+_EXPECTED = {"float": "real floats (float32 or float64)", "int": "integers",
+             "number": "numbers", "text": "strings"}
+
+
+def _kind_problem(values: np.ndarray, kind: str) -> str | None:
+    """Describe what ``values`` hold when it is not ``kind`` (see ``KINDS``); ``None`` if it is."""
+    dtype = values.dtype
+    if kind == "text":
+        # NetCDF hands strings back as an object array of str; in memory they are <U.
+        if dtype.kind == "U" or (
+            dtype.kind == "O" and all(isinstance(v, str) for v in values.ravel())
+        ):
+            return None
+    elif dtype.kind in {"float": "f", "int": "iu", "number": "iuf"}[kind]:
+        return None
+    if dtype.kind == "U":
+        return "strings"
+    if dtype.kind == "S":
+        return "bytes"
+    if dtype.kind == "O":
+        types = sorted({type(v).__name__ for v in values.ravel()[:100]})
+        return "strings" if types == ["str"] else f"Python objects ({', '.join(types)})"
+    return f"{dtype.name} values"
 
 
 def save_result(ds: xr.Dataset, path: str | os.PathLike) -> Path:

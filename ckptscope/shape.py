@@ -20,10 +20,12 @@ from collections import Counter
 import numpy as np
 import xarray as xr
 
+from ckptscope import results
 from ckptscope.errors import CkptscopeError
 from ckptscope.results import CURVE_VARS, DIMS, validate_result
 
-SHAPES = ("monotonic", "barrier", "plateau", "invalid")
+# The verdicts and their metrics are part of the result contract, which names them.
+SHAPES = results.SHAPES
 DEFAULT_RTOL = 0.02
 DEFAULT_ATOL = 1e-2
 DEFAULT_PLATEAU_ALPHA = 0.75
@@ -47,8 +49,7 @@ DESCRIPTIONS = {
                        "points; NaN if L_1 >= L_0",
     "tolerance": "max(shape_rtol * (max_i L_i - min_i L_i), shape_atol), in loss units",
 }
-METRICS = ("barrier_height", "chord_barrier", "midpoint_barrier", "peak_alpha", "above_start",
-           "half_drop_alpha", "tolerance")
+METRICS = results.SHAPE_METRICS
 
 
 # --- the grid --------------------------------------------------------------------------------
@@ -257,6 +258,39 @@ def check_tolerances(*, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
                      plateau_alpha: float = DEFAULT_PLATEAU_ALPHA) -> None:
     """Raise a one-line error unless the shape tolerances are in range."""
     _check_options(rtol=rtol, atol=atol, plateau_alpha=plateau_alpha)
+
+
+def shape_options(ds: xr.Dataset, *, rtol: float | None = None, atol: float | None = None,
+                  plateau_alpha: float | None = None,
+                  source: str = "the result") -> dict[str, float]:
+    """Return the ``classify`` tolerances for a result: those given, else the ones recorded in
+    ``ds.attrs`` (``shape_rtol``, ``shape_atol``, ``shape_plateau_alpha``), else the defaults.
+
+    Args:
+        source: how errors name the result.
+
+    Raises:
+        CkptscopeError: a given or recorded tolerance is not a finite number in range; a
+            recorded one is named as the result's.
+    """
+    given = {"rtol": rtol, "atol": atol, "plateau_alpha": plateau_alpha}
+    defaults = {"rtol": DEFAULT_RTOL, "atol": DEFAULT_ATOL, "plateau_alpha": DEFAULT_PLATEAU_ALPHA}
+    options = {}
+    for key, value in given.items():
+        if value is None:
+            value = ds.attrs.get(f"shape_{key}", defaults[key])
+            try:
+                _check_options(**{**defaults, key: value})
+            except CkptscopeError:
+                want = "a number in (0, 1]" if key == "plateau_alpha" else "a finite number >= 0"
+                raise CkptscopeError(
+                    f"{source} records shape_{key}={str(value)[:40]!r}, not {want}; give the "
+                    f"tolerance explicitly (check --tolerance {key}=VALUE) or write the result "
+                    f"again with `ckptscope path`."
+                ) from None
+        options[key] = value
+    _check_options(**options)
+    return {key: float(value) for key, value in options.items()}
 
 
 def _is_number(value) -> bool:

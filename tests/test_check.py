@@ -165,7 +165,10 @@ def test_check_invalid_curve_fails_with_reason(ds):
         assert by[text, "seed1"].message == "curve is invalid (NaN/Inf)"
     assert by["fc@test:shape=invalid", "seed1"].passed
     assert not by["fc@test:shape=invalid", "seed0"].passed
-    assert by["fc@test:loss_start>0", "seed1"].passed  # the start itself is finite
+    # The start itself is finite, but nothing on an invalid curve is a measurement (issue #13).
+    assert not by["fc@test:loss_start>0", "seed1"].passed
+    assert by["fc@test:loss_start>0", "seed1"].message == "curve is invalid (NaN/Inf)"
+    assert by["fc@test:loss_start>0", "seed0"].passed
 
 
 def test_check_undefined_metric_on_valid_curve_fails():
@@ -192,10 +195,10 @@ def test_check_keeps_recorded_tolerances_not_given(ds):
     assert rows[0].passed, rows[0].message
 
 
-def test_check_metric_missing_from_result_raises(ds):
-    old = shape.classify(ds).drop_vars("tolerance")
-    with pytest.raises(CkptscopeError, match="has no 'tolerance'.*classify it again"):
-        check(old, "all:tolerance<1")
+def test_check_recomputes_a_metric_missing_from_result(ds):
+    old = shape.classify(ds).drop_vars("tolerance")  # classified by an older ckptscope
+    rows = check(old, "layer3@test:tolerance<1")
+    assert rows[0].passed and rows[0].actual == pytest.approx(0.02 * np.ptp(BARRIER))
 
 
 @pytest.mark.parametrize("text, match", [
