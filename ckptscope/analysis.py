@@ -89,9 +89,11 @@ def linear_path(
     Args:
         start, end: checkpoint paths (safetensors or torch files) or state dicts.
         model: an ``nn.Module`` (its own weights are ignored), an adapter name (``mlp``) or
-            ``pkg.module:attr``; ``None`` reads the adapter from the checkpoint's metadata.
+            ``pkg.module:attr``; ``None`` reads the adapter from the checkpoint's metadata, which
+            may name a built-in adapter only (``docs/security.md``).
         data: ``(inputs, targets)``, a mapping split -> ``(inputs, targets)``, or a dataset spec
-            (``spiral``, ``digits``, ``pkg.module:attr``); ``None``: the checkpoint's or adapter's.
+            (``spiral``, ``digits``, ``pkg.module:attr``); ``None``: the checkpoint's (a
+            registered set only) or the adapter's.
         groups: regexes (``"layer3.*"`` or ``"name=regex"``) or a mapping name -> regex.
         alphas: a count (evenly spaced on [0, 1], ends included) or increasing values.
         full: include the whole-model path as group ``all``.
