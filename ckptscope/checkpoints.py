@@ -94,8 +94,11 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
+            # The ckptscope fields, bounded, before any tensor is read.
+            metadata = read_metadata(f.metadata() or {}, source=str(path))
             state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    except CkptscopeError:
+        raise
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CkptscopeError(
@@ -205,8 +208,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     kind = _sniff(path)
     metadata: dict[str, str] = {}
     if kind == "safetensors":
-        state, raw_meta = _read_safetensors(path)
-        metadata = read_metadata(raw_meta, source=str(path))
+        state, metadata = _read_safetensors(path)
         notes: list[str] = []
     elif kind in ("torch-zip", "torch-legacy"):
         state, notes = unwrap_state(_read_torch(path, kind), source=repr(str(path)))

@@ -81,7 +81,8 @@ def check_fields(fields: Mapping[str, object], *, source: str) -> None:
                 f"{type(value).__name__}, not a string; save the weights again."
             )
         # Characters first: a long string is refused without encoding it.
-        size = len(value) if len(value) > MAX_FIELD_BYTES else len(value.encode("utf-8"))
+        size = (len(value) if len(value) > MAX_FIELD_BYTES
+                else len(value.encode("utf-8", "surrogatepass")))
         if size > MAX_FIELD_BYTES:
             raise CkptscopeError(
                 f"checkpoint {source!r}: metadata field {_field(key)} holds {size:,} bytes, more "
@@ -282,7 +283,8 @@ def stored_data(metadata: Mapping[str, str], *, source: str,
     value = metadata.get("data") or None
     if value is None or value.partition(":")[0] in known:
         return value
-    raise _refuse(value, what="data", source=source, known=known, flag="--data", keyword="data")
+    raise _refuse(value, what="dataset", source=source, known=known, flag="--data",
+                  keyword="data")
 
 
 def _printable(text: str) -> str:

@@ -139,7 +139,7 @@ def test_data_import_spec_in_metadata_is_never_called(tmp_path, capsys, monkeypa
     files = forged_pair(tmp_path, {"adapter": "mlp", "data": "tempfile:mkdtemp"})
     flags = ["--adapter", adapter] if adapter else []
     code, _, err = cli(["path", *files, *flags, *FAST], capsys)
-    assert_one_line_refusal(code, err, "names data 'tempfile:mkdtemp' in its metadata",
+    assert_one_line_refusal(code, err, "names dataset 'tempfile:mkdtemp' in its metadata",
                             "--data tempfile:mkdtemp", "(Python: data='tempfile:mkdtemp')")
     with pytest.raises(CkptscopeError, match="never imports code named by a file"):
         ckptscope.linear_path(*files, adapter, alphas=2, device="cpu")
@@ -177,7 +177,8 @@ def test_a_module_on_the_path_named_by_a_file_is_never_imported(tmp_path, capsys
     files = forged_pair(tmp_path, meta)
     code, _, err = cli(["path", *files, *FAST], capsys)
     assert not marker.exists() and name not in sys.modules, err
-    assert_one_line_refusal(code, err, f"names {field} {form.format(name)!r} in its metadata")
+    what = {"adapter": "adapter", "data": "dataset"}[field]
+    assert_one_line_refusal(code, err, f"names {what} {form.format(name)!r} in its metadata")
     with pytest.raises(CkptscopeError, match="in its metadata"):
         ckptscope.linear_path(*files, alphas=2, device="cpu")
     assert not marker.exists() and name not in sys.modules

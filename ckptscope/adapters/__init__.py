@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ckptscope.checkpoints import check_pair
 from ckptscope.errors import CkptscopeError
 from ckptscope.registry import Registry, import_object, is_import_spec
 
@@ -80,8 +81,6 @@ class Adapter:
         Raises:
             CkptscopeError: ``build`` does not take the options, or the module does not fit.
         """
-        from ckptscope.checkpoints import check_pair
-
         origin = f" from {source}" if source else ""
         try:
             inspect.signature(self.build).bind(**options)
@@ -100,8 +99,8 @@ class Adapter:
             if source is None:
                 raise
             raise CkptscopeError(f"{err} (the options come{origin}; {fix})") from None
-        except Exception as err:  # noqa: BLE001 - any failure of a build is reported the same way
-            if source is None:  # a build that needs real tensors: checked after building
+        except Exception as err:  # a build's failure, whatever its type, is the options' fault
+            if source is None:  # the user's: a build that needs real tensors is checked after it
                 return
             reason = (str(err).splitlines() or [type(err).__name__])[0][:160]
             raise CkptscopeError(
