@@ -14,7 +14,7 @@ import xarray as xr
 from torch import nn
 
 from ckptscope import distributed
-from ckptscope.adapters import Adapter, get_adapter, module_name
+from ckptscope.adapters import Adapter, module_name
 from ckptscope.cache import PathCache, path_key, tensor_digest
 from ckptscope.checkpoints import Checkpoint, as_checkpoint, check_pair
 from ckptscope.data import as_splits, load_data, select_splits
@@ -23,6 +23,7 @@ from ckptscope.distance import distance_table
 from ckptscope.errors import CkptscopeError
 from ckptscope.evaluate import EvalConfig, Evaluator, resolve_device
 from ckptscope.groups import normalise_groups, resolve_groups
+from ckptscope.inputs import check_stored, data_seed, data_spec, resolve_model
 from ckptscope.path import HOLDS, alpha_grid
 from ckptscope.results import RunInfo, build_result, merge_results
 from ckptscope.shape import check_tolerances, classify, shape_attrs, shape_variables
@@ -36,41 +37,6 @@ def _version() -> str:
     from ckptscope import __version__
 
     return __version__
-
-
-def resolve_model(
-    model: nn.Module | str | Adapter | None,
-    a: Checkpoint,
-    b: Checkpoint,
-    adapter_options: Mapping[str, object] | None = None,
-) -> tuple[nn.Module, Adapter | None, dict]:
-    """Return (module, adapter or None, options) for a module, an adapter, or the metadata."""
-    if isinstance(model, nn.Module):
-        return model, None, {}
-    if model is None:
-        model = a.metadata.get("adapter") or b.metadata.get("adapter")
-        if model is None:
-            raise CkptscopeError(
-                "no model given and the checkpoints name no adapter in their metadata; pass "
-                "--adapter NAME (e.g. mlp) or a module."
-            )
-    adapter = get_adapter(model)
-    if adapter_options is None:
-        stored = a.metadata.get("adapter_options") or b.metadata.get("adapter_options")
-        adapter_options = (
-            json.loads(stored) if stored and a.metadata.get("adapter") == adapter.name else None
-        )
-    options = adapter.options_for(a.state, adapter_options)
-    return adapter.make(options), adapter, options
-
-
-def _data_spec(data, a: Checkpoint, adapter: Adapter | None) -> object:
-    if data is not None:
-        return data
-    spec = a.metadata.get("data") or (adapter.default_data if adapter else None)
-    if spec is None:
-        raise CkptscopeError("no data given and none is known for this model; pass --data NAME.")
-    return spec
 
 
 def _warn_nonfinite(ckpt: Checkpoint, label: str) -> None:
@@ -123,9 +89,11 @@ def linear_path(
     Args:
         start, end: checkpoint paths (safetensors or torch files) or state dicts.
         model: an ``nn.Module`` (its own weights are ignored), an adapter name (``mlp``) or
-            ``pkg.module:attr``; ``None`` reads the adapter from the checkpoint's metadata.
+            ``pkg.module:attr``; ``None`` reads the adapter from the checkpoint's metadata, which
+            may name a built-in adapter only (``docs/security.md``).
         data: ``(inputs, targets)``, a mapping split -> ``(inputs, targets)``, or a dataset spec
-            (``spiral``, ``digits``, ``pkg.module:attr``); ``None``: the checkpoint's or adapter's.
+            (``spiral``, ``digits``, ``pkg.module:attr``); ``None``: the checkpoint's (a
+            registered set only) or the adapter's.
         groups: regexes (``"layer3.*"`` or ``"name=regex"``) or a mapping name -> regex.
         alphas: a count (evenly spaced on [0, 1], ends included) or increasing values.
         full: include the whole-model path as group ``all``.
@@ -190,8 +158,8 @@ def linear_path(
     )
 
     if seed is None:
-        seed = int(a.metadata.get("data_seed", 0)) if data is None else 0
-    spec = _data_spec(data, a, adapter)
+        seed = data_seed(a) if data is None else 0
+    spec = data_spec(data, a, adapter)
     if isinstance(spec, str):
         every_split = load_data(spec, seed=seed)
         data_label = spec
@@ -368,6 +336,8 @@ def linear_paths(
     )
     if not items:
         raise CkptscopeError("no checkpoint pairs given; pass at least one (start, end).")
+    for _, (start, end) in items:
+        check_stored(start, end, model, data, options)
     results = []
     for label, (start, end) in items:
         report = None

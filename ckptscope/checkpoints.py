@@ -21,11 +21,12 @@ import torch
 
 from ckptscope.errors import CkptscopeError
 from ckptscope.files import replacing
+from ckptscope.metadata import PREFIX, check_fields, read_metadata
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 STRIP_PREFIXES = ("module.", "_orig_mod.")
-META_PREFIX = "ckptscope."
+META_PREFIX = PREFIX
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -37,7 +38,8 @@ class Checkpoint:
         state: key -> tensor, floating tensors in float32 (fp16/bf16 upcast), on the CPU.
         path: the file it was read from ("" for an in-memory state).
         sha256: hex digest of the file's bytes ("" for an in-memory state).
-        metadata: the ckptscope metadata it carries (adapter, data, ...), prefix removed.
+        metadata: the ckptscope metadata it carries (adapter, data, ...), prefix removed: inert,
+            bounded strings, read only through :mod:`ckptscope.metadata`.
         notes: one-line remarks made while reading (upcasts, unwrapped prefixes).
     """
 
@@ -92,8 +94,11 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
+            # The ckptscope fields, bounded, before any tensor is read.
+            metadata = read_metadata(f.metadata() or {}, source=str(path))
             state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    except CkptscopeError:
+        raise
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CkptscopeError(
@@ -203,10 +208,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     kind = _sniff(path)
     metadata: dict[str, str] = {}
     if kind == "safetensors":
-        state, raw_meta = _read_safetensors(path)
-        metadata = {
-            k[len(META_PREFIX) :]: v for k, v in raw_meta.items() if k.startswith(META_PREFIX)
-        }
+        state, metadata = _read_safetensors(path)
         notes: list[str] = []
     elif kind in ("torch-zip", "torch-legacy"):
         state, notes = unwrap_state(_read_torch(path, kind), source=repr(str(path)))
@@ -292,17 +294,19 @@ def save_checkpoint(
     Args:
         path: the target file; written to a temporary name in the same folder, then renamed.
         state: key -> tensor; tied tensors are cloned so each key is stored.
-        metadata: values stored under ``ckptscope.<key>``; non-strings are JSON-encoded.
+        metadata: values stored under ``ckptscope.<key>``; non-strings are JSON-encoded. The
+            bounds :func:`load_checkpoint` holds a file to apply here too
+            (:func:`ckptscope.metadata.check_fields`), so ckptscope never writes what it would
+            refuse to read.
     """
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    meta = {
-        META_PREFIX + k: v if isinstance(v, str) else json.dumps(v)
-        for k, v in (metadata or {}).items()
-    }
+    fields = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
+    check_fields(fields, source=str(path))
+    meta = {META_PREFIX + k: v for k, v in fields.items()}
     with replacing(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path

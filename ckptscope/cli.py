@@ -132,17 +132,15 @@ def _tolerances(pairs: tuple[str, ...]) -> dict:
 
 
 def _groups(adapter_spec: str | None, presets: tuple[str, ...], groups: tuple[str, ...],
-            keys: list[str], metadata: dict) -> dict[str, str]:
+            ckpt) -> dict[str, str]:
     """Group specs from ``--preset`` (through the adapter) and ``--group``, in that order."""
-    from ckptscope.adapters import get_adapter
     from ckptscope.groups import normalise_groups
+    from ckptscope.inputs import preset_adapter
 
     out: dict[str, str] = {}
+    keys = list(ckpt.state)
     if presets:
-        spec = adapter_spec or metadata.get("adapter")
-        if spec is None:
-            raise CkptscopeError("--preset needs an adapter: pass --adapter NAME.")
-        adapter = get_adapter(spec)
+        adapter = preset_adapter(adapter_spec, ckpt)
         for name in presets:
             if name not in adapter.presets:
                 raise CkptscopeError(
@@ -294,7 +292,7 @@ def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adap
     runs = {label: (load_checkpoint(a), load_checkpoint(b))
             for label, (a, b) in _pairs(start, end, pairs, run_dirs).items()}
     first = next(iter(runs.values()))[0]
-    group_specs = _groups(adapter, presets, groups, list(first.state), first.metadata)
+    group_specs = _groups(adapter, presets, groups, first)
     bars = {label: ProgressBar(f"run {label}" if len(runs) > 1 else "evaluating")
             for label in runs}
     ds = linear_paths(
@@ -340,18 +338,19 @@ def inspect(start, end, groups, presets, adapter, keys):
     """Show a checkpoint's tensors, how groups resolve, and distances to END."""
     from ckptscope.checkpoints import describe_dtypes, load_checkpoint
     from ckptscope.distance import distances, parameter_keys
+    from ckptscope.metadata import describe_metadata
 
     a = load_checkpoint(start)
     b = load_checkpoint(end) if end else None
-    specs = _groups(adapter, presets, groups, list(a.state), a.metadata)
+    specs = _groups(adapter, presets, groups, a)
     # Against itself when there is no END: the per-group counts without a distance.
     moved = distances(a, b if b is not None else a, groups=specs, adapter=adapter)
     params = parameter_keys(a.state)
     n_params = sum(a.state[k].numel() for k in params)
     click.echo(f"{a.path}  sha256 {a.sha256[:16]}  {len(a.state)} tensors, {n_params:,} "
                f"parameters ({describe_dtypes(a.state)})")
-    if a.metadata:
-        click.echo("metadata: " + ", ".join(f"{k}={v}" for k, v in sorted(a.metadata.items())))
+    if a.metadata:  # a file's strings, escaped: they never drive the terminal
+        click.echo(f"metadata: {describe_metadata(a.metadata)}")
     for note in a.notes:
         click.echo(f"note: {note}")
     if keys:
@@ -385,7 +384,7 @@ def distance(start, end, groups, presets, adapter, out):
 
     _check_suffix(out, (".nc",), "--out")
     a, b = load_checkpoint(start), load_checkpoint(end)
-    specs = _groups(adapter, presets, groups, list(a.state), a.metadata)
+    specs = _groups(adapter, presets, groups, a)
     ds = distances(a, b, groups=specs, adapter=adapter)
     if out:
         write_netcdf(ds, out)

@@ -8,10 +8,12 @@ It trains the net briefly on synthetic images, saves the initial and trained sta
 ``OUT_DIR`` (default ``custom-adapter-demo/``) with the adapter named in their metadata, and
 prints the whole-model path and one path per block between them. With this folder on
 ``PYTHONPATH`` the shell finds the adapter (``custom_adapter:ADAPTER``) and the data
-(``custom_adapter:test_data``) by their import specs:
+(``custom_adapter:test_data``) by their import specs, passed on the command line: ckptscope never
+imports code that a file's metadata names (docs/security.md):
 
     PYTHONPATH=examples ckptscope path custom-adapter-demo/init.safetensors \\
-        custom-adapter-demo/final.safetensors --preset blocks --data custom_adapter:test_data
+        custom-adapter-demo/final.safetensors --adapter custom_adapter:ADAPTER \\
+        --preset blocks --data custom_adapter:test_data
 
 See ``docs/adapters.md``.
 """
@@ -80,8 +82,9 @@ def blocks(keys: Sequence[str]) -> dict[str, str]:
 
 
 ADAPTER = Adapter(
-    # The name is recorded in results and checkpoint metadata; the import spec lets a later
-    # `ckptscope path` find the adapter again from the metadata alone.
+    # The name is recorded in results and checkpoint metadata; the import spec tells a reader
+    # which code made the file. ckptscope never imports it from a file: a later `ckptscope path`
+    # is given `--adapter custom_adapter:ADAPTER`, and infer_options reads the options back.
     name="custom_adapter:ADAPTER",
     build=build,
     loss=lambda options: "cross_entropy",
@@ -136,7 +139,7 @@ if __name__ == "__main__":
     metadata = {"adapter": ADAPTER.name, "adapter_options": options}
     for name, state in (("init", init), ("final", final)):
         ckptscope.save_checkpoint(out / f"{name}.safetensors", state, metadata=metadata)
-    ds = ckptscope.linear_path(out / "init.safetensors", out / "final.safetensors",
+    ds = ckptscope.linear_path(out / "init.safetensors", out / "final.safetensors", ADAPTER,
                                groups=blocks(list(final)), data=test_data(), alphas=11,
                                device="cpu")
     print("test loss on the path from init (alpha=0) to trained (alpha=1)")
@@ -146,4 +149,4 @@ if __name__ == "__main__":
         print(f"{group:<8}" + "".join(f"{v:>7.3f}" for v in curve))
     print(f"wrote {out}/init.safetensors and {out}/final.safetensors; the same from the shell:")
     print(f"  PYTHONPATH=examples ckptscope path {out}/init.safetensors {out}/final.safetensors "
-          f"--preset blocks --data custom_adapter:test_data")
+          f"--adapter custom_adapter:ADAPTER --preset blocks --data custom_adapter:test_data")

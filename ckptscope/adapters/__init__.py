@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ckptscope.checkpoints import check_pair
 from ckptscope.errors import CkptscopeError
 from ckptscope.registry import Registry, import_object, is_import_spec
 
@@ -55,15 +56,73 @@ class Adapter:
         options.update(given or {})
         return options
 
-    def make(self, options: Mapping[str, object]) -> nn.Module:
-        """Build the module, turning a bad option into a one-line error."""
+    def make(self, options: Mapping[str, object], *, like: Mapping[str, torch.Tensor] | None = None,
+             where: str = "the checkpoint", source: str | None = None) -> nn.Module:
+        """Build the module once :meth:`check` passes (the arguments are its own)."""
+        self.check(options, like=like, where=where, source=source)
+        return self.build(**options)
+
+    def check(self, options: Mapping[str, object], *,
+              like: Mapping[str, torch.Tensor] | None = None, where: str = "the checkpoint",
+              source: str | None = None) -> None:
+        """Raise a one-line error unless ``build`` takes ``options`` (and the module fits ``like``).
+
+        Args:
+            options: the keyword arguments of ``build``.
+            like: a state dict the module must fit. The module is built on the meta device,
+                which allocates nothing, and its keys and shapes are compared with ``like``'s,
+                so options naming sizes beyond the checkpoint's are refused before any memory
+                is used.
+            where: how to call ``like`` in messages.
+            source: where ``options`` came from when not from the user (``"the metadata of
+                'a.safetensors'"``). Then the check is strict: options that do not build on the
+                meta device are refused, and so is a module holding more values than ``like``.
+
+        Raises:
+            CkptscopeError: ``build`` does not take the options, or the module does not fit.
+        """
+        origin = f" from {source}" if source else ""
         try:
             inspect.signature(self.build).bind(**options)
         except TypeError as err:
             raise CkptscopeError(
-                f"adapter {self.name!r}: bad options {dict(options)} ({err})."
+                f"adapter {self.name!r}: bad options {_shown(options)}{origin} ({err})."
             ) from None
-        return self.build(**options)
+        if like is None:
+            return
+        fix = ("pass the options yourself: --adapter-opt KEY=VALUE (Python: adapter_options=...)"
+               if source else "pick the adapter and options the checkpoint was saved from")
+        try:
+            with torch.device("meta"):
+                skeleton = self.build(**options)
+        except CkptscopeError as err:
+            if source is None:
+                raise
+            raise CkptscopeError(f"{err} (the options come{origin}; {fix})") from None
+        except Exception as err:  # a build's failure, whatever its type, is the options' fault
+            if source is None:  # the user's: a build that needs real tensors is checked after it
+                return
+            reason = (str(err).splitlines() or [type(err).__name__])[0][:160]
+            raise CkptscopeError(
+                f"adapter {self.name!r}: the options {_shown(options)}{origin} do not build a "
+                f"module ({reason}); {fix}."
+            ) from None
+        check_pair(skeleton.state_dict(), like,
+                   names=(f"the model ({self.name}, options {_shown(options)}{origin})", where),
+                   fix=fix)
+        held = sum(t.numel() for t in (*skeleton.parameters(), *skeleton.buffers()))
+        total = sum(t.numel() for t in like.values())
+        if source and held > total:
+            raise CkptscopeError(
+                f"adapter {self.name!r}: the options {_shown(options)}{origin} build a module of "
+                f"{held:,} values, more than the {total:,} of {where}; {fix}."
+            )
+
+
+def _shown(options: Mapping[str, object]) -> str:
+    """The options for a message, cut to a line's worth (they may come from a file)."""
+    text = repr(dict(options))
+    return text if len(text) <= 160 else text[:156] + "...}"
 
 
 ADAPTERS: Registry[Adapter] = Registry("adapter")
@@ -83,6 +142,11 @@ def get_adapter(spec: str | Adapter) -> Adapter:
     raise CkptscopeError(
         f"adapter {spec!r} is a {type(obj).__name__}, not an Adapter or a callable."
     )
+
+
+def registered(adapter: Adapter) -> bool:
+    """True for an adapter of the registry (a built-in, or one your code registered)."""
+    return adapter.name in ADAPTERS and ADAPTERS.get(adapter.name) is adapter
 
 
 def module_name(model: nn.Module) -> str:

@@ -15,6 +15,9 @@ import torch
 from ckptscope.data import DATASETS, Dataset
 
 N_TRAIN, N_TEST = 10_000, 5_000
+# A spec may come from a checkpoint's metadata: its sizes are bounded like any other value a
+# file gives (a million points is 100x the paper's set, 24 MB while generated).
+MAX_POINTS = 1_000_000
 NOISE = 0.02
 
 
@@ -38,12 +41,15 @@ def load(arg: str | None, *, seed: int = 0) -> dict:
     n_train, n_test = N_TRAIN, N_TEST
     if arg:
         try:
-            n_train, n_test = (int(v) for v in arg.split(","))
+            n_train, n_test = (int(v) for v in arg.split(",") if len(v) < 16)
+            if not (0 < n_train <= MAX_POINTS and 0 < n_test <= MAX_POINTS):
+                raise ValueError
         except ValueError:
             from ckptscope.errors import CkptscopeError
 
             raise CkptscopeError(
-                f"spiral:{arg} is not spiral:TRAIN,TEST (e.g. spiral:2000,1000)."
+                f"spiral:{arg[:40]} is not spiral:TRAIN,TEST with sizes from 1 to {MAX_POINTS:,} "
+                f"(e.g. spiral:2000,1000)."
             ) from None
     generator = torch.Generator().manual_seed(int(seed))
     return {

@@ -28,6 +28,7 @@ import xarray as xr
 from ckptscope.adapters import get_adapter
 from ckptscope.checkpoints import load_checkpoint, save_checkpoint
 from ckptscope.errors import CkptscopeError
+from ckptscope.metadata import stored_float
 from ckptscope.train.recipe import Recipe, load_recipe
 from ckptscope.train.run import RunOutput, read_metrics, run, stream_seed
 from ckptscope.train.sweep import run_dir
@@ -139,11 +140,10 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
 # --- training several seeds -------------------------------------------------------------------
 def _from_disk(out: Path) -> RunOutput:
     """The RunOutput of a finished run, read back from its directory."""
-    meta = load_checkpoint(out / "final.safetensors").metadata
-    value = meta.get("images_per_second")
-    rate = float(value) if value not in (None, "null") else float("nan")
-    return RunOutput(out, out / "init.safetensors", out / "final.safetensors",
-                     read_metrics(out / "metrics.jsonl"), rate)
+    final = out / "final.safetensors"
+    rate = stored_float(load_checkpoint(final).metadata, "images_per_second", source=str(final))
+    return RunOutput(out, out / "init.safetensors", final, read_metrics(out / "metrics.jsonl"),
+                     float("nan") if rate is None else rate)
 
 
 def train_seeds(recipe: Recipe, seeds: Sequence[int], out: Path, *, jobs: int = 1,

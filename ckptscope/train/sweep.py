@@ -16,7 +16,7 @@ import xarray as xr
 
 from ckptscope.errors import CkptscopeError
 from ckptscope.train.recipe import Recipe
-from ckptscope.train.run import RunOutput, run
+from ckptscope.train.run import RunOutput, data_spec, run
 
 RESULT = "result.nc"
 
@@ -112,7 +112,10 @@ def sweep(recipe: Recipe, *, seeds: Sequence[int], out: str | os.PathLike,
     keys = list(load_checkpoint(runs[seeds[0]].init).state)
     specs = group_specs(recipe, presets, groups, keys)
     pairs = {f"seed_{s}": (str(r.init), str(r.final)) for s, r in runs.items()}
-    ds = linear_paths(pairs, groups=specs, alphas=alphas, split=split,
+    # The recipe's adapter and data, not the checkpoints' metadata: the metadata may name only
+    # built-in ones, and the recipe may name the user's own (pkg.module:attr).
+    ds = linear_paths(pairs, recipe.adapter, data_spec(recipe, data_dir), groups=specs,
+                      adapter_options=dict(recipe.adapter_options), alphas=alphas, split=split,
                       device=device, seed=recipe.data_seed, progress=progress)
     ds.attrs["recipe"] = recipe.name
     path = save_result(ds, Path(out) / RESULT)
