@@ -29,6 +29,7 @@ import json
 import os
 import re
 import stat
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -198,6 +199,7 @@ class ChunkCache:
         self.n_examples = np.asarray(n_examples, dtype=np.float64)
         self.builtin_loss = builtin_loss
         self.hits, self.discarded, self.outdated = 0, [], 0
+        self.unwritable: str | None = None  # why storing failed, once it has
         if self.folder.is_dir():  # an earlier format's files: deleted, never opened
             for path in self.folder.glob("*.npz"):
                 if path.is_file() or path.is_symlink():
@@ -219,8 +221,8 @@ class ChunkCache:
         except _Refused as why:
             self.discarded.append(f"{path.name}: {why}")
             try:
-                path.unlink()
-            except OSError:  # not ours to delete: it stays unused
+                path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
+            except OSError:  # not ours to delete: it stays unused (and storing there fails)
                 pass
             return None
         self.hits += len(index)
@@ -247,8 +249,8 @@ class ChunkCache:
             raise _Refused("accuracy outside [0, 1]")
         if self.builtin_loss:
             counts = acc * self.n_examples[:, None]
-            if not np.array_equal(np.round(counts) / self.n_examples[:, None], acc,
-                                  equal_nan=True):
+            # (never NaN either: a built-in loss counts argmax hits, whatever the weights)
+            if not np.array_equal(np.round(counts) / self.n_examples[:, None], acc):
                 raise _Refused("accuracy is not a whole number of examples")
             if (loss < 0).any():  # -Inf included; NaN (NaN weights) is a value like any
                 raise _Refused("negative loss from a non-negative loss function")
@@ -261,8 +263,15 @@ class ChunkCache:
         alphas = self.grid[index]
         key = chunk_key(self.fingerprint, keys, index, alphas)
         data = encode_chunk(key, loss, accuracy, alphas, index)
-        with replacing(self._path(key)) as tmp:
-            tmp.write_bytes(data)
+        if self.unwritable:
+            return
+        try:
+            with replacing(self._path(key)) as tmp:
+                tmp.write_bytes(data)
+        except OSError as err:  # the evaluation goes on; only resuming it would start over
+            self.unwritable = f"{err.strerror or err} ({err.filename or self.folder})"
+            warnings.warn(f"cannot keep finished chunks in {self.folder}/ ({self.unwritable}); "
+                          f"an interrupted run will start over.", stacklevel=2)
 
     def warning(self) -> str | None:
         """One line on the files deleted in this call, or ``None``."""
@@ -271,7 +280,7 @@ class ChunkCache:
             parts.append(f"{len(self.discarded)} chunk file(s) that failed verification "
                          f"({self.discarded[0]}{', ...' if len(self.discarded) > 1 else ''})")
         if self.outdated:
-            parts.append(f"{self.outdated} file(s) of an earlier format, unread")
+            parts.append(f"{self.outdated} file(s) of an earlier format (unread)")
         if not parts:
             return None
         return f"deleted {' and '.join(parts)} in {self.folder}/: their points are recomputed"
