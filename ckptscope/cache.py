@@ -111,6 +111,8 @@ def _read_bounded(path: Path, limit: int) -> bytes:
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
         fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:  # removed since it was listed (a finished run cleaning up)
+        raise
     except OSError as err:
         raise _Refused(f"cannot be opened ({err.strerror or err})") from None
     try:
@@ -218,6 +220,8 @@ class ChunkCache:
             return None
         try:
             curves = self._verify(path, key, np.asarray(index, dtype=np.int64))
+        except FileNotFoundError:
+            return None
         except _Refused as why:
             self.discarded.append(f"{path.name}: {why}")
             try:

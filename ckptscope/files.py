@@ -73,7 +73,10 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
         entries = list(os.scandir(path.parent))
     except OSError:
         return removed
+    prefix = f".{path.name}."
     for entry in entries:
+        if not entry.name.startswith(prefix):
+            continue
         match = pattern.fullmatch(entry.name)
         if match is None or match[2] != _HOST:
             continue

@@ -162,9 +162,12 @@ class _Canon:
         if isinstance(v, (torch.dtype, torch.device, torch.memory_format, torch.layout)):
             return ["torch", repr(v)]
         if isinstance(v, torch.Tensor):
-            if v.untyped_storage().data_ptr() in self._own and v.numel():
-                return ["own tensor", str(v.dtype), list(v.shape)]  # the anchors replace it
-            return ["tensor", tensor_digest({"": v})]
+            try:
+                if v.numel() and v.untyped_storage().data_ptr() in self._own:
+                    return ["own tensor", str(v.dtype), list(v.shape)]  # the anchors replace it
+                return ["tensor", tensor_digest({"": v})]
+            except (RuntimeError, TypeError, NotImplementedError):  # sparse, meta, ...
+                return self._opaque(v, where, strict, "a tensor without plain storage")
         if isinstance(v, (np.ndarray, np.generic)):
             a = np.ascontiguousarray(v)
             return ["ndarray", str(a.dtype), list(a.shape), _sha(a.tobytes())]
@@ -272,7 +275,8 @@ class _Canon:
     def model(self, module: nn.Module) -> object:
         """Every submodule's class, attributes and hooks; the state layout and ``repr``."""
         own = [*module.parameters(), *module.buffers()]
-        self._own = {t.untyped_storage().data_ptr() for t in own if t.numel()}
+        self._own = {t.untyped_storage().data_ptr() for t in own
+                     if t.numel() and t.layout == torch.strided and t.device.type != "meta"}
         modules = []
         for name, m in module.named_modules(remove_duplicate=False):
             where = f"model attribute {name or type(m).__qualname__}"

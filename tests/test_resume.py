@@ -22,9 +22,9 @@ import ckptscope.cache as cache
 from ckptscope.analysis import linear_paths
 from ckptscope.checkpoints import save_checkpoint
 from ckptscope.cli import main
+from ckptscope.data import load_data
 from ckptscope.files import _HOST, current_umask, replacing, write_text
 from ckptscope.identity import curve_fingerprint
-from ckptscope.data import load_data
 from ckptscope.losses import binary_cross_entropy as bce
 from ckptscope.results import open_result
 
