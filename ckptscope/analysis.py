@@ -15,7 +15,7 @@ from torch import nn
 
 from ckptscope import distributed
 from ckptscope.adapters import Adapter, module_name
-from ckptscope.cache import PathCache, path_key, tensor_digest
+from ckptscope.cache import chunk_size, chunks, open_cache
 from ckptscope.checkpoints import Checkpoint, as_checkpoint, check_pair
 from ckptscope.data import as_splits, load_data, select_splits
 from ckptscope.data.transforms import subset
@@ -122,8 +122,9 @@ def linear_path(
         tolerances: ``rtol``, ``atol``, ``plateau_alpha`` for the shape verdicts
             (:func:`ckptscope.classify`); recorded in the result's attrs.
         progress: called as ``progress(done, total)`` after each alpha of each group.
-        resume_dir: keep each finished group path in this folder and reuse the ones a previous,
-            interrupted call with the same inputs left there (see :mod:`ckptscope.cache`).
+        resume_dir: keep each finished chunk of a path (8 alphas) in this folder and reuse the
+            ones a previous, interrupted call with the same inputs left there, after verifying
+            them (see :mod:`ckptscope.cache`); the notes say how many points were reused.
 
     Returns:
         A dataset with ``loss`` and ``accuracy`` (run, group, split, alpha), ``distance``
@@ -205,56 +206,54 @@ def linear_path(
 
     shape = (1, len(resolved), len(splits), len(grid))
     losses, accuracies = np.zeros(shape), np.zeros(shape)
-    cache = PathCache(resume_dir) if resume_dir is not None and size == 1 else None
-    if cache is not None:
-        common = {
-            "version": _version(),
-            "start": a.sha256 or tensor_digest(a.state),
-            "end": b.sha256 or tensor_digest(b.state),
-            "model": repr(module),
-            "options": options,
-            "data": data_label
-            if isinstance(spec, str)
-            else tensor_digest(
-                {f"{s}{i}": t for s, xy in splits.items() for i, t in enumerate(xy)}
-            ),
-            "seed": seed,
-            "data_size": data_size,
-            "splits": list(splits),
-            "alphas": grid.tolist(),
-            "hold": hold,
-            "dtype": dtype,
-            "bn": bn,
-            "bn_batches": bn_batches,
-            "loss": loss
-            if isinstance(loss, str)
-            else f"{getattr(loss, '__module__', '')}.{getattr(loss, '__qualname__', repr(loss))}",
-            # Batch statistics depend on the batch size; recompute also on its training inputs.
-            "batch": evaluator.batch_size() if bn != "interpolate" else None,
-            "bn_data": tensor_digest({"x": bn_data}) if bn_data is not None else None,
-        }
-    todo = []  # (group index, its points on this rank, its cache key)
+    cache, resume_note = None, None
+    if resume_dir is not None and size == 1:
+        cache, resume_note = open_cache(
+            resume_dir,
+            module=module,
+            loss=loss,
+            anchors=(a.state, b.state),
+            data=splits,
+            bn_data=bn_data,
+            settings={
+                "alphas": grid.tolist(), "hold": hold, "dtype": dtype, "bn": bn,
+                "bn_batches": bn_batches, "seed": seed, "data_size": data_size,
+                "data": data_label, "options": options, "adapter": adapter and adapter.name,
+                # Rounding depends on these: a resumed curve is bitwise the uninterrupted one.
+                "batch": evaluator.batch_size(), "strategy": config.resolved_strategy,
+                "channels_last": evaluator.channels_last,
+            },
+            device=config.device,
+            grid=grid,
+        )
+    # Each path in chunks of grid points (with resume): the finished ones are read back.
+    todo = []  # (group index, the grid indices of one chunk on this rank)
+    floats = {k for k, v in a.state.items() if v.is_floating_point()}
     for g, group in enumerate(resolved):
         points = np.flatnonzero(mine[g])
-        if points.size == 0:
-            continue
-        key = path_key({**common, "keys": group.keys}) if cache is not None else ""
-        cached = cache.load(key, len(splits), len(grid)) if cache is not None else None
-        if cached is not None:
-            losses[0, g], accuracies[0, g] = cached
-            advance(len(grid))
-            continue
-        todo.append((g, points, key))
+        per_chunk = chunk_size(len(grid), hoistable=not floats <= set(group.keys))
+        for part in chunks(points, per_chunk) if cache is not None else [points]:
+            found = cache.load(group.keys, part) if cache is not None and part.size else None
+            if found is not None:
+                losses[0, g][:, part], accuracies[0, g][:, part] = found
+                advance(len(part))
+            elif part.size:
+                todo.append((g, part))
+    for line in (resume_note, cache and cache.warning()):
+        if line:
+            warnings.warn(line, stacklevel=2)
+    batch = evaluator.batch_size()
 
     def store(i: int, curves) -> None:
-        g, points, key = todo[i]
+        g, part = todo[i]
         for s, name in enumerate(splits):
-            losses[0, g, s, points], accuracies[0, g, s, points] = curves[name]
-        if cache is not None:
-            cache.store(key, losses[0, g], accuracies[0, g])
+            losses[0, g, s, part], accuracies[0, g, s, part] = curves[name]
+        # After an out-of-memory back-off the batch size is not the key's: nothing more is kept.
+        if cache is not None and evaluator.batch_size() == batch:
+            cache.store(resolved[g].keys, part, losses[0, g][:, part], accuracies[0, g][:, part])
 
     evaluator.paths(
-        [(resolved[g].keys, grid[points]) for g, points, _ in todo],
+        [(resolved[g].keys, grid[part]) for g, part in todo],
         hold=hold,
         progress=advance,
         done=store,
@@ -295,13 +294,8 @@ def linear_path(
             "hold": hold,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "notes": "; ".join(
-                a.notes
-                + b.notes
-                + (
-                    (f"resumed {cache.hits} of {len(resolved)} group paths",)
-                    if cache and cache.hits
-                    else ()
-                )
+                n for n in (*a.notes, *b.notes, *(cache.notes(total) if cache else (resume_note,)))
+                if n
             ),
             **shape_attrs(**tol),
         },
@@ -351,4 +345,11 @@ def linear_paths(
         return results[0]
     merged = merge_results(results, sources=[label for label, _ in items])
     merged.attrs.pop("merged_from", None)
+    # The merge keeps the first run's attrs: every run's notes (what was resumed), by label.
+    merged.attrs["notes"] = "; ".join(
+        f"run {label}: {note}"
+        for (label, _), ds in zip(items, results, strict=True)
+        for note in ds.attrs["notes"].split("; ")
+        if note
+    )
     return classify(merged, **dict(options.get("tolerances") or {}))

@@ -153,7 +153,7 @@ def _groups(adapter_spec: str | None, presets: tuple[str, ...], groups: tuple[st
 
 
 def _partial_dir(out: str | None) -> str | None:
-    """Where finished group paths wait for the final result: ``OUT.partial/`` beside it."""
+    """Where finished chunks of paths wait for the final result: ``OUT.partial/`` beside it."""
     return None if out is None else str(Path(out).with_name(Path(out).name + ".partial"))
 
 
@@ -278,7 +278,7 @@ def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adap
          channels_last, bn, bn_batches, data_size, seed, tolerances, out, plot):
     """Evaluate loss and accuracy on the straight line from START to END."""
     from ckptscope.analysis import linear_paths
-    from ckptscope.cache import PathCache
+    from ckptscope.cache import remove_partial
     from ckptscope.checkpoints import load_checkpoint
     from ckptscope.path import parse_alpha_range
     from ckptscope.results import save_result
@@ -309,11 +309,12 @@ def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adap
 
     if not is_main():  # under torchrun, rank 0 writes and prints
         return
-    if "resumed" in ds.attrs.get("notes", ""):
-        click.echo(f"resumed finished group paths from {_partial_dir(out)}", err=True)
+    for note in ds.attrs.get("notes", "").split("; "):
+        if "resumed" in note:  # e.g. "resumed 35 of 51 points from r.nc.partial/"
+            click.echo(note, err=True)
     if out:
         save_result(ds, out)
-        PathCache(_partial_dir(out)).clear()
+        remove_partial(_partial_dir(out))
     if plot:
         from ckptscope.plots import plot_result
 

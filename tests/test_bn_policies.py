@@ -187,7 +187,7 @@ def test_resume_key_holds_batch_size_and_training_inputs(tmp_path, conv_pair, im
     assert "resumed" not in other.attrs["notes"]
     assert not np.allclose(first.loss.values, other.loss.values)
     again = ckptscope.linear_path(a, b, module, data, batch_size=4, **kwargs)
-    assert "resumed 1 of 1" in again.attrs["notes"]
+    assert "resumed 3 of 3 points" in again.attrs["notes"]
     data["train"] = (train_x.flip(0), data["train"][1])
     moved = ckptscope.linear_path(a, b, module, data, batch_size=4, **kwargs)
     assert "resumed" not in moved.attrs["notes"]

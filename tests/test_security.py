@@ -230,14 +230,14 @@ def test_killed_run_leaves_no_result_and_rerun_resumes(tmp_path, good):
     partial = tmp_path / "r.nc.partial"
     proc = subprocess.Popen(slow_cli(tmp_path, good, out), stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(partial.glob("*.npz"))) < 2:
+    while time.monotonic() < deadline and len(list(partial.glob("*.safetensors"))) < 2:
         if proc.poll() is not None:
             pytest.fail(f"the run ended before it could be killed: {proc.stderr.read()}")
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists()
-    done_before = len(list(partial.glob("*.npz")))
+    done_before = len(list(partial.glob("*.safetensors")))
     assert done_before >= 2
     res = subprocess.run(slow_cli(tmp_path, good, out), capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
