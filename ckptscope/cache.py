@@ -301,12 +301,14 @@ def remove_partial(folder: str | os.PathLike) -> None:
     and earlier-format files, and temporaries of writers that were killed; then the folder if
     nothing else is in it. A live writer's temporary and files that are not ours stay."""
     folder = Path(folder)
-    if not folder.is_dir():
+    try:  # another run of the same --out may be removing it at the same time
+        for path in list(folder.iterdir()):
+            if _NAME.fullmatch(path.name) or path.suffix == ".npz":
+                path.unlink(missing_ok=True)
+        left = list(folder.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
         return
-    for path in folder.iterdir():
-        if _NAME.fullmatch(path.name) or path.suffix == ".npz":
-            path.unlink(missing_ok=True)
-    for name in {m[1] for p in folder.iterdir()
+    for name in {m[1] for p in left
                  if (m := re.fullmatch(r"\.([0-9a-f]{40}\.safetensors)\..*", p.name))}:
         remove_stale_temporaries(folder / name)
     try:
