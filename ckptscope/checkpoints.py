@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ckptscope.errors import CkptscopeError
-from ckptscope.files import replacing
+from ckptscope.files import replacing, write_error
 from ckptscope.metadata import PREFIX, check_fields, read_metadata
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
@@ -299,6 +299,7 @@ def save_checkpoint(
             (:func:`ckptscope.metadata.check_fields`), so ckptscope never writes what it would
             refuse to read.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -308,7 +309,10 @@ def save_checkpoint(
     check_fields(fields, source=str(path))
     meta = {META_PREFIX + k: v for k, v in fields.items()}
     with replacing(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+        except SafetensorError as err:  # a full disk: safetensors' own error, not an OSError
+            raise write_error(path, err) from None
     return path
 
 

@@ -558,8 +558,9 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("interrupted", err=True)
         return 130
     except OSError as err:
-        click.echo(f"error: {err.strerror or err} ({err.filename or ''}); check the path and "
-                   f"permissions.", err=True)
+        where = f" ({err.filename})" if err.filename else ""
+        click.echo(f"error: {err.strerror or err}{where}; check the path, its permissions and "
+                   f"the free space on its disk.", err=True)
         return EXIT_BAD_INPUT
     except SystemExit as err:  # check/compare give their verdict as the exit status
         return int(err.code or 0)

@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ckptscope.errors import CkptscopeError
+
 # Temporaries of another host are never removed: its process ids mean nothing here.
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
@@ -124,15 +126,34 @@ def replacing(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Path
         ...     ds.to_netcdf(tmp)
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path)
-    tmp = _create_temporary(path, suffix)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path)
+        tmp = _create_temporary(path, suffix)
+    except OSError as err:
+        raise write_error(path, err) from None
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
+    except OSError as err:  # a full disk, a quota: errors that name no file, or the temporary
+        raise write_error(path, err) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_error(path: str | os.PathLike, err: BaseException) -> CkptscopeError:
+    """A one-line error for a failed write of ``path``, naming it (a full disk's ``OSError``
+    carries no file name, and a writer's own error names only its temporary)."""
+    reason = getattr(err, "strerror", None) or (str(err).splitlines() or [type(err).__name__])[0]
+    code = getattr(err, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT) or "os error 28" in str(err):
+        fix = "free space on that disk or write somewhere else"
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "check the folder's permissions or write somewhere else"
+    else:
+        fix = "check the path and the disk"
+    return CkptscopeError(f"cannot write {str(path)!r}: {reason[:200]}; {fix}.")
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
