@@ -122,9 +122,10 @@ def linear_path(
         tolerances: ``rtol``, ``atol``, ``plateau_alpha`` for the shape verdicts
             (:func:`ckptscope.classify`); recorded in the result's attrs.
         progress: called as ``progress(done, total)`` after each alpha of each group.
-        resume_dir: keep each finished chunk of a path (8 alphas) in this folder and reuse the
-            ones a previous, interrupted call with the same inputs left there, after verifying
-            them (see :mod:`ckptscope.cache`); the notes say how many points were reused.
+        resume_dir: keep each finished chunk of a path (8 alphas of the whole-model path, a
+            quarter of a group path) in this folder and reuse the ones a previous, interrupted
+            call with the same inputs left there, after verifying them (see
+            :mod:`ckptscope.cache`); the result's notes say how many points were reused.
 
     Returns:
         A dataset with ``loss`` and ``accuracy`` (run, group, split, alpha), ``distance``

@@ -58,7 +58,9 @@ def chunk_size(n_alpha: int, *, hoistable: bool) -> int:
     load of the held state: :data:`CHUNK`. A group path may be hoisted, and a hoisted path
     computes its alpha-invariant part (the layers before the group, over all the data) once
     per chunk, up to a whole forward pass for a last-layer group: at most :data:`GROUP_CHUNKS`
-    chunks there, so resuming costs at most three such passes more.
+    chunks there, so resuming costs at most three such passes more. (ResNet-18 with its six
+    block groups and the whole model, 51 alphas: 3.3% more multiply-adds than one chunk per
+    path; 17 alphas: 6.5%. Chunks of 8 everywhere would double that.)
     """
     return CHUNK if not hoistable else max(CHUNK, -(-n_alpha // GROUP_CHUNKS))
 

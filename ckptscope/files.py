@@ -1,10 +1,10 @@
 """Files that appear whole or not at all: write to a temporary name beside, then rename.
 
-The temporary is ``.NAME.PID-HOST.RANDOM SUFFIX`` in the target's folder: the writer's process
-id and a short hash of its host name, so a later write of the same target can tell a leftover
-of a killed writer (its process is gone) from the file of a writer still at work, and removes
-only the former. Every file is created with mode ``0o666`` less the process's umask, as
-``open()`` would create it.
+The temporary is ``.NAME.PID-HOST.RANDOM.tmp`` (or the caller's suffix) in the target's
+folder: the writer's process id and a short hash of its host name, so a later write of the
+same target can tell a leftover of a killed writer (its process is gone) from the file of a
+writer still at work, and removes only the former. Every file is created with mode ``0o666``
+less the process's umask, as ``open()`` would create it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import re
 import secrets
 import socket
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from ckptscope.errors import CkptscopeError
@@ -134,7 +134,9 @@ def replacing(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Path
         raise write_error(path, err) from None
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~current_umask())
+        # Created so already; again in case the writer made the file anew (mkstemp: 0o600).
+        with suppress(OSError):  # a filesystem without modes: nothing to honour
+            os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except OSError as err:  # a full disk, a quota: errors that name no file, or the temporary
         raise write_error(path, err) from None
