@@ -1,4 +1,4 @@
-"""The alpha grid and the interpolated state (eq. 1 and 2)."""
+"""The alpha grid, point sets and the state at a point (eq. 1 and 2)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ckptscope.errors import CkptscopeError
-from ckptscope.path import alpha_grid, parse_alpha_range, plan_path, state_at
+from ckptscope.points import alpha_grid, parse_alpha_range, path_points, path_state
 
 
 def test_alpha_grid_count_includes_both_ends():
@@ -47,21 +47,21 @@ def test_parse_alpha_range_errors(text):
         parse_alpha_range(text)
 
 
-def test_state_at_group_moves_rest_held():
+def test_path_state_group_moves_rest_held():
     a = {"w": torch.zeros(2), "v": torch.zeros(2), "n": torch.tensor(1)}
     b = {"w": torch.ones(2), "v": torch.full((2,), 2.0), "n": torch.tensor(9)}
-    plan = plan_path(a, b, ["w", "n"], hold="end")
-    assert plan.moving == ("w",)
-    s = state_at(plan, 0.25)
+    points = path_points([0.25], ["w", "n"], hold="end", every=list(a))
+    assert points.moving == ("w", "n") and points.held == "end"
+    s = path_state(a, b, 0.25, keys=["w", "n"], hold="end")
     assert torch.equal(s["w"], torch.full((2,), 0.25))
     assert torch.equal(s["v"], b["v"]) and int(s["n"]) == 9
-    s = state_at(plan_path(a, b, ["w"], hold="start"), 0.25)
+    s = path_state(a, b, 0.25, keys=["w"], hold="start")
     assert torch.equal(s["v"], a["v"]) and int(s["n"]) == 1
 
 
-def test_plan_path_rejects_bad_hold():
+def test_path_points_rejects_bad_hold():
     with pytest.raises(CkptscopeError, match="hold"):
-        plan_path({}, {}, [], hold="middle")
+        path_points([0.0, 1.0], [], hold="middle")
 
 
 @pytest.mark.parametrize("alphas, match", [([0.5], "one point"), (51.0, "neither a count")])

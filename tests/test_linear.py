@@ -125,7 +125,8 @@ def test_linear_path_nan_weights_warn_and_keep_nan(mlp_pair, spiral_small, strat
     b["layers.0.weight"][0, 0] = float("nan")
     with pytest.warns(UserWarning, match="NaN/Inf"):
         ds = ckptscope.linear_path(
-            a, b, module, spiral_small, alphas=3, loss="bce", strategy=strategy
+            a, b, module, spiral_small, alphas=3, loss="bce",
+            config=ckptscope.EvalConfig(strategy=strategy),
         )
     assert np.isnan(ds.loss.values[0, 0, 0, -1])
     assert np.isfinite(ds.loss.values[0, 0, 0, 0])
@@ -179,7 +180,8 @@ def test_linear_path_extrapolation_grid(mlp_pair, spiral_small):
 def test_linear_path_batch_size_does_not_change_result(conv_pair, image_data):
     module, a, b = conv_pair
     r = [
-        ckptscope.linear_path(a, b, module, image_data, alphas=4, batch_size=bs).loss.values
+        ckptscope.linear_path(a, b, module, image_data, alphas=4,
+                              config=ckptscope.EvalConfig(batch_size=bs)).loss.values
         for bs in (5, 37)
     ]
     np.testing.assert_allclose(r[0], r[1], rtol=1e-6)
