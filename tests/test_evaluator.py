@@ -9,7 +9,7 @@ import torch
 from ckptscope.engine import EvalConfig, Evaluator
 from ckptscope.errors import CkptscopeError
 from tests.conftest import run_path, run_paths
-from tests.reference import plain_eval, reference_path
+from tests.reference import plain_eval, reference_path, reference_points
 
 ALPHAS = np.linspace(0, 1, 7)
 
@@ -654,3 +654,88 @@ def test_a_models_own_warning_shows_once_under_vmap(image_data):
         ev = Evaluator(module, image_data, loss="cross_entropy", config=config)
         run_path(ev, a, a, list(a), ALPHAS)  # 8 batches
     assert sum("from the model" in str(w.message) for w in caught) == 1
+
+
+# --- point sets over three anchors ---------------------------------------------------------------
+PLANE = np.array([[1, 0, 0], [0, 1, 0], [0.2, 0.3, 0.5], [-0.5, 1.0, 0.5], [0, 0.5, 0.5],
+                  [1 / 3, 1 / 3, 1 / 3], [0, 0, 1]])
+GROUPS = {"fc": ["fc.weight", "fc.bias"],
+          "bn": ["bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
+                 "bn.num_batches_tracked"]}
+
+
+def _three_anchors(conv_pair):
+    from tests.conftest import perturbed
+
+    module, a, b = conv_pair
+    return module, {"a": a, "b": b, "c": perturbed(a, 0.3, 4)}
+
+
+@pytest.mark.parametrize("strategy, bn", [("loop", "interpolate"), ("vmap", "interpolate"),
+                                          ("loop", "batch"), ("vmap", "batch"),
+                                          ("loop", "recompute")])
+@pytest.mark.parametrize("group, held", [(None, None), ("fc", "c"), ("bn", "a")])
+def test_three_anchor_points_match_the_reference(conv_pair, image_data, strategy, bn, group,
+                                                 held):
+    from ckptscope.points import PointSet
+
+    module, anchors = _three_anchors(conv_pair)
+    names = ("a", "b", "c")
+    keys = GROUPS[group] if group else list(anchors["a"])
+    train_x = torch.randn(30, 3, 8, 8, generator=torch.Generator().manual_seed(9))
+    ev = Evaluator(module, image_data, loss="cross_entropy", bn_data=train_x,
+                   config=EvalConfig(strategy=strategy, batch_size=10, bn=bn, bn_batches=3))
+    points = PointSet(names, PLANE, tuple(keys), held)
+    [got] = ev.evaluate(anchors, [points])
+    x, y = image_data["test"]
+    want = reference_points(module, anchors, names, PLANE, keys, held, x, y, batch_size=10,
+                            bn=bn, train_x=train_x, bn_batches=3)
+    np.testing.assert_allclose(got["test"][0], want[0], rtol=1e-5)
+    np.testing.assert_allclose(got["test"][1], want[1], atol=1.5 / len(x))
+    # A group's upstream part is computed once per batch, except where statistics are
+    # re-estimated at every point.
+    assert ev.hoisted == (1 if group and bn != "recompute" else 0)
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("keys", [None, ["fc.weight", "fc.bias"]])  # whole model; hoisted group
+@pytest.mark.parametrize("k", [2, 3])
+def test_a_point_equal_to_an_anchor_evaluates_that_anchor_bitwise(conv_pair, image_data,
+                                                                  strategy, keys, k, monkeypatch):
+    from ckptscope.engine import strategies
+    from ckptscope.points import PointSet
+
+    module, anchors = _three_anchors(conv_pair)
+    names = ("a", "b", "c")[:k]
+    weights = np.vstack([np.eye(k), np.full((1, k), 1 / k), np.eye(k)[::-1]])
+    checked = []
+    write_point, stack_points = strategies.write_point, strategies.stack_points
+
+    def writing(targets, sources, row):
+        write_point(targets, sources, row)
+        if (unit := np.flatnonzero(np.asarray(row) == 1)).size and np.count_nonzero(row) == 1:
+            assert all(torch.equal(t, s) for t, s in zip(targets, sources[unit[0]], strict=True))
+            checked.append(int(unit[0]))
+
+    def stacking(values, at):
+        out = stack_points(values, at)
+        for row, unit in enumerate(at.exact):
+            if unit >= 0:
+                assert torch.equal(out[row], values[unit])
+                checked.append(int(unit))
+        return out
+
+    monkeypatch.setattr(strategies, "write_point", writing)
+    monkeypatch.setattr(strategies, "stack_points", stacking)
+    ev = Evaluator(module, image_data, loss="cross_entropy",
+                   config=EvalConfig(strategy=strategy, batch_size=10))
+    moving = tuple(keys or anchors["a"])
+    [got] = ev.evaluate(anchors, [PointSet(names, weights, moving, None if keys is None else "b")])
+    assert set(checked) == set(range(k))
+    assert ev.hoisted == (0 if keys is None else 1)
+    if keys is None and strategy == "loop":
+        # The anchor itself, non-float tensors too: the same loss as evaluating it alone.
+        for i in range(k):
+            [alone] = ev.evaluate(anchors, [PointSet((names[i],), [[1.0]], moving)])
+            assert got["test"][0][i] == alone["test"][0][0]
+        np.testing.assert_array_equal(got["test"][0][k + 1:], got["test"][0][:k][::-1])
