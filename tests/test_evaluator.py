@@ -261,7 +261,8 @@ def test_loop_with_few_points_per_loss_call_matches_reference(mlp_pair, spiral_s
     x, y = spiral_small["test"]
     ev = Evaluator(module, {"test": (x, y)}, loss="bce",
                    config=EvalConfig(strategy="loop", batch_size=64))
-    assert ev.context.deferred("test", len(ALPHAS)).size == len(ALPHAS)  # small outputs: all at once
+    # Small outputs: all at once.
+    assert ev.context.deferred("test", len(ALPHAS)).size == len(ALPHAS)
     whole = run_path(ev, a, b, list(a), ALPHAS)["test"]
     monkeypatch.setattr(ev.context, "deferred", lambda split, n: Deferred(ev.context.loss_fn, 3))
     loss, acc = run_path(ev, a, b, list(a), ALPHAS)["test"]
@@ -402,7 +403,8 @@ def test_activation_probe_does_not_count_the_split_behind_a_view():
     a = {k: v.clone() for k, v in module.state_dict().items()}
     data = {"test": (torch.randn(100_000, 16), torch.randint(0, 4, (100_000,)))}
     ev = Evaluator(module, data, loss="cross_entropy", config=EvalConfig())
-    assert ev.context.sizes.activation_bytes <= 4 * (16 + 4)  # one input row (the flatten) and one output
+    # One input row (the flatten) and one output.
+    assert ev.context.sizes.activation_bytes <= 4 * (16 + 4)
 
 
 @pytest.mark.parametrize("keys", [None, ["enc.weight"], ["dec.weight"], ["mid.weight"]])
