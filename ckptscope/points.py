@@ -147,7 +147,7 @@ class PointSet:
 
     def exact(self) -> np.ndarray:
         """(n,) the anchor each point equals (its weights a unit vector), or -1."""
-        return np.array([_exact(w) for w in self.weights], dtype=np.intp)
+        return np.array([_exact(w) for w in self.weights.tolist()], dtype=np.intp)
 
 
 def path_points(
@@ -174,15 +174,19 @@ def path_points(
                     None if whole else hold)
 
 
-def _exact(w: np.ndarray) -> int:
-    """The anchor a weight row equals (a unit vector), or -1."""
-    ones = np.flatnonzero(w == 1)
-    if len(ones) == 1 and np.count_nonzero(w) == 1:
-        return int(ones[0])
-    return -1
+def _exact(w: Sequence[float]) -> int:
+    """The anchor a weight row equals (a unit vector), or -1. Plain floats: it runs per point."""
+    hit = -1
+    for i, x in enumerate(w):
+        if x == 0:
+            continue
+        if x != 1 or hit >= 0:
+            return -1
+        hit = i
+    return hit
 
 
-def _line_alpha(w: np.ndarray) -> float | None:
+def _line_alpha(w: Sequence[float]) -> float | None:
     """alpha when a row is (1 - alpha, alpha) on two anchors, else ``None``."""
     if len(w) == 2 and abs(w[0] + w[1] - 1.0) <= _AFFINE_TOL * max(1.0, abs(w[0]) + abs(w[1])):
         return float(w[1])
@@ -196,14 +200,15 @@ def combine(values: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.T
     an anchor itself for a unit vector, ``torch.lerp`` on the two-anchor line, else the sum over
     the anchors whose weight is not 0.
     """
-    w = np.asarray(weights, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64).tolist()
     if (j := _exact(w)) >= 0:
         return values[j]
     if (alpha := _line_alpha(w)) is not None:
         return torch.lerp(values[0], values[1], alpha)
     out = torch.zeros_like(values[0])
-    for i in np.flatnonzero(w):
-        out = torch.add(out, values[i], alpha=float(w[i]))
+    for value, wi in zip(values, w, strict=True):
+        if wi != 0:
+            out = torch.add(out, value, alpha=wi)
     return out
 
 
@@ -252,7 +257,7 @@ def write_point(
     ``torch._foreach_copy_`` for an anchor; ``_foreach_copy_`` then ``_foreach_lerp_`` on the
     two-anchor line; a scaled copy and ``_foreach_add_`` otherwise. No allocation.
     """
-    w = np.asarray(weights, dtype=np.float64)
+    w = weights.tolist() if isinstance(weights, np.ndarray) else [float(x) for x in weights]
     if (j := _exact(w)) >= 0:
         torch._foreach_copy_(targets, sources[j])
         return
@@ -261,8 +266,9 @@ def write_point(
         torch._foreach_lerp_(targets, sources[1], alpha)
         return
     torch._foreach_zero_(targets)
-    for i in np.flatnonzero(w):
-        torch._foreach_add_(targets, sources[i], alpha=float(w[i]))
+    for source, wi in zip(sources, w, strict=True):
+        if wi != 0:
+            torch._foreach_add_(targets, source, alpha=wi)
 
 
 @dataclass(frozen=True)
@@ -283,12 +289,12 @@ class Stacking:
 def stacking(weights: np.ndarray, *, dtype: torch.dtype, device: torch.device) -> Stacking:
     """The chunk ``weights`` (c, k) ready for :func:`stack_points`, in ``dtype`` on ``device``."""
     weights = np.asarray(weights, dtype=np.float64)
-    line = [_line_alpha(w) for w in weights]
+    rows = weights.tolist()
     alphas = None
-    if weights.shape[1] == 2 and all(a is not None for a in line):
+    if weights.shape[1] == 2 and all(_line_alpha(w) is not None for w in rows):
         alphas = torch.as_tensor(weights[:, 1], dtype=dtype, device=device)
     return Stacking(alphas, torch.as_tensor(weights, dtype=dtype, device=device),
-                    np.array([_exact(w) for w in weights], dtype=np.intp))
+                    np.array([_exact(w) for w in rows], dtype=np.intp))
 
 
 def stack_points(values: Sequence[torch.Tensor], at: Stacking) -> torch.Tensor:
