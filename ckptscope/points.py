@@ -132,11 +132,6 @@ class PointSet:
     def __len__(self) -> int:
         return len(self.weights)
 
-    def take(self, rows: Sequence[int] | np.ndarray) -> PointSet:
-        """The points at ``rows``, the rest of the set unchanged."""
-        return PointSet(self.anchors, self.weights[np.asarray(rows, dtype=np.intp)],
-                        self.moving, self.held)
-
     def rest(self) -> np.ndarray:
         """(n,) the index of the anchor that the tensors which do not move come from at each
         point: the held one, or the nearest (the largest weight, ties to the later anchor)."""
