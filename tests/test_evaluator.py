@@ -158,6 +158,13 @@ def test_eval_config_rejects_bad_values():
         EvalConfig(strategy="fast")
     with pytest.raises(CkptscopeError, match="batch_size"):
         EvalConfig(batch_size=0)
+    with pytest.raises(CkptscopeError, match="data_size=0"):
+        EvalConfig(data_size=0)
+    with pytest.raises(CkptscopeError, match="seed=1.5"):
+        EvalConfig(seed=1.5)
+    with pytest.raises(CkptscopeError, match="not a torch device"):
+        EvalConfig(device="gpu")
+    assert EvalConfig(device="cpu").device == torch.device("cpu")
 
 
 def test_float64_evaluation_matches_reference_tightly(mlp_pair, spiral_small):
