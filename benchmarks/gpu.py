@@ -13,7 +13,7 @@ off), TF32 and bf16 matmul rates of the card (8192² matmuls); then the whole-mo
 layout, which ckptscope uses for conv nets on CUDA), loss-landscapes (when installed), and
 ckptscope's ``linear_path`` with ``auto`` (vmap on CUDA), ``loop`` and ``auto`` under bf16
 autocast; on the blocks also vmap without hoisting, per group and with the groups sharing
-vectorised passes (``Evaluator.paths``). Methods interleaved, median of
+vectorised passes (all groups in one ``Evaluator.evaluate`` call). Methods interleaved, median of
 ``--repeat``. Prints a markdown table and writes it to ``--out``.
 
 ``--compile`` adds the channels-last plain loop through ``torch.compile`` (default mode, and
@@ -39,16 +39,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from measure import describe, forward_flops, matmul_rate, time_round_robin
-from methods import BASELINE, loss_landscapes_available, methods
+from methods import BASELINE, TOGETHER, loss_landscapes_available, methods
 from workloads import Workload, resnet18_cifar
 
-from ckptscope.evaluate import EvalConfig, Evaluator
+from ckptscope.engine import EvalConfig, Evaluator
 
 AUTO = "ckptscope linear_path, auto"
 AUTO_BF16 = "ckptscope linear_path, auto, bf16 autocast"
 LOOP = "ckptscope linear_path, loop"
-NO_HOIST = "ckptscope Evaluator.path, vmap, no hoisting"
-TOGETHER = "ckptscope Evaluator.paths, vmap, no hoisting"  # group paths share vmap passes
+NO_HOIST = "ckptscope Evaluator.evaluate, vmap, no hoisting"
 BASELINE_CL = "plain load_state_dict loop, channels-last"
 LL = "loss-landscapes linear_interpolation"
 COMPILED = ["plain load_state_dict loop, channels-last, torch.compile",
@@ -143,8 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     whole = resnet18_cifar(args.images)
     blocks = resnet18_cifar(args.images, preset="blocks")
-    probe = Evaluator(whole.module, whole.start, whole.end, {"test": (whole.x, whole.y)},
-                      loss=whole.loss, config=EvalConfig(device=device))
+    probe = Evaluator(whole.module, {"test": (whole.x, whole.y)}, loss=whole.loss,
+                      config=EvalConfig(device=device))
     batch = probe.batch_size()
     chunk = probe.chunk_size(list(whole.start), args.alphas)
     del probe

@@ -1,4 +1,4 @@
-"""Peak memory of one ``Evaluator.path`` call, one fresh process per measurement.
+"""Peak memory of one ``Evaluator.evaluate`` call, one fresh process per measurement.
 
 ``tracemalloc`` does not see torch's allocations, so each measurement runs in a subprocess that
 builds the workload and the Evaluator, resets the kernel's high-water mark of its resident set
@@ -53,17 +53,17 @@ def measure(workload: str, n_alpha: int, *, strategy: str, budget: int | None, b
     """Build, evaluate the whole-model path at ``n_alpha`` points; return the peak in MiB."""
     from workloads import resnet18_cifar, spiral_mlp
 
-    from ckptscope.evaluate import EvalConfig, Evaluator
+    from ckptscope.engine import EvalConfig, Evaluator
 
     w = spiral_mlp() if workload == "mlp" else resnet18_cifar(images)
     config = EvalConfig(strategy=strategy, batch_size=batch, memory_budget=budget)
-    ev = Evaluator(w.module, w.start, w.end, {"test": (w.x, w.y)}, loss=w.loss, config=config)
+    ev = Evaluator(w.module, {"test": (w.x, w.y)}, loss=w.loss, config=config)
     keys = list(w.start)
     moving = [k for k in keys if w.start[k].is_floating_point()]
     gc.collect()
     reset = _reset_peak()
     before = _status_kib("VmRSS")
-    ev.path(keys, np.linspace(0, 1, n_alpha))
+    ev.evaluate(w.anchors(), [w.points(keys, np.linspace(0, 1, n_alpha))])
     peak = _status_kib("VmHWM")
     return {
         "workload": workload,

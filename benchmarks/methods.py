@@ -16,9 +16,9 @@ accuracy, so the work is the same.
   the rounded steps; we evaluate alpha = 0 with ``loss_landscapes.point`` to cover the same grid.
   It moves ``module.parameters()`` only (buffers stay at the start model's); the workloads keep
   the buffers equal at both ends so that the paths are the same.
-- ``ckptscope linear_path, ...`` and ``ckptscope Evaluator.path, ...``: ckptscope end to end
-  (checks, grouping, evaluation, distances, the xarray result and its shape verdicts) and its
-  engine alone. On a group path the engine hoists the part of the forward pass upstream of the
+- ``ckptscope linear_path, ...`` and ``ckptscope Evaluator.evaluate, ...``: ckptscope end to
+  end (checks, grouping, evaluation, distances, the xarray result and its shape verdicts) and
+  its engine alone. On a group path the engine hoists the part of the forward pass upstream of the
   group out of the alpha loop (``EvalConfig.hoist``); the ``no hoisting`` rows turn that off.
 """
 
@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from workloads import Workload
 
-from ckptscope.analysis import linear_path
-from ckptscope.evaluate import EvalConfig, Evaluator
+from ckptscope.engine import EvalConfig, Evaluator
+from ckptscope.linear import linear_path
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,8 @@ class Curves:
 
 Method = Callable[..., Curves]
 Mark = Callable[[int], None]
+# Every group path in one call: under vmap those not hoisted share vectorised passes.
+TOGETHER = "ckptscope Evaluator.evaluate, groups in one call, vmap, no hoisting"
 
 
 def _batch_loss_and_correct(
@@ -205,10 +207,9 @@ def _linear_path(strategy: str, dtype: str = "float32") -> Method:
             alphas=alphas,
             loss=w.loss,
             device=device,
-            batch_size=batch_size,
-            strategy=strategy,
             dtype=dtype,
             progress=progress,
+            config=EvalConfig(batch_size=batch_size, strategy=strategy),
         )
         sel = {"run": 0, "split": 0}
         return Curves(ds["loss"].isel(sel).values, ds["accuracy"].isel(sel).values)
@@ -217,7 +218,7 @@ def _linear_path(strategy: str, dtype: str = "float32") -> Method:
 
 
 def _evaluator(strategy: str, *, hoist: bool = True, together: bool = False) -> Method:
-    """The engine alone: ``Evaluator.path`` per group, or ``Evaluator.paths`` for all of them
+    """The engine alone: ``Evaluator.evaluate`` per group, or once for all of them
     (``together``: under vmap the group paths that are not hoisted share vectorised passes)."""
 
     def run(w: Workload, alphas: np.ndarray, *, batch_size: int, device,
@@ -225,16 +226,17 @@ def _evaluator(strategy: str, *, hoist: bool = True, together: bool = False) -> 
         config = EvalConfig(
             device=torch.device(device), strategy=strategy, batch_size=batch_size, hoist=hoist
         )
-        ev = Evaluator(w.module, w.start, w.end, {"test": (w.x, w.y)}, loss=w.loss, config=config)
+        ev = Evaluator(w.module, {"test": (w.x, w.y)}, loss=w.loss, config=config)
         groups = w.resolved_groups()
         if together:
-            results = ev.paths([(g.keys, alphas) for g in groups],
-                               done=lambda g, _: mark(g) if mark else None)
+            results = ev.evaluate(w.anchors(), [w.points(g.keys, alphas) for g in groups],
+                                  done=lambda g, _: mark(g) if mark else None)
             curves = [r["test"] for r in results]
         else:
             curves = []
             for g, group in enumerate(groups):
-                curves.append(ev.path(group.keys, alphas)["test"])
+                [result] = ev.evaluate(w.anchors(), [w.points(group.keys, alphas)])
+                curves.append(result["test"])
                 if mark:
                     mark(g)
         return Curves(np.stack([c[0] for c in curves]), np.stack([c[1] for c in curves]))
@@ -255,11 +257,11 @@ METHODS: dict[str, Method] = {
     "ckptscope linear_path, auto": _linear_path("auto"),
     "ckptscope linear_path, loop": _linear_path("loop"),
     "ckptscope linear_path, vmap": _linear_path("vmap"),
-    "ckptscope Evaluator.path, loop": _evaluator("loop"),
-    "ckptscope Evaluator.path, vmap": _evaluator("vmap"),
-    "ckptscope Evaluator.path, loop, no hoisting": _evaluator("loop", hoist=False),
-    "ckptscope Evaluator.path, vmap, no hoisting": _evaluator("vmap", hoist=False),
-    "ckptscope Evaluator.paths, vmap, no hoisting": _evaluator("vmap", hoist=False, together=True),
+    "ckptscope Evaluator.evaluate, loop": _evaluator("loop"),
+    "ckptscope Evaluator.evaluate, vmap": _evaluator("vmap"),
+    "ckptscope Evaluator.evaluate, loop, no hoisting": _evaluator("loop", hoist=False),
+    "ckptscope Evaluator.evaluate, vmap, no hoisting": _evaluator("vmap", hoist=False),
+    TOGETHER: _evaluator("vmap", hoist=False, together=True),
     "ckptscope linear_path, auto, bf16 autocast": _linear_path("auto", "bf16"),
 }
 BASELINE = "plain load_state_dict loop"

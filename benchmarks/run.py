@@ -38,16 +38,16 @@ from measure import (
     time_round_robin,
 )
 from memory import measure_in_subprocess
-from methods import BASELINE, Curves, loss_landscapes_available, methods
+from methods import BASELINE, TOGETHER, Curves, loss_landscapes_available, methods
 from workloads import Workload, resnet18_cifar, spiral_mlp
 
-from ckptscope.evaluate import EvalConfig, Evaluator
+from ckptscope.engine import EvalConfig, Evaluator
 
 HERE = Path(__file__).resolve().parent
 AUTO = "ckptscope linear_path, auto"
 LL = "loss-landscapes linear_interpolation"
 MLP_METHODS = [BASELINE, LL, AUTO, "ckptscope linear_path, loop", "ckptscope linear_path, vmap",
-               "ckptscope Evaluator.path, loop", "ckptscope Evaluator.path, vmap"]
+               "ckptscope Evaluator.evaluate, loop", "ckptscope Evaluator.evaluate, vmap"]
 # On the CPU auto resolves to loop, so the ResNet sections time auto and vmap only (each run of a
 # method is minutes there). ckptscope runs conv nets channels-last and the CPU has AVX512-BF16
 # units, so the plain loop is timed in that layout too, and both under bf16 autocast: the rows
@@ -81,7 +81,7 @@ PROFILES = {
                     memory_mlp=(1, 2, 5, 10, 20, 51, 204, 816),
                     memory_resnet=(1, 2, 3, 6, 12, 24, 51),
                     blocks_methods=(BASELINE, CL, LL, AUTO, "ckptscope linear_path, vmap",
-                                    "ckptscope Evaluator.path, loop, no hoisting", BF16)),
+                                    "ckptscope Evaluator.evaluate, loop, no hoisting", BF16)),
 }
 
 
@@ -140,7 +140,7 @@ class Bench:
     # --- speed -------------------------------------------------------------------------------
     def batch_size(self, w: Workload) -> int:
         """The batch the evaluator picks by itself; every method is given the same one."""
-        ev = Evaluator(w.module, w.start, w.end, {"test": (w.x, w.y)}, loss=w.loss,
+        ev = Evaluator(w.module, {"test": (w.x, w.y)}, loss=w.loss,
                        config=EvalConfig(device=self.device))
         return ev.batch_size()
 
@@ -211,14 +211,13 @@ class Bench:
         for budget in budgets:
             config = EvalConfig(device=self.device, strategy="vmap", batch_size=batch,
                                 memory_budget=budget)
-            ev = Evaluator(w.module, w.start, w.end, {"test": (w.x, w.y)}, loss=w.loss,
-                           config=config)
+            ev = Evaluator(w.module, {"test": (w.x, w.y)}, loss=w.loss, config=config)
             name = f"vmap, budget {'default' if budget is None else f'{budget >> 20} MiB'}"
             chunk_of[name] = ev.chunk_size(moving, n_alpha)
-            calls[name] = lambda ev=ev: ev.path(keys, alphas)
-        loop = Evaluator(w.module, w.start, w.end, {"test": (w.x, w.y)}, loss=w.loss,
+            calls[name] = lambda ev=ev: ev.evaluate(w.anchors(), [w.points(keys, alphas)])
+        loop = Evaluator(w.module, {"test": (w.x, w.y)}, loss=w.loss,
                          config=EvalConfig(device=self.device, strategy="loop", batch_size=batch))
-        calls["loop"] = lambda: loop.path(keys, alphas)
+        calls["loop"] = lambda: loop.evaluate(w.anchors(), [w.points(keys, alphas)])
         chunk_of["loop"] = 1
         for fn in calls.values():
             fn()
@@ -352,7 +351,7 @@ def render(bench: Bench, info: dict[str, str], command: str) -> str:
         lines += ["## Peak memory against the number of α's", "", *_memory_table(bench.memory_rows),
                   "",
                   "Each number is a fresh process: the peak resident set (VmHWM) during "
-                  "`Evaluator.path` above the resident set just before it. The budget "
+                  "`Evaluator.evaluate` above the resident set just before it. The budget "
                   "(`EvalConfig.memory_budget`) fixes the chunk. With glibc's default malloc the "
                   "resident set creeps up chunk after chunk (freed blocks stay in the heap once "
                   "the dynamic mmap threshold has risen); with the threshold pinned "
@@ -393,8 +392,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if "mlp-layers" in args.only:
         bench.speed(spiral_mlp(preset="layers"), 51,
                     [BASELINE, LL, AUTO, "ckptscope linear_path, vmap",
-                     "ckptscope Evaluator.path, loop, no hoisting",
-                     "ckptscope Evaluator.paths, vmap, no hoisting"], profile.repeat)
+                     "ckptscope Evaluator.evaluate, loop, no hoisting",
+                     TOGETHER], profile.repeat)
     if "chunks" in args.only:
         bench.chunks(spiral_mlp(), 51, [2 << 20, 8 << 20, 32 << 20, None])
     if "resnet" in args.only:

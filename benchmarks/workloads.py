@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
 from ckptscope.adapters import get_adapter
 from ckptscope.data import load_data
 from ckptscope.groups import Group, normalise_groups, resolve_groups
+from ckptscope.points import PointSet, path_points
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,15 @@ class Workload:
         return resolve_groups(
             list(self.start), normalise_groups(self.groups or None), full=not self.groups
         )
+
+    def anchors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The two states as the evaluator's anchors."""
+        return {"start": self.start, "end": self.end}
+
+    def points(self, keys: list[str], alphas: np.ndarray) -> PointSet:
+        """The path of ``keys`` at ``alphas`` (the rest held at the end), as the evaluator
+        takes it."""
+        return path_points(alphas, keys, hold="end", every=list(self.start))
 
 
 def spiral_mlp(*, preset: str | None = None, seed: int = 0) -> Workload:

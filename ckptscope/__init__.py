@@ -7,15 +7,17 @@ Example:
 """
 
 from ckptscope.adapters import ADAPTERS, Adapter, get_adapter
-from ckptscope.analysis import linear_path
 from ckptscope.checkpoints import Checkpoint, check_pair, load_checkpoint, save_checkpoint
 from ckptscope.data import DATASETS, Dataset, load_data
 from ckptscope.distance import relative_distance
+from ckptscope.engine import EvalConfig, Evaluator
 from ckptscope.errors import CkptscopeError
-from ckptscope.evaluate import EvalConfig, Evaluator
 from ckptscope.groups import Group, resolve_groups
-from ckptscope.path import alpha_grid, plan_path, state_at
+from ckptscope.linear import linear_path, linear_paths
+from ckptscope.points import PointSet, alpha_grid, path_points, path_state, state_at
+from ckptscope.results import merge_results as merge
 from ckptscope.results import open_result, save_result
+from ckptscope.shape import classify
 
 __version__ = "0.1.0"
 
@@ -29,14 +31,19 @@ __all__ = [
     "EvalConfig",
     "Evaluator",
     "Group",
+    "PointSet",
     "alpha_grid",
     "check_pair",
+    "classify",
     "get_adapter",
     "linear_path",
+    "linear_paths",
     "load_checkpoint",
     "load_data",
+    "merge",
     "open_result",
-    "plan_path",
+    "path_points",
+    "path_state",
     "relative_distance",
     "resolve_groups",
     "save_checkpoint",

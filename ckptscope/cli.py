@@ -277,10 +277,11 @@ def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adap
          adapter_opts, data, split, hold, no_full, device, dtype, batch_size, strategy,
          channels_last, bn, bn_batches, data_size, seed, tolerances, out, plot):
     """Evaluate loss and accuracy on the straight line from START to END."""
-    from ckptscope.analysis import linear_paths
     from ckptscope.cache import remove_partial
     from ckptscope.checkpoints import load_checkpoint
-    from ckptscope.path import parse_alpha_range
+    from ckptscope.engine import EvalConfig
+    from ckptscope.linear import linear_paths
+    from ckptscope.points import parse_alpha_range
     from ckptscope.results import save_result
     from ckptscope.shape import summary
 
@@ -297,10 +298,10 @@ def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adap
             for label in runs}
     ds = linear_paths(
         runs, adapter, data, groups=group_specs, alphas=grid, full=not no_full, hold=hold,
-        device=device, batch_size=batch_size, split=split,
-        adapter_options=_key_values(adapter_opts, "--adapter-opt"), dtype=dtype,
-        strategy=strategy, channels_last=channels_last, bn=bn, bn_batches=bn_batches,
-        data_size=data_size, seed=seed,
+        device=device, split=split,
+        adapter_options=_key_values(adapter_opts, "--adapter-opt"), dtype=dtype, bn=bn,
+        config=EvalConfig(batch_size=batch_size, strategy=strategy, channels_last=channels_last,
+                          bn_batches=bn_batches, data_size=data_size, seed=seed),
         tolerances=_tolerances(tolerances),
         progress=lambda label, done, total: bars[label](done, total),
         resume_dir=_partial_dir(out),
@@ -338,7 +339,8 @@ def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adap
 def inspect(start, end, groups, presets, adapter, keys):
     """Show a checkpoint's tensors, how groups resolve, and distances to END."""
     from ckptscope.checkpoints import describe_dtypes, load_checkpoint
-    from ckptscope.distance import distances, parameter_keys
+    from ckptscope.distance import distances
+    from ckptscope.identity import parameter_keys
     from ckptscope.metadata import describe_metadata
 
     a = load_checkpoint(start)

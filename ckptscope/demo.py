@@ -17,9 +17,10 @@ import xarray as xr
 
 from ckptscope import __version__
 from ckptscope.adapters import get_adapter
-from ckptscope.analysis import linear_path
 from ckptscope.checkpoints import save_checkpoint
 from ckptscope.data import load_data
+from ckptscope.engine import EvalConfig
+from ckptscope.linear import linear_path
 from ckptscope.results import save_result
 from ckptscope.train import TrainConfig, fit
 
@@ -97,7 +98,8 @@ def run_demo(
     )
     groups = adapter.presets["layers"](list(module.state_dict()))
     ds = linear_path(
-        start, end, groups=groups, alphas=alphas, split="test", seed=seed, progress=progress
+        start, end, groups=groups, alphas=alphas, split="test", progress=progress,
+        config=EvalConfig(seed=seed),
     )
     result_path = save_result(ds, out / "result.nc")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))

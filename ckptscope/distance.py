@@ -13,28 +13,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
-
-
-def parameter_keys(state: Mapping[str, torch.Tensor], module: nn.Module | None = None) -> set[str]:
-    """Return the keys of ``state`` that are parameters, each storage once.
-
-    With a module, its ``named_parameters()`` (which already drops tied duplicates) decides;
-    without one, floating tensors whose names do not end in a BatchNorm buffer name count,
-    deduplicated by storage.
-    """
-    if module is not None:  # every name of a tied parameter; groups count each tensor once
-        return {k for k, _ in module.named_parameters(remove_duplicate=False)} & set(state)
-    keys, seen = set(), set()
-    for k, v in state.items():
-        if not v.is_floating_point() or k.rsplit(".", 1)[-1] in BUFFER_SUFFIXES:
-            continue
-        storage = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-        if v.numel() and storage in seen:
-            continue
-        seen.add(storage)
-        keys.add(k)
-    return keys
+from ckptscope.identity import parameter_keys, unique_keys
 
 
 def _moments(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], key: str):
@@ -69,22 +48,6 @@ def relative_distance(
     """
     d2, x2, _, _ = _summed(_moments(a, b, k) for k in keys)
     return _relative(d2, x2)
-
-
-def unique_keys(
-    keys: Iterable[str], params: set[str], module: nn.Module | None = None
-) -> list[str]:
-    """``keys`` that are in ``params``, one name per tensor (tied names after the first dropped)."""
-    tensors = dict(module.named_parameters(remove_duplicate=False)) if module is not None else {}
-    seen, out = set(), []
-    for k in keys:
-        if k not in params:
-            continue
-        ident = id(tensors[k]) if k in tensors else k
-        if ident not in seen:
-            seen.add(ident)
-            out.append(k)
-    return out
 
 
 def l2_distance(

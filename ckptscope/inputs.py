@@ -1,5 +1,6 @@
-"""The model and data a pair is evaluated with: the user's, or what its checkpoints' metadata
-names, within the rules of :mod:`ckptscope.metadata`.
+"""What an analysis of a checkpoint pair reads: the two checkpoints, the model they were saved
+from and the evaluation data, each the caller's or what the checkpoints' metadata names,
+within the rules of :mod:`ckptscope.metadata` (:func:`ckptscope.linear_path`'s first steps).
 
 A file may name only registry entries (an adapter, a dataset), nothing is imported because a
 file says so, and a file's adapter options are checked against its own shapes on the meta
@@ -10,15 +11,46 @@ it replaces is not read at all.
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from ckptscope.adapters import ADAPTERS, Adapter, get_adapter, registered
-from ckptscope.checkpoints import Checkpoint
-from ckptscope.data import DATASETS
+from ckptscope.adapters import ADAPTERS, Adapter, get_adapter, module_name, registered
+from ckptscope.checkpoints import Checkpoint, as_checkpoint, check_pair
+from ckptscope.data import DATASETS, as_splits, load_data, select_splits
+from ckptscope.data.transforms import subset
+from ckptscope.engine import EvalConfig
 from ckptscope.errors import CkptscopeError
 from ckptscope.metadata import stored_adapter, stored_data, stored_int, stored_options
+
+StateSource = str | os.PathLike | Mapping[str, torch.Tensor] | Checkpoint
+
+
+def load_pair(start: StateSource, end: StateSource) -> tuple[Checkpoint, Checkpoint]:
+    """Read both checkpoints, check that they are a pair, and warn about NaN/Inf in either."""
+    a, b = as_checkpoint(start), as_checkpoint(end)
+    check_pair(a.state, b.state, names=(a.path or "start", b.path or "end"))
+    _warn_nonfinite(a, a.path or "start")
+    _warn_nonfinite(b, b.path or "end")
+    return a, b
+
+
+def _warn_nonfinite(ckpt: Checkpoint, label: str) -> None:
+    bad = sorted(
+        k
+        for k, v in ckpt.state.items()
+        if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    )
+    if bad:
+        warnings.warn(
+            f"checkpoint {label} has NaN/Inf in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}); the curves will hold NaN there.",
+            stacklevel=5,
+        )
 
 
 def _label(ckpt: Checkpoint, default: str) -> str:
@@ -80,6 +112,19 @@ def resolve_model(
     return adapter.make(options, like=like, where=where, source=source), adapter, options
 
 
+def check_model(module: nn.Module, adapter: Adapter | None, a: Checkpoint) -> None:
+    """Refuse a module whose keys or shapes are not the checkpoint's."""
+    check_pair(
+        dict(module.state_dict()),
+        a.state,
+        names=(
+            f"the model ({adapter.name if adapter else module_name(module)})",
+            f"the checkpoint {a.path or 'start'}",
+        ),
+        fix="pick the adapter and options the checkpoint was saved from",
+    )
+
+
 def data_spec(data, a: Checkpoint, adapter: Adapter | None) -> object:
     """The data given, else the one ``a``'s metadata names (a registered set only), else the
     adapter's default."""
@@ -96,6 +141,63 @@ def data_seed(a: Checkpoint) -> int:
     """The seed ``a``'s metadata records for its generated data (``data_seed``), else 0."""
     stored = stored_int(a.metadata, "data_seed", source=_label(a, "start"))
     return 0 if stored is None else stored
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """A pair's evaluation data.
+
+    Attributes:
+        splits: split -> (inputs, targets), the ones evaluated.
+        bn_data: the training inputs ``bn="recompute"`` re-estimates statistics on, or ``None``.
+        label: the dataset spec, or ``"in-memory"``.
+        spec: the spec or the in-memory data as given.
+        seed: the seed of generated data and subsets.
+        key: what the data depends on; pairs with equal keys share it.
+    """
+
+    splits: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    bn_data: torch.Tensor | None
+    label: str
+    spec: object
+    seed: int
+    key: tuple
+
+
+def load_inputs(data: object, a: Checkpoint, adapter: Adapter | None, *, split: str,
+                config: EvalConfig, loaded: dict[tuple, Inputs] | None = None) -> Inputs:
+    """The splits to evaluate (and the training inputs ``recompute`` needs).
+
+    Args:
+        data: as :func:`ckptscope.linear_path` takes it; ``None``: the checkpoint's or the
+            adapter's dataset.
+        a: the start checkpoint, whose metadata names the data and its seed.
+        adapter: the model's adapter, whose default data is the last resort.
+        split: ``test``, ``train`` or ``both``.
+        config: ``seed`` (``None``: the checkpoint's ``data_seed`` for data from its metadata,
+            else 0), ``data_size`` and ``bn``.
+        loaded: data loaded earlier in the same call, by key; what this loads is added.
+    """
+    seed = config.seed
+    if seed is None:
+        seed = data_seed(a) if data is None else 0
+    spec = data_spec(data, a, adapter)
+    key = (spec if isinstance(spec, str) else id(spec), seed, config.data_size, split, config.bn)
+    if loaded is not None and key in loaded:
+        return loaded[key]
+    if isinstance(spec, str):
+        every_split, label = load_data(spec, seed=seed), spec
+    else:
+        every_split, label = as_splits(spec), "in-memory"
+    if config.data_size is not None:
+        every_split = subset(every_split, config.data_size, seed=seed)
+    splits = select_splits(every_split, split)
+    bn_data = (every_split["train"][0]
+               if config.bn == "recompute" and "train" in every_split else None)
+    inputs = Inputs(splits, bn_data, label, spec, seed, key)
+    if loaded is not None:
+        loaded[key] = inputs
+    return inputs
 
 
 def check_stored(start, end, model, data, options: Mapping[str, object]) -> None:

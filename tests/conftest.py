@@ -82,3 +82,19 @@ def image_data():
     x = torch.randn(37, 3, 8, 8, generator=g)
     y = torch.randint(0, 3, (37,), generator=g)
     return {"test": (x, y)}
+
+
+def run_path(ev, a, b, keys, alphas, *, hold="end", progress=None):
+    """One path on an evaluator, ``a`` and ``b`` the anchors (what ``linear_path`` asks)."""
+    from ckptscope.points import path_points
+
+    points = path_points(alphas, keys, hold=hold, every=list(a))
+    return ev.evaluate({"start": a, "end": b}, [points], progress=progress)[0]
+
+
+def run_paths(ev, a, b, items, *, hold="end", progress=None, done=None):
+    """Several paths, each ``(keys, alphas)``, in one call of the evaluator."""
+    from ckptscope.points import path_points
+
+    requests = [path_points(alphas, keys, hold=hold, every=list(a)) for keys, alphas in items]
+    return ev.evaluate({"start": a, "end": b}, requests, progress=progress, done=done)

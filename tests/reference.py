@@ -1,4 +1,4 @@
-"""The slow, obvious reference: load_state_dict at every alpha, one plain forward per batch."""
+"""The slow, obvious reference: load_state_dict at every point, one plain forward per batch."""
 
 from __future__ import annotations
 
@@ -12,21 +12,58 @@ import torch.nn.functional as F
 def reference_path(
     module, a, b, keys, alphas, x, y, *, loss="cross_entropy", hold="end", batch_size=None
 ):
-    """Return (loss, accuracy) arrays over ``alphas`` computed the plain way."""
+    """Return (loss, accuracy) arrays over ``alphas`` computed the plain way.
+
+    ``keys`` move (their floating tensors); every other tensor stays at ``hold``. When ``keys``
+    hold every tensor (the whole model), the non-float tensors come from the nearer end (a tie
+    goes to the end), as docs/semantics.md says.
+    """
+    weights = np.stack([1 - np.asarray(alphas, dtype=np.float64), np.asarray(alphas)], axis=1)
+    held = None if set(a) <= set(keys) else ("end" if hold == "end" else "start")
+    return reference_points(module, {"start": a, "end": b}, ("start", "end"), weights, keys,
+                            held, x, y, loss=loss, batch_size=batch_size)
+
+
+def reference_points(module, anchors, names, weights, keys, held, x, y, *, loss="cross_entropy",
+                     batch_size=None, bn=None, train_x=None, bn_batches=0):
+    """(loss, accuracy) at each row of ``weights`` (n, k) over the anchors ``names``: the moving
+    floating tensors as the float64 sum of w_i theta_i, the rest from ``held`` (or, for
+    ``None``, the anchor with the largest weight, ties to the later one); ``load_state_dict``
+    per point. ``bn``: ``None``/``"interpolate"``, ``"batch"`` (batch statistics) or
+    ``"recompute"`` (re-estimated on ``bn_batches`` batches of ``train_x``)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
     model = copy.deepcopy(module).eval()
-    held = b if hold == "end" else a
+    states = [anchors[n] for n in names]
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    bs = batch_size or len(x)
     losses, accs = [], []
-    for alpha in alphas:
+    for w in np.asarray(weights, dtype=np.float64):
+        k = len(names)
+        rest = states[names.index(held)] if held else states[k - 1 - int(np.argmax(w[::-1]))]
         state = {}
-        for k in held:
-            if k in keys and a[k].is_floating_point():
-                state[k] = (1 - alpha) * a[k].double() + alpha * b[k].double()
+        for key, value in rest.items():
+            if key in keys and value.is_floating_point():
+                mixed = sum(float(wi) * s[key].double() for wi, s in zip(w, states) if wi != 0)
+                state[key] = torch.as_tensor(mixed).to(value.dtype)
             else:
-                state[k] = held[k]
-        model.load_state_dict({k: v.to(held[k].dtype) for k, v in state.items()})
+                state[key] = value
+        model.load_state_dict(state)
+        model.eval()
         total, correct = 0.0, 0.0
-        bs = batch_size or len(x)
         with torch.no_grad():
+            if bn == "recompute":
+                for m in bns:
+                    m.reset_running_stats()
+                    m.momentum = None
+                    m.train()
+                for lo in range(0, bn_batches * bs, bs):
+                    model(train_x[lo : lo + bs])
+                for m in bns:
+                    m.eval()
+            if bn == "batch":
+                for m in bns:
+                    m.train()  # batch statistics; running-stat updates do not change outputs
             for lo in range(0, len(x), bs):
                 out = model(x[lo : lo + bs])
                 t = y[lo : lo + bs]

@@ -371,8 +371,8 @@ def test_linear_path_resnet18_blocks():
     a, b = _endpoints("resnet18", 0)
     x, y = _cifar_like(16, 1)
     groups = get_adapter("resnet18").presets["blocks"](list(a))
-    ds = ckptscope.linear_path(a, b, "resnet18", (x, y), groups=groups, alphas=3, batch_size=8,
-                               device="cpu")
+    ds = ckptscope.linear_path(a, b, "resnet18", (x, y), groups=groups, alphas=3, device="cpu",
+                               config=ckptscope.EvalConfig(batch_size=8))
     assert list(ds.group.values) == ["all", "stem", "layer1", "layer2", "layer3", "layer4", "fc"]
     loss = ds.loss.sel(split="eval").values[0]
     assert loss.shape == (7, 3) and np.isfinite(loss).all()
@@ -392,7 +392,8 @@ def test_linear_path_bn_split_vmap_equals_loop():
     x, y = _cifar_like(8, 3, size=16)  # small images: the BN buffers matter, not the pixels
     groups = get_adapter("resnet18").presets["bn-split:layer3"](list(a))
     runs = [ckptscope.linear_path(a, b, "resnet18", (x, y), groups=groups, alphas=3, full=False,
-                                  batch_size=8, device="cpu", strategy=s)
+                                  device="cpu",
+                                  config=ckptscope.EvalConfig(batch_size=8, strategy=s))
             for s in ("loop", "vmap")]
     assert list(runs[0].group.values) == ["layer3-conv", "layer3-bn-affine", "layer3-bn-stats"]
     np.testing.assert_allclose(runs[1].loss.values, runs[0].loss.values, rtol=1e-4, atol=1e-5)

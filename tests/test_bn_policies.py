@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import ckptscope
+from ckptscope.engine import EvalConfig, Evaluator
 from ckptscope.errors import CkptscopeError
-from ckptscope.evaluate import EvalConfig, Evaluator
+from tests.conftest import run_path
 from tests.reference import reference_path
 
 ALPHAS = np.linspace(0, 1, 5)
@@ -63,13 +64,11 @@ def test_batch_policy_matches_reference(conv_pair, image_data, strategy):
     x, y = image_data["test"]
     ev = Evaluator(
         module,
-        a,
-        b,
         image_data,
         loss="cross_entropy",
         config=EvalConfig(strategy=strategy, batch_size=10, bn="batch"),
     )
-    loss, _ = ev.path(list(a), ALPHAS)["test"]
+    loss, _ = run_path(ev, a, b, list(a), ALPHAS)["test"]
     np.testing.assert_allclose(
         loss, reference_bn(module, a, b, ALPHAS, x, y, policy="batch"), rtol=1e-5
     )
@@ -80,14 +79,12 @@ def test_recompute_policy_matches_reference(conv_pair, image_data, train_x):
     x, y = image_data["test"]
     ev = Evaluator(
         module,
-        a,
-        b,
         image_data,
         loss="cross_entropy",
         config=EvalConfig(batch_size=10, bn="recompute", bn_batches=3),
         bn_data=train_x,
     )
-    loss, _ = ev.path(list(a), ALPHAS)["test"]
+    loss, _ = run_path(ev, a, b, list(a), ALPHAS)["test"]
     want = reference_bn(module, a, b, ALPHAS, x, y, policy="recompute", train_x=train_x)
     np.testing.assert_allclose(loss, want, rtol=1e-5)
 
@@ -99,14 +96,12 @@ def test_policies_differ_from_interpolate(conv_pair, image_data, train_x):
     for policy in ("interpolate", "recompute", "batch"):
         ev = Evaluator(
             module,
-            a,
-            b,
             image_data,
             loss="cross_entropy",
             config=EvalConfig(batch_size=10, bn=policy, bn_batches=3),
             bn_data=train_x,
         )
-        curves[policy] = ev.path(list(a), ALPHAS)["test"][0]
+        curves[policy] = run_path(ev, a, b, list(a), ALPHAS)["test"][0]
     np.testing.assert_allclose(
         curves["interpolate"],
         reference_path(module, a, b, list(a), ALPHAS, x, y, batch_size=10)[0],
@@ -124,13 +119,11 @@ def test_recompute_falls_back_to_loop():
 def test_recompute_needs_train_data_and_batchnorm(conv_pair, image_data, mlp_pair, spiral_small):
     module, a, b = conv_pair
     with pytest.raises(CkptscopeError, match="needs training inputs"):
-        Evaluator(module, a, b, image_data, loss="cross_entropy", config=EvalConfig(bn="recompute"))
+        Evaluator(module, image_data, loss="cross_entropy", config=EvalConfig(bn="recompute"))
     module, a, b = mlp_pair
     with pytest.raises(CkptscopeError, match="no BatchNorm layer"):
         Evaluator(
             module,
-            a,
-            b,
             spiral_small,
             loss="bce",
             config=EvalConfig(bn="recompute"),
@@ -148,8 +141,7 @@ def test_linear_path_records_bn_policy(conv_pair, image_data, train_x):
         data,
         alphas=3,
         bn="recompute",
-        bn_batches=2,
-        batch_size=10,
+        config=EvalConfig(bn_batches=2, batch_size=10),
         groups={"bn-stats": "bn\\.running"},
     )
     assert ds.attrs["bn_policy"] == "recompute" and ds.attrs["bn_batches"] == 2
@@ -171,23 +163,27 @@ def test_batch_policy_folds_a_last_single_example(conv_pair):
         "test": (torch.randn(21, 3, 8, 8, generator=g), torch.randint(0, 3, (21,), generator=g))
     }
     ev = Evaluator(
-        module, a, b, data, loss="cross_entropy", config=EvalConfig(batch_size=10, bn="batch")
+        module, data, loss="cross_entropy", config=EvalConfig(batch_size=10, bn="batch")
     )
-    assert ev._spans(21) == [(0, 10), (10, 21)]
-    loss, _ = ev.path(list(a), ALPHAS)["test"]
+    assert ev.context.sizes.spans(21) == [(0, 10), (10, 21)]
+    loss, _ = run_path(ev, a, b, list(a), ALPHAS)["test"]
     assert np.isfinite(loss).all()
 
 
 def test_resume_key_holds_batch_size_and_training_inputs(tmp_path, conv_pair, image_data, train_x):
     module, a, b = conv_pair
     data = {"test": image_data["test"], "train": (train_x, torch.zeros(len(train_x)).long())}
-    kwargs = dict(alphas=3, bn="recompute", bn_batches=2, resume_dir=tmp_path / "partial")
-    first = ckptscope.linear_path(a, b, module, data, batch_size=16, **kwargs)
-    other = ckptscope.linear_path(a, b, module, data, batch_size=4, **kwargs)
+    kwargs = dict(alphas=3, bn="recompute", resume_dir=tmp_path / "partial")
+    first = ckptscope.linear_path(a, b, module, data, config=_batches(16), **kwargs)
+    other = ckptscope.linear_path(a, b, module, data, config=_batches(4), **kwargs)
     assert "resumed" not in other.attrs["notes"]
     assert not np.allclose(first.loss.values, other.loss.values)
-    again = ckptscope.linear_path(a, b, module, data, batch_size=4, **kwargs)
+    again = ckptscope.linear_path(a, b, module, data, config=_batches(4), **kwargs)
     assert "resumed 3 of 3 points" in again.attrs["notes"]
     data["train"] = (train_x.flip(0), data["train"][1])
-    moved = ckptscope.linear_path(a, b, module, data, batch_size=4, **kwargs)
+    moved = ckptscope.linear_path(a, b, module, data, config=_batches(4), **kwargs)
     assert "resumed" not in moved.attrs["notes"]
+
+
+def _batches(size: int) -> EvalConfig:
+    return EvalConfig(batch_size=size, bn_batches=2)

@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from ckptscope.adapters import get_adapter
-from ckptscope.evaluate import EvalConfig, Evaluator, _Deferred
-from ckptscope.hoist import split_forward, trace
-from tests.conftest import perturbed
+from ckptscope.engine import EvalConfig, Evaluator
+from ckptscope.engine.deferred import Deferred
+from ckptscope.engine.hoist import split_forward, trace
+from ckptscope.engine.strategies import frontiers
+from tests.conftest import perturbed, run_path
 from tests.reference import reference_path
 
 ALPHAS = np.linspace(0, 1, 4)
@@ -21,13 +23,11 @@ ALPHAS = np.linspace(0, 1, 4)
 def curves(module, a, b, data, keys, *, loss="cross_entropy", strategy="loop", hoist=True, bs=8):
     ev = Evaluator(
         module,
-        a,
-        b,
         data,
         loss=loss,
         config=EvalConfig(strategy=strategy, batch_size=bs, hoist=hoist),
     )
-    return ev.path(keys, ALPHAS)["test"], ev.hoisted_paths
+    return run_path(ev, a, b, keys, ALPHAS)["test"], ev.hoisted
 
 
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])
@@ -98,13 +98,13 @@ def test_untraceable_model_falls_back_with_one_warning():
     a = module.state_dict()
     b = perturbed(a, 0.3, 1)
     data = {"test": (torch.randn(9, 2), torch.randint(0, 2, (9,)))}
-    ev = Evaluator(module, a, b, data, loss="cross_entropy", config=EvalConfig())
+    ev = Evaluator(module, data, loss="cross_entropy", config=EvalConfig())
     with pytest.warns(UserWarning, match="cannot be traced"):
-        loss, _ = ev.path(["b.weight", "b.bias"], ALPHAS)["test"]
-    ev.path(["b.weight"], ALPHAS)  # no second warning: the trace is not retried
+        loss, _ = run_path(ev, a, b, ["b.weight", "b.bias"], ALPHAS)["test"]
+    run_path(ev, a, b, ["b.weight"], ALPHAS)  # no second warning: the trace is not retried
     want, _ = reference_path(module, a, b, ["b.weight", "b.bias"], ALPHAS, *data["test"])
     np.testing.assert_allclose(loss, want, rtol=1e-5)
-    assert ev.hoisted_paths == 0
+    assert ev.hoisted == 0
 
 
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])
@@ -115,16 +115,14 @@ def test_hoisted_batch_outer_when_frontiers_do_not_fit(mlp_pair, spiral_small, s
     for budget in (None, 2048):  # 2 KiB: the frontiers of 150 examples (16 floats each) spill
         ev = Evaluator(
             module,
-            a,
-            b,
             spiral_small,
             loss="bce",
             config=EvalConfig(strategy=strategy, batch_size=16, memory_budget=budget),
         )
-        split = ev._split_for(keys)
-        cached = ev._frontiers(split, "test")
+        split = ev.split_for(keys)
+        cached = frontiers(ev.context, split, "test")
         assert (cached is None) == (budget is not None)
-        results.append(ev.path(keys, ALPHAS)["test"][0])
+        results.append(run_path(ev, a, b, keys, ALPHAS)["test"][0])
     np.testing.assert_allclose(results[0], results[1], rtol=1e-6)
 
 
@@ -258,16 +256,16 @@ def test_hoisted_progress_moves_per_alpha_and_counts_once_after_a_fallback(
     keys = ["layers.2.weight", "layers.2.bias"]
     grid = np.linspace(0, 1, 9)
     data = {"test": spiral_small["test"]}  # 150 points: 3 batches per alpha
-    ev = Evaluator(module, a, b, data, loss="bce",
+    ev = Evaluator(module, data, loss="bce",
                    config=EvalConfig(strategy=strategy, batch_size=64, memory_budget=1 << 20))
     seen = []
-    ev.path(keys, grid, progress=seen.append)
-    assert ev.hoisted_paths == 1 and sum(seen) == len(grid)
+    run_path(ev, a, b, keys, grid, progress=seen.append)
+    assert ev.hoisted == 1 and sum(seen) == len(grid)
     if strategy == "loop":  # alphas outermost over the cached frontiers: one report per alpha
         assert len(seen) == len(grid)
 
     # Out of memory after some alphas were reported: the whole-path fallback does not recount.
-    original, calls = ev.loss_fn, []
+    original, calls = ev.context.loss_fn, []
 
     def flaky(outputs, targets):
         calls.append(1)
@@ -276,12 +274,12 @@ def test_hoisted_progress_moves_per_alpha_and_counts_once_after_a_fallback(
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return original(outputs, targets)
 
-    monkeypatch.setattr(ev, "loss_fn", flaky)
-    monkeypatch.setattr(ev, "_deferred", lambda split, n, examples=None: _Deferred(flaky, 0))
+    monkeypatch.setattr(ev.context, "loss_fn", flaky)
+    monkeypatch.setattr(ev.context, "deferred", lambda split, n, examples=None: Deferred(flaky, 0))
     seen = []
     with pytest.warns(UserWarning, match="out of device memory"):
-        got = ev.path(keys, grid, progress=seen.append)["test"][0]
-    assert sum(seen) == len(grid) and ev.hoisted_paths == 1
+        got = run_path(ev, a, b, keys, grid, progress=seen.append)["test"][0]
+    assert sum(seen) == len(grid) and ev.hoisted == 1
     if strategy == "loop":
         assert seen[:2] == [1, 1]  # reported before the fallback, and not again after it
-    np.testing.assert_allclose(got, ev.path(keys, grid)["test"][0], rtol=1e-6)
+    np.testing.assert_allclose(got, run_path(ev, a, b, keys, grid)["test"][0], rtol=1e-6)

@@ -19,12 +19,13 @@ from torch import nn
 
 import ckptscope
 import ckptscope.cache as cache
-from ckptscope.analysis import linear_paths
 from ckptscope.checkpoints import save_checkpoint
 from ckptscope.cli import main
 from ckptscope.data import load_data
+from ckptscope.engine import EvalConfig
 from ckptscope.files import _HOST, current_umask, replacing, write_text
 from ckptscope.identity import curve_fingerprint
+from ckptscope.linear import linear_paths
 from ckptscope.losses import binary_cross_entropy as bce
 from ckptscope.results import open_result
 
@@ -59,15 +60,15 @@ def same(x, y) -> bool:
 # --- chunks reused bitwise -------------------------------------------------------------------
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])
 def test_resumed_chunks_give_the_uninterrupted_curves_bitwise(tmp_path, good, strategy):
-    fresh = ckptscope.linear_path(*good, strategy=strategy, **KW)
+    fresh = ckptscope.linear_path(*good, config=EvalConfig(strategy=strategy), **KW)
     partial = tmp_path / "partial"
-    ckptscope.linear_path(*good, strategy=strategy, resume_dir=partial, **KW)
+    ckptscope.linear_path(*good, config=EvalConfig(strategy=strategy), resume_dir=partial, **KW)
     files = chunk_files(partial)
     # 17 alphas: the whole model in chunks of 8 (3 files), each group in at most 4 (3 files).
     assert len(files) == 9
     for path in files[::2]:  # as if killed: every other chunk is missing
         path.unlink()
-    resumed = ckptscope.linear_path(*good, strategy=strategy, resume_dir=partial, **KW)
+    resumed = ckptscope.linear_path(*good, config=EvalConfig(strategy=strategy), resume_dir=partial, **KW)
     reused = int(resumed.attrs["notes"].split("resumed ")[1].split(" ")[0])
     assert 0 < reused < 51
     assert f"resumed {reused} of 51 points from {partial}/" in resumed.attrs["notes"]

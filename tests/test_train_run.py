@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from ckptscope.adapters import get_adapter
-from ckptscope.analysis import linear_path
+from ckptscope.linear import linear_path
 from ckptscope.checkpoints import load_checkpoint, save_checkpoint
 from ckptscope.errors import CkptscopeError
 from ckptscope.results import save_result

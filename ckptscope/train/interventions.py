@@ -19,7 +19,7 @@ from torch import nn
 
 from ckptscope.checkpoints import check_pair, load_checkpoint
 from ckptscope.errors import CkptscopeError
-from ckptscope.path import plan_path, state_at
+from ckptscope.points import path_state
 from ckptscope.train.loop import evaluate, make_optimizer, train_epoch
 from ckptscope.train.recipe import Recipe
 
@@ -104,7 +104,7 @@ def path_point(result_path: str, *, run: str = "", alpha: float | str = "barrier
     end = str(ds["end_path"].sel(run=run).values)
     a, b = load_checkpoint(start).state, load_checkpoint(end).state
     check_pair(a, b, names=(start, end))
-    return state_at(plan_path(a, b, list(a)), float(alpha)), float(alpha), run
+    return path_state(a, b, float(alpha)), float(alpha), run
 
 
 def random_label_state(module: nn.Module, splits: Mapping[str, tuple], *, recipe: Recipe,

@@ -242,7 +242,8 @@ def fig1a(out: str | os.PathLike, *, seeds: Sequence[int] = (0, 1, 2),
         The results (runs labelled ``<path>:<seed>``, path one of ``i-f``, ``i'-f``,
         ``i-i'``), the verdict rows and the figure (not saved).
     """
-    from ckptscope.analysis import linear_paths
+    from ckptscope.engine import EvalConfig
+    from ckptscope.linear import linear_paths
     from ckptscope.results import save_result
 
     unknown = [p for p in panels if p not in FIG1A]
@@ -265,7 +266,7 @@ def fig1a(out: str | os.PathLike, *, seeds: Sequence[int] = (0, 1, 2),
         pairs = {f"{label}:{seed}": (str(files[seed][a]), str(files[seed][b]))
                  for label, (a, b, _, _) in PATHS.items() for seed in seeds}
         ds = linear_paths(pairs, alphas=alphas, split="test", device=device,
-                          seed=recipe.data_seed,
+                          config=EvalConfig(seed=recipe.data_seed),
                           progress=(lambda run, d, t, p=panel: progress(f"{p} {run}", d, t))
                           if progress else None)
         ds.attrs["recipe"] = recipe.name
@@ -320,7 +321,8 @@ def figa17(out: str | os.PathLike, *, seeds: Sequence[int] = (0,), epochs: int |
     """
     import matplotlib.pyplot as plt
 
-    from ckptscope.analysis import linear_paths
+    from ckptscope.engine import EvalConfig
+    from ckptscope.linear import linear_paths
     from ckptscope.plots import plot_path
     from ckptscope.results import save_result
 
@@ -340,7 +342,7 @@ def figa17(out: str | os.PathLike, *, seeds: Sequence[int] = (0,), epochs: int |
         groups = get_adapter("mlp").presets["layers"](keys)
         pairs = {f"i-f:{s}": (str(r.init), str(r.final)) for s, r in runs.items()}
         ds = linear_paths(pairs, groups=groups, alphas=alphas, split="test", device=device,
-                          seed=recipe.data_seed,
+                          config=EvalConfig(seed=recipe.data_seed),
                           progress=(lambda run, d, t, n=name: progress(f"{n} {run}", d, t))
                           if progress else None)
         ds.attrs["recipe"] = recipe.name

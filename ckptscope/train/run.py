@@ -35,8 +35,8 @@ from ckptscope.adapters import get_adapter
 from ckptscope.checkpoints import save_checkpoint
 from ckptscope.data import load_data
 from ckptscope.data.transforms import subset
+from ckptscope.engine.placement import CHANNELS_LAST_MIN_BATCH, resolve_device, set_layout
 from ckptscope.errors import CkptscopeError
-from ckptscope.evaluate import CHANNELS_LAST_MIN_BATCH, set_layout
 from ckptscope.files import replacing, write_text
 from ckptscope.losses import get_loss, target_dtype
 from ckptscope.train.interventions import initial_state
@@ -93,19 +93,6 @@ def data_spec(recipe: Recipe, data_dir: str | os.PathLike | None) -> str:
             f"the extracted {name} files (ckptscope downloads nothing)."
         )
     return recipe.data
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``auto``/``None``: CUDA when present, else the CPU."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as err:
-        raise CkptscopeError(f"device {device!r} is not a torch device ({err}).") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise CkptscopeError(f"device {device!r}: CUDA is not available; use --device cpu.")
-    return resolved
 
 
 # --- atomic files ------------------------------------------------------------------------------

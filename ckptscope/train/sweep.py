@@ -94,7 +94,8 @@ def sweep(recipe: Recipe, *, seeds: Sequence[int], out: str | os.PathLike,
         train_options: more :func:`ckptscope.train.run` keywords (amp, save_every, ...).
         on_run, on_epoch, progress: callbacks for finished runs, epochs and the evaluation.
     """
-    from ckptscope.analysis import linear_paths
+    from ckptscope.engine import EvalConfig
+    from ckptscope.linear import linear_paths
     from ckptscope.checkpoints import load_checkpoint
     from ckptscope.results import save_result
 
@@ -116,7 +117,8 @@ def sweep(recipe: Recipe, *, seeds: Sequence[int], out: str | os.PathLike,
     # built-in ones, and the recipe may name the user's own (pkg.module:attr).
     ds = linear_paths(pairs, recipe.adapter, data_spec(recipe, data_dir), groups=specs,
                       adapter_options=dict(recipe.adapter_options), alphas=alphas, split=split,
-                      device=device, seed=recipe.data_seed, progress=progress)
+                      device=device, config=EvalConfig(seed=recipe.data_seed),
+                      progress=progress)
     ds.attrs["recipe"] = recipe.name
     path = save_result(ds, Path(out) / RESULT)
     return SweepOutput(runs, ds, path)

@@ -1,13 +1,13 @@
-"""Hoist what does not move: the alpha-invariant part of a forward pass, computed once per batch.
+"""Hoist what does not move: the part of a forward pass no point changes, computed once per batch.
 
-On a group path everything upstream of the group is the same at every alpha. The module is
+On a group path everything upstream of the group is the same at every point. The module is
 traced with ``torch.fx`` and its graph split in two by dependence on the moving tensors:
 
 - ``prefix(x) -> frontier``: the nodes that do not depend on them, up to the values the rest
   reads (the "frontier");
 - ``suffix(*frontier) -> output``: the nodes that do.
 
-The evaluator runs the prefix once per batch and the suffix once per alpha. Both halves call
+The evaluator runs the prefix once per batch and the suffix once per point. Both halves call
 the module's own submodules and parameters, so writing weights into the module, or passing them
 to ``torch.func.functional_call`` by their usual names, reaches the suffix unchanged. A module
 that cannot be traced is evaluated whole (:func:`split_forward` returns ``None``).
@@ -27,9 +27,9 @@ class SplitForward:
     """A forward pass split at the moving tensors.
 
     Attributes:
-        prefix: ``prefix(x) -> tuple`` of the frontier values (alpha-invariant).
+        prefix: ``prefix(x) -> tuple`` of the frontier values (the same at every point).
         suffix: ``suffix(*frontier) -> output``.
-        n_hoisted: graph nodes computed once per batch instead of once per alpha.
+        n_hoisted: graph nodes computed once per batch instead of once per point.
         n_total: graph nodes in all.
     """
 
@@ -143,7 +143,7 @@ def _inplace_hazard(nodes: list[fx.Node], dependent: set[fx.Node], gm: fx.GraphM
     """True when splitting would change what an in-place op does.
 
     Two cases: an op of the suffix writes into a value the prefix made (it would pile up over
-    the alphas, which reuse that value), or an op of the prefix writes into a value that a
+    the points, which reuse that value), or an op of the prefix writes into a value that a
     suffix op read earlier in the original order (the write would now come first). A write
     through a view writes its base and every other view of it: each value that may share the
     written one's storage counts as written.

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckptscope.path import plan_path, state_at
+from ckptscope.points import path_state
 
 floats = st.floats(-1e3, 1e3, allow_nan=False, width=32)
 
@@ -24,9 +24,8 @@ def pairs(draw):
 @given(pairs())
 def test_endpoints_reproduced_exactly(pair):
     a, b = pair
-    plan = plan_path(a, b, list(a))
     for alpha, want in ((0.0, a), (1.0, b)):
-        s = state_at(plan, alpha)
+        s = path_state(a, b, alpha)
         for k in a:
             assert torch.equal(s[k], want[k])
 
@@ -36,8 +35,8 @@ def test_endpoints_reproduced_exactly(pair):
 def test_group_of_everything_equals_whole_model(pair, alpha):
     a, b = pair
     for hold in ("end", "start"):
-        whole = state_at(plan_path(a, b, list(a), hold=hold), alpha)
-        group = state_at(plan_path(a, b, ["w", "v"], hold=hold), alpha)
+        whole = path_state(a, b, alpha, hold=hold)
+        group = path_state(a, b, alpha, keys=["w", "v"], hold=hold)
         for k in a:
             assert torch.equal(whole[k], group[k])
 
@@ -46,7 +45,7 @@ def test_group_of_everything_equals_whole_model(pair, alpha):
 @given(pairs(), st.floats(0, 1))
 def test_point_lies_on_the_segment(pair, alpha):
     a, b = pair
-    s = state_at(plan_path(a, b, list(a)), alpha)
+    s = path_state(a, b, alpha)
     expected = (1 - alpha) * a["w"].double() + alpha * b["w"].double()
     np.testing.assert_allclose(s["w"].double().numpy(), expected.numpy(), rtol=1e-5, atol=1e-3)
 
@@ -55,15 +54,16 @@ def test_point_lies_on_the_segment(pair, alpha):
 @given(pairs(), st.lists(st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0, -0.5, 1.5]), min_size=1,
                          max_size=5))
 def test_fast_forms_equal_state_at_bitwise(pair, alphas):
-    from ckptscope.path import stack_points, write_point
+    from ckptscope.points import path_points, stack_points, stacking, write_point
 
     a, b = pair
-    plan = plan_path(a, b, list(a))
-    stacked = stack_points(a["w"], b["w"], torch.tensor(alphas))
+    points = path_points(alphas, list(a), every=list(a))
+    at = stacking(points.weights, dtype=torch.float32, device=torch.device("cpu"))
+    stacked = stack_points([a["w"], b["w"]], at)
     for i, alpha in enumerate(alphas):
-        want = state_at(plan, alpha)
-        targets = [torch.empty_like(a[k]) for k in plan.moving]
-        write_point(targets, [a[k] for k in plan.moving], [b[k] for k in plan.moving], alpha)
-        for k, t in zip(plan.moving, targets, strict=True):
+        want = path_state(a, b, alpha)
+        targets = [torch.empty_like(a[k]) for k in points.moving]
+        write_point(targets, [[s[k] for k in points.moving] for s in (a, b)], points.weights[i])
+        for k, t in zip(points.moving, targets, strict=True):
             assert torch.equal(t, want[k])
         assert torch.equal(stacked[i], want["w"])

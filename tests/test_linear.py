@@ -125,7 +125,8 @@ def test_linear_path_nan_weights_warn_and_keep_nan(mlp_pair, spiral_small, strat
     b["layers.0.weight"][0, 0] = float("nan")
     with pytest.warns(UserWarning, match="NaN/Inf"):
         ds = ckptscope.linear_path(
-            a, b, module, spiral_small, alphas=3, loss="bce", strategy=strategy
+            a, b, module, spiral_small, alphas=3, loss="bce",
+            config=ckptscope.EvalConfig(strategy=strategy),
         )
     assert np.isnan(ds.loss.values[0, 0, 0, -1])
     assert np.isfinite(ds.loss.values[0, 0, 0, 0])
@@ -179,7 +180,8 @@ def test_linear_path_extrapolation_grid(mlp_pair, spiral_small):
 def test_linear_path_batch_size_does_not_change_result(conv_pair, image_data):
     module, a, b = conv_pair
     r = [
-        ckptscope.linear_path(a, b, module, image_data, alphas=4, batch_size=bs).loss.values
+        ckptscope.linear_path(a, b, module, image_data, alphas=4,
+                              config=ckptscope.EvalConfig(batch_size=bs)).loss.values
         for bs in (5, 37)
     ]
     np.testing.assert_allclose(r[0], r[1], rtol=1e-6)
@@ -207,3 +209,116 @@ def test_linear_path_autocast_close_to_float32(conv_pair, image_data, dtype):
     assert low.attrs["dtype"] == dtype
     np.testing.assert_allclose(low.loss.values, full.loss.values, rtol=1e-2)
     assert not np.array_equal(low.loss.values, full.loss.values)  # autocast was really on
+
+
+class MaskedMLP(torch.nn.Module):
+    """A 2-16-1 MLP whose first layer is pruned by a bool mask buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = torch.nn.Linear(2, 16), torch.nn.Linear(16, 1)
+        self.register_buffer("mask", torch.ones(16, 2, dtype=torch.bool))
+
+    def forward(self, x):
+        w = self.l1.weight * self.mask
+        return self.l2(torch.relu(torch.nn.functional.linear(x, w, self.l1.bias)))
+
+
+def _masked_pair():
+    from tests.conftest import perturbed
+
+    torch.manual_seed(0)
+    module = MaskedMLP()
+    a = {k: v.clone() for k, v in module.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    a["mask"] = torch.rand(16, 2, generator=g) > 0.5
+    b = perturbed({k: v for k, v in a.items() if k != "mask"}, 0.5, 2)
+    b["mask"] = ~a["mask"]
+    return module, a, b
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("hold", ["end", "start"])
+def test_whole_model_path_ends_at_the_checkpoints_when_a_bool_mask_differs(spiral_small,
+                                                                            strategy, hold):
+    """#13 item 3: L_all(0) = L(A) and L_all(1) = L(B) bitwise, whatever ``hold`` is."""
+    module, a, b = _masked_pair()
+    x, y = spiral_small["test"]
+    # One point per vectorised pass and one loss call per batch, so that every evaluation
+    # below does the same arithmetic in the same order.
+    config = ckptscope.EvalConfig(strategy=strategy, batch_size=64, memory_budget=1)
+    kwargs = dict(groups={"first": "l1\\."}, alphas=5, loss="bce", hold=hold, config=config)
+    ds = ckptscope.linear_path(a, b, module, spiral_small, **kwargs)
+    at_a = ckptscope.linear_path(a, a, module, spiral_small, **kwargs)
+    at_b = ckptscope.linear_path(b, b, module, spiral_small, **kwargs)
+    whole = ds.loss.sel(group="all").values[0, 0]
+    assert whole[0] == at_a.loss.sel(group="all").values[0, 0, 0]
+    assert whole[-1] == at_b.loss.sel(group="all").values[0, 0, -1]
+    np.testing.assert_allclose(whole[0], plain_eval(module, a, x, y, loss="bce")[0][0], rtol=1e-6)
+    np.testing.assert_allclose(whole[-1], plain_eval(module, b, x, y, loss="bce")[0][0], rtol=1e-6)
+    # The mask matters: A's weights under B's mask are another model.
+    other = plain_eval(module, {**a, "mask": b["mask"]}, x, y, loss="bce")[0][0]
+    assert abs(other - whole[0]) > 1e-3
+    # A group path takes the mask from the held end, at every alpha.
+    held = b if hold == "end" else a
+    start = {**held, "l1.weight": a["l1.weight"], "l1.bias": a["l1.bias"]}
+    first = ds.loss.sel(group="first").values[0, 0]
+    np.testing.assert_allclose(first[0], plain_eval(module, start, x, y, loss="bce")[0][0],
+                               rtol=1e-6)
+
+
+def _counting(calls: list, fn):
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return counted
+
+
+def test_a_sweep_loads_the_data_builds_the_evaluator_and_traces_once(mlp_pair, monkeypatch):
+    from ckptscope import inputs, linear
+    from ckptscope.engine import evaluator
+    from tests.conftest import perturbed
+
+    _, a, b = mlp_pair
+    loads, built, traces = [], [], []
+    monkeypatch.setattr(inputs, "load_data", _counting(loads, inputs.load_data))
+    monkeypatch.setattr(linear, "Evaluator", _counting(built, linear.Evaluator))
+    monkeypatch.setattr(evaluator, "trace", _counting(traces, evaluator.trace))
+    pairs = {f"seed{i}": (perturbed(a, 0.1, i), perturbed(b, 0.1, 10 + i)) for i in range(3)}
+    kwargs = dict(groups=["layers.1", "layers.2"], alphas=3)
+    ds = ckptscope.linear_paths(pairs, "mlp", "spiral:100,80", **kwargs)
+    assert (len(loads), len(built), len(traces)) == (1, 1, 1)
+    assert list(ds.run.values) == list(pairs)
+    for label, (start, end) in pairs.items():  # the same curves as one pair at a time
+        one = ckptscope.linear_path(start, end, "mlp", "spiral:100,80", run=label, **kwargs)
+        np.testing.assert_array_equal(ds.loss.sel(run=label).values, one.loss.values[0])
+
+
+def test_a_sweep_builds_an_evaluator_per_model(mlp_pair, monkeypatch):
+    from ckptscope import inputs, linear
+    from ckptscope.adapters.mlp import MLP
+
+    _, a, b = mlp_pair
+    narrow = {k: v.clone() for k, v in MLP([2, 8, 1]).state_dict().items()}
+    loads, built = [], []
+    monkeypatch.setattr(inputs, "load_data", _counting(loads, inputs.load_data))
+    monkeypatch.setattr(linear, "Evaluator", _counting(built, linear.Evaluator))
+    pairs = {"wide": (a, b), "narrow": (narrow, narrow), "wide again": (b, a)}
+    # Each pair is evaluated on an evaluator for its own model (one per width, one data set);
+    # runs of two models are not one result, which merging then says.
+    with pytest.raises(CkptscopeError, match="cannot merge narrow.*adapter_options"):
+        ckptscope.linear_paths(pairs, "mlp", "spiral:100,80", alphas=2)
+    assert (len(loads), len(built)) == (1, 2)
+
+
+@pytest.mark.parametrize("config, keyword", [
+    ({"bn": "batch"}, "bn="), ({"dtype": torch.float64}, "dtype="),
+    ({"autocast": torch.bfloat16}, "dtype="), ({"device": "cpu:0"}, "device="),
+])
+def test_linear_path_takes_device_dtype_and_bn_from_its_own_keywords(mlp_pair, spiral_small,
+                                                                     config, keyword):
+    module, a, b = mlp_pair
+    with pytest.raises(CkptscopeError, match=f"config sets .*own {keyword} keyword"):
+        ckptscope.linear_path(a, b, module, spiral_small, alphas=2, loss="bce",
+                              config=ckptscope.EvalConfig(**config))

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from ckptscope.engine import EvalConfig, Evaluator
 from ckptscope.errors import CkptscopeError
-from ckptscope.evaluate import EvalConfig, Evaluator
-from tests.reference import plain_eval, reference_path
+from tests.conftest import run_path, run_paths
+from tests.reference import plain_eval, reference_path, reference_points
 
 ALPHAS = np.linspace(0, 1, 7)
 
@@ -21,13 +22,11 @@ def test_path_matches_reference_mlp(mlp_pair, spiral_small, strategy, hold):
     keys = ["layers.1.weight", "layers.1.bias"]
     ev = Evaluator(
         module,
-        a,
-        b,
         {"test": (x, y)},
         loss="bce",
         config=EvalConfig(strategy=strategy, batch_size=64),
     )
-    loss, acc = ev.path(keys, ALPHAS, hold=hold)["test"]
+    loss, acc = run_path(ev, a, b, keys, ALPHAS, hold=hold)["test"]
     ref_loss, ref_acc = reference_path(module, a, b, keys, ALPHAS, x, y, loss="bce", hold=hold)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     np.testing.assert_allclose(acc, ref_acc, atol=1.5 / len(x))
@@ -44,13 +43,11 @@ def test_path_matches_reference_conv_bn(conv_pair, image_data, strategy, keys):
     x, y = image_data["test"]
     ev = Evaluator(
         module,
-        a,
-        b,
         image_data,
         loss="cross_entropy",
         config=EvalConfig(strategy=strategy, batch_size=10),
     )
-    loss, acc = ev.path(keys, ALPHAS)["test"]
+    loss, acc = run_path(ev, a, b, keys, ALPHAS)["test"]
     ref_loss, ref_acc = reference_path(module, a, b, keys, ALPHAS, x, y)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     np.testing.assert_allclose(acc, ref_acc, atol=1.5 / len(x))
@@ -62,13 +59,11 @@ def test_path_endpoints_equal_plain_evaluation(conv_pair, image_data, strategy):
     x, y = image_data["test"]
     ev = Evaluator(
         module,
-        a,
-        b,
         image_data,
         loss="cross_entropy",
         config=EvalConfig(strategy=strategy, batch_size=10),
     )
-    loss, acc = ev.path(list(a), np.array([0.0, 0.5, 1.0]))["test"]
+    loss, acc = run_path(ev, a, b, list(a), np.array([0.0, 0.5, 1.0]))["test"]
     for i, state in ((0, a), (2, b)):
         ref_loss, ref_acc = plain_eval(module, state, x, y, batch_size=10)
         np.testing.assert_allclose(loss[i], ref_loss[0], rtol=1e-6)
@@ -78,12 +73,13 @@ def test_path_endpoints_equal_plain_evaluation(conv_pair, image_data, strategy):
 def test_loop_state_at_endpoints_is_bitwise_the_endpoint(conv_pair, image_data):
     module, a, b = conv_pair
     ev = Evaluator(
-        module, a, b, image_data, loss="cross_entropy", config=EvalConfig(strategy="loop")
+        module, image_data, loss="cross_entropy", config=EvalConfig(strategy="loop")
     )
-    for alpha, state in ((0.0, a), (1.0, b)):
-        ev.path(list(a), np.array([alpha]))
-        for k, v in state.items():
-            assert torch.equal(ev.slots[k], v if v.is_floating_point() else b[k]), k
+    for hold in ("end", "start"):
+        for alpha, state in ((0.0, a), (1.0, b)):
+            run_path(ev, a, b, list(a), np.array([alpha]), hold=hold)
+            for k, v in state.items():  # integer buffers too: the whole model holds nothing
+                assert torch.equal(ev.slots[k], v), k
 
 
 def test_loss_is_sum_over_examples_not_mean_of_batch_means(mlp_pair, spiral_small):
@@ -91,8 +87,8 @@ def test_loss_is_sum_over_examples_not_mean_of_batch_means(mlp_pair, spiral_smal
     x, y = spiral_small["test"][0][:101], spiral_small["test"][1][:101]
     results = []
     for bs in (101, 10, 7):
-        ev = Evaluator(module, a, b, {"test": (x, y)}, loss="bce", config=EvalConfig(batch_size=bs))
-        results.append(ev.path(list(a), np.array([0.3]))["test"][0][0])
+        ev = Evaluator(module, {"test": (x, y)}, loss="bce", config=EvalConfig(batch_size=bs))
+        results.append(run_path(ev, a, b, list(a), np.array([0.3]))["test"][0][0])
     np.testing.assert_allclose(results, results[0], rtol=1e-6)
 
 
@@ -103,13 +99,11 @@ def test_vmap_chunking_does_not_change_results(conv_pair, image_data):
     for budget in (None, 1):  # budget of 1 byte forces one alpha per chunk
         ev = Evaluator(
             module,
-            a,
-            b,
             image_data,
             loss="cross_entropy",
             config=EvalConfig(strategy="vmap", batch_size=16, memory_budget=budget),
         )
-        curves.append(ev.path(list(a), grid)["test"][0])
+        curves.append(run_path(ev, a, b, list(a), grid)["test"][0])
     assert ev.chunk_size(list(a), len(grid)) == 1
     np.testing.assert_allclose(curves[0], curves[1], rtol=1e-6)
 
@@ -118,8 +112,6 @@ def test_chunk_size_bounded_by_budget(conv_pair, image_data):
     module, a, b = conv_pair
     ev = Evaluator(
         module,
-        a,
-        b,
         image_data,
         loss="cross_entropy",
         config=EvalConfig(strategy="vmap", batch_size=16, memory_budget=200_000),
@@ -129,24 +121,28 @@ def test_chunk_size_bounded_by_budget(conv_pair, image_data):
     assert large == ev.chunk_size(list(a), 100_000) < 10_000
 
 
-def test_integer_buffers_taken_from_held_endpoint(conv_pair, image_data):
+def test_integer_buffers_come_from_the_held_end_or_the_nearer_one(conv_pair, image_data):
     module, a, b = conv_pair
-    for hold, want in (("end", b), ("start", a)):
-        ev = Evaluator(
-            module, a, b, image_data, loss="cross_entropy", config=EvalConfig(strategy="loop")
-        )
-        ev.path(list(a), np.array([0.0, 0.5]), hold=hold)
-        got = ev.slots["bn.num_batches_tracked"]
-        assert int(got) == int(want["bn.num_batches_tracked"])
+    key = "bn.num_batches_tracked"
+    ev = Evaluator(module, image_data, loss="cross_entropy", config=EvalConfig(strategy="loop"))
+    for hold, held in (("end", b), ("start", a)):
+        # A group path: from the held end, at every alpha.
+        for last in (0.0, 1.0):
+            run_path(ev, a, b, ["bn.weight", key], np.array([0.5, last]), hold=hold)
+            assert int(ev.slots[key]) == int(held[key])
+        # The whole model holds nothing: from the nearer end (a tie goes to the end).
+        for grid, nearer in (([0.0, 0.4], a), ([0.6, 0.5], b), ([1.0, -0.5], a), ([0.0, 1.5], b)):
+            run_path(ev, a, b, list(a), np.array(grid), hold=hold)
+            assert int(ev.slots[key]) == int(nearer[key]), (hold, grid)
 
 
 def test_progress_reports_every_alpha(mlp_pair, spiral_small):
     module, a, b = mlp_pair
     seen = []
     ev = Evaluator(
-        module, a, b, spiral_small, loss="bce", config=EvalConfig(strategy="vmap", memory_budget=1)
+        module, spiral_small, loss="bce", config=EvalConfig(strategy="vmap", memory_budget=1)
     )
-    ev.path(list(a), ALPHAS, progress=seen.append)
+    run_path(ev, a, b, list(a), ALPHAS, progress=seen.append)
     assert sum(seen) == len(ALPHAS)
 
 
@@ -154,7 +150,7 @@ def test_model_data_mismatch_is_one_line_error(conv_pair):
     module, a, b = conv_pair
     bad = {"test": (torch.randn(4, 2), torch.zeros(4, dtype=torch.long))}
     with pytest.raises(CkptscopeError, match="the model failed on the 'test' inputs"):
-        Evaluator(module, a, b, bad, loss="cross_entropy", config=EvalConfig())
+        Evaluator(module, bad, loss="cross_entropy", config=EvalConfig())
 
 
 def test_eval_config_rejects_bad_values():
@@ -162,15 +158,22 @@ def test_eval_config_rejects_bad_values():
         EvalConfig(strategy="fast")
     with pytest.raises(CkptscopeError, match="batch_size"):
         EvalConfig(batch_size=0)
+    with pytest.raises(CkptscopeError, match="data_size=0"):
+        EvalConfig(data_size=0)
+    with pytest.raises(CkptscopeError, match="seed=1.5"):
+        EvalConfig(seed=1.5)
+    with pytest.raises(CkptscopeError, match="not a torch device"):
+        EvalConfig(device="gpu")
+    assert EvalConfig(device="cpu").device == torch.device("cpu")
 
 
 def test_float64_evaluation_matches_reference_tightly(mlp_pair, spiral_small):
     module, a, b = mlp_pair
     x, y = spiral_small["test"]
     ev = Evaluator(
-        module.double(), a, b, {"test": (x, y)}, loss="bce", config=EvalConfig(dtype=torch.float64)
+        module.double(), {"test": (x, y)}, loss="bce", config=EvalConfig(dtype=torch.float64)
     )
-    loss, _ = ev.path(list(a), ALPHAS)["test"]
+    loss, _ = run_path(ev, a, b, list(a), ALPHAS)["test"]
     ref, _ = reference_path(
         module.double(),
         {k: v.double() for k, v in a.items()},
@@ -193,24 +196,22 @@ def test_cuda_matches_cpu(conv_pair, image_data, strategy):
     for device in ("cpu", "cuda"):
         ev = Evaluator(
             module,
-            a,
-            b,
             image_data,
             loss="cross_entropy",
             config=EvalConfig(device=torch.device(device), strategy=strategy),
         )
-        curves.append(ev.path(list(a), ALPHAS)["test"][0])
+        curves.append(run_path(ev, a, b, list(a), ALPHAS)["test"][0])
     np.testing.assert_allclose(curves[0], curves[1], rtol=1e-4)
 
 
 def test_out_of_memory_halves_chunk_then_batch_and_warns(conv_pair, image_data, monkeypatch):
     module, a, b = conv_pair
     grid = np.linspace(0, 1, 8)
-    ev = Evaluator(module, a, b, image_data, loss="cross_entropy",
+    ev = Evaluator(module, image_data, loss="cross_entropy",
                    config=EvalConfig(strategy="vmap", batch_size=37))
-    want = ev.path(list(a), grid)["test"][0]
+    want = run_path(ev, a, b, list(a), grid)["test"][0]
     calls = []
-    original = ev.loss_fn
+    original = ev.context.loss_fn
 
     def flaky(outputs, targets):
         calls.append((outputs.shape[0], outputs.shape[1]))
@@ -218,28 +219,28 @@ def test_out_of_memory_halves_chunk_then_batch_and_warns(conv_pair, image_data, 
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return original(outputs, targets)
 
-    monkeypatch.setattr(ev, "loss_fn", flaky)
+    monkeypatch.setattr(ev.context, "loss_fn", flaky)
     with pytest.warns(UserWarning, match="out of device memory"):
-        got = ev.path(list(a), grid)["test"][0]
+        got = run_path(ev, a, b, list(a), grid)["test"][0]
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert calls[-1][0] <= 2 and ev.batch_size() <= 20
 
 
 def test_streams_only_what_does_not_fit_an_accelerator(conv_pair, image_data):
-    from ckptscope.evaluate import streams
+    from ckptscope.engine.sizing import streams
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert streams(cuda, 600, 1000) and not streams(cuda, 500, 1000)
     assert not streams(cpu, 10**12, 1000)  # on the CPU the data is where it is evaluated
     module, a, b = conv_pair
-    ev = Evaluator(module, a, b, image_data, loss="cross_entropy",
+    ev = Evaluator(module, image_data, loss="cross_entropy",
                    config=EvalConfig(memory_budget=1))
     assert not ev.streaming
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 50])
 def test_deferred_loss_equals_one_call_per_point(size):
-    from ckptscope.evaluate import _Deferred
+    from ckptscope.engine.deferred import Deferred
     from ckptscope.losses import cross_entropy
 
     g = torch.Generator().manual_seed(3)
@@ -248,7 +249,7 @@ def test_deferred_loss_equals_one_call_per_point(size):
     for i in range(7):  # the batch size changes after point 4, as after an OOM back-off
         spans = [(0, 4), (4, 7)] if i < 4 else [(0, 2), (2, 4), (4, 6), (6, 7)]
         points.append([(torch.randn(hi - lo, 5, generator=g), y[lo:hi]) for lo, hi in spans])
-    deferred = _Deferred(cross_entropy, size)
+    deferred = Deferred(cross_entropy, size)
     for batches in points:
         deferred.add(batches)
     loss, correct = deferred.totals(7)
@@ -261,16 +262,17 @@ def test_deferred_loss_equals_one_call_per_point(size):
 
 
 def test_loop_with_few_points_per_loss_call_matches_reference(mlp_pair, spiral_small, monkeypatch):
-    from ckptscope.evaluate import _Deferred
+    from ckptscope.engine.deferred import Deferred
 
     module, a, b = mlp_pair
     x, y = spiral_small["test"]
-    ev = Evaluator(module, a, b, {"test": (x, y)}, loss="bce",
+    ev = Evaluator(module, {"test": (x, y)}, loss="bce",
                    config=EvalConfig(strategy="loop", batch_size=64))
-    assert ev._deferred("test", len(ALPHAS)).size == len(ALPHAS)  # small outputs: all at once
-    whole = ev.path(list(a), ALPHAS)["test"]
-    monkeypatch.setattr(ev, "_deferred", lambda split, n: _Deferred(ev.loss_fn, 3))
-    loss, acc = ev.path(list(a), ALPHAS)["test"]
+    # Small outputs: all at once.
+    assert ev.context.deferred("test", len(ALPHAS)).size == len(ALPHAS)
+    whole = run_path(ev, a, b, list(a), ALPHAS)["test"]
+    monkeypatch.setattr(ev.context, "deferred", lambda split, n: Deferred(ev.context.loss_fn, 3))
+    loss, acc = run_path(ev, a, b, list(a), ALPHAS)["test"]
     ref_loss, ref_acc = reference_path(module, a, b, list(a), ALPHAS, x, y, loss="bce")
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     np.testing.assert_allclose(acc, ref_acc, atol=1.5 / len(x))
@@ -279,10 +281,10 @@ def test_loop_with_few_points_per_loss_call_matches_reference(mlp_pair, spiral_s
 
 def test_deferral_is_bounded_by_the_memory_budget(conv_pair, image_data):
     module, a, b = conv_pair
-    ev = Evaluator(module, a, b, image_data, loss="cross_entropy",
+    ev = Evaluator(module, image_data, loss="cross_entropy",
                    config=EvalConfig(strategy="loop", memory_budget=16 * 37 * 3 * 4 * 2))
     # 37 examples x 3 classes x 4 bytes per point; a sixteenth of the budget holds two points.
-    assert ev._deferred("test", 51).size == 2
+    assert ev.context.deferred("test", 51).size == 2
 
 
 @pytest.mark.parametrize("budget", [None, 40_000])
@@ -291,18 +293,18 @@ def test_group_paths_share_vectorised_passes(mlp_pair, spiral_small, budget):
     x, y = spiral_small["test"]
     groups = [list(a), ["layers.0.weight", "layers.0.bias"], ["layers.2.weight"]]
     grids = [ALPHAS, ALPHAS[::2], ALPHAS[1:4]]  # sharded runs give groups different alphas
-    ev = Evaluator(module, a, b, {"test": (x, y)}, loss="bce",
+    ev = Evaluator(module, {"test": (x, y)}, loss="bce",
                    config=EvalConfig(strategy="vmap", batch_size=64, memory_budget=budget))
     calls, finished, progressed = [], [], []
-    original = ev._accumulate
+    original = ev.context.accumulate
 
     def counting(outputs_fn, split, k):
         calls.append(k)
         return original(outputs_fn, split, k)
 
-    ev._accumulate = counting
-    got = ev.paths(list(zip(groups, grids, strict=True)), progress=progressed.append,
-                   done=lambda i, _: finished.append(i))
+    ev.context.accumulate = counting
+    got = run_paths(ev, a, b, list(zip(groups, grids, strict=True)),
+                    progress=progressed.append, done=lambda i, _: finished.append(i))
     # all and layer1 (only a flatten upstream) share passes; layer3 is hoisted on its own.
     assert sorted(finished) == [0, 1, 2] and sum(progressed) == sum(map(len, grids))
     if budget is None:
@@ -337,8 +339,8 @@ def test_cpu_activation_estimate_counts_every_activation_once():
     want = -(-sum(distinct.values()) // 8)
     sizes = set()
     for _ in range(3):
-        ev = Evaluator(module, a, b, data, loss="bce", config=EvalConfig())
-        sizes.add(ev._activation_bytes)
+        ev = Evaluator(module, data, loss="bce", config=EvalConfig())
+        sizes.add(ev.context.sizes.activation_bytes)
         junk = [torch.empty(1 << k) for k in range(10, 20)]  # stir the allocator
         del junk
     assert sizes == {want}
@@ -346,19 +348,19 @@ def test_cpu_activation_estimate_counts_every_activation_once():
 
 def test_outputs_too_large_to_hold_take_their_loss_as_they_come(conv_pair, image_data):
     module, a, b = conv_pair
-    ev = Evaluator(module, a, b, image_data, loss="cross_entropy",
+    ev = Evaluator(module, image_data, loss="cross_entropy",
                    config=EvalConfig(strategy="loop", batch_size=10, memory_budget=16 * 100))
-    assert ev._deferred("test", len(ALPHAS)).size == 0  # 37 x 3 x 4 bytes > 100 bytes
+    assert ev.context.deferred("test", len(ALPHAS)).size == 0  # 37 x 3 x 4 bytes > 100 bytes
     events = []
-    original = ev.loss_fn
+    original = ev.context.loss_fn
 
     def loss(outputs, targets):
         events.append(("loss", outputs.shape[0]))
         return original(outputs, targets)
 
-    ev.loss_fn = loss
+    ev.context.loss_fn = loss
     ev.module.register_forward_hook(lambda *_: events.append(("forward", 1)))
-    got, _ = ev.path(list(a), ALPHAS)["test"]
+    got, _ = run_path(ev, a, b, list(a), ALPHAS)["test"]
     # Never more than one batch's output alive: each forward is followed by its loss.
     assert events == [("forward", 1), ("loss", 1)] * (4 * len(ALPHAS))
     x, y = image_data["test"]
@@ -368,10 +370,10 @@ def test_outputs_too_large_to_hold_take_their_loss_as_they_come(conv_pair, image
 
 def test_stacked_loss_out_of_memory_falls_back_to_one_point_at_a_time(conv_pair, image_data):
     module, a, b = conv_pair
-    ev = Evaluator(module, a, b, image_data, loss="cross_entropy",
+    ev = Evaluator(module, image_data, loss="cross_entropy",
                    config=EvalConfig(strategy="loop", batch_size=10))
-    want = ev.path(list(a), ALPHAS)["test"]
-    original, stacked = ev.loss_fn, []
+    want = run_path(ev, a, b, list(a), ALPHAS)["test"]
+    original, stacked = ev.context.loss_fn, []
 
     def loss(outputs, targets):
         if outputs.shape[0] > 1:
@@ -379,26 +381,26 @@ def test_stacked_loss_out_of_memory_falls_back_to_one_point_at_a_time(conv_pair,
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return original(outputs, targets)
 
-    ev.loss_fn = loss
-    ev._deferred = lambda split, n, examples=None: _deferred_of(ev, 3)
-    got = ev.path(list(a), ALPHAS)["test"]
+    ev.context.loss_fn = loss
+    ev.context.deferred = lambda split, n, examples=None: _deferred_of(ev, 3)
+    got = run_path(ev, a, b, list(a), ALPHAS)["test"]
     assert stacked  # the stacked call was tried and failed
     np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
     np.testing.assert_array_equal(got[1], want[1])
 
 
 def _deferred_of(ev, size):
-    from ckptscope.evaluate import _Deferred
+    from ckptscope.engine.deferred import Deferred
 
-    return _Deferred(ev.loss_fn, size)
+    return Deferred(ev.context.loss_fn, size)
 
 
 @pytest.mark.parametrize("strategy", ["loop", "vmap"])
 def test_an_empty_alpha_list_gives_empty_curves(mlp_pair, spiral_small, strategy):
     module, a, b = mlp_pair
-    ev = Evaluator(module, a, b, spiral_small, loss="bce",
+    ev = Evaluator(module, spiral_small, loss="bce",
                    config=EvalConfig(strategy=strategy, batch_size=64, hoist=False))
-    empty, full = ev.paths([(list(a), np.array([])), (list(a), ALPHAS)])
+    empty, full = run_paths(ev, a, b, [(list(a), np.array([])), (list(a), ALPHAS)])
     assert all(loss.shape == acc.shape == (0,) for loss, acc in empty.values())
     assert full["test"][0].shape == (len(ALPHAS),)
 
@@ -407,8 +409,9 @@ def test_activation_probe_does_not_count_the_split_behind_a_view():
     module = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4)).eval()
     a = {k: v.clone() for k, v in module.state_dict().items()}
     data = {"test": (torch.randn(100_000, 16), torch.randint(0, 4, (100_000,)))}
-    ev = Evaluator(module, a, a, data, loss="cross_entropy", config=EvalConfig())
-    assert ev._activation_bytes <= 4 * (16 + 4)  # one input row (the flatten) and one output
+    ev = Evaluator(module, data, loss="cross_entropy", config=EvalConfig())
+    # One input row (the flatten) and one output.
+    assert ev.context.sizes.activation_bytes <= 4 * (16 + 4)
 
 
 @pytest.mark.parametrize("keys", [None, ["enc.weight"], ["dec.weight"], ["mid.weight"]])
@@ -426,9 +429,9 @@ def test_tied_weights_move_once_under_both_strategies(keys):
     items = [(list(a), ALPHAS), (keys or list(a), ALPHAS[1:5])]
     curves = {}
     for strategy in ("loop", "vmap"):
-        ev = Evaluator(module, a, b, data, loss="cross_entropy",
+        ev = Evaluator(module, data, loss="cross_entropy",
                        config=EvalConfig(strategy=strategy, batch_size=8, hoist=False))
-        curves[strategy] = [r["test"][0] for r in ev.paths(items)]
+        curves[strategy] = [r["test"][0] for r in run_paths(ev, a, b, items)]
     x, y = data["test"]
     for (group, grid), loop, vmap in zip(items, curves["loop"], curves["vmap"], strict=True):
         # A tied tensor moves under every name it has (the reference moves the names given).
@@ -442,7 +445,7 @@ def test_tied_weights_move_once_under_both_strategies(keys):
 def test_stacked_loss_fallback_runs_after_the_failed_call_is_released():
     import weakref
 
-    from ckptscope.evaluate import _Deferred
+    from ckptscope.engine.deferred import Deferred
     from ckptscope.losses import cross_entropy
 
     stacked, alive_in_fallback = [], []
@@ -454,7 +457,7 @@ def test_stacked_loss_fallback_runs_after_the_failed_call_is_released():
         alive_in_fallback.append(stacked[0]() is not None)
         return cross_entropy(outputs, targets)
 
-    deferred = _Deferred(loss, 3)
+    deferred = Deferred(loss, 3)
     y = torch.randint(0, 3, (5,))
     for _ in range(3):
         deferred.add([(torch.randn(5, 3), y)])
@@ -476,9 +479,9 @@ def test_vmap_takes_a_tied_tensor_under_the_name_the_checkpoint_has():
     data = {"test": (torch.randn(20, 4, generator=g), torch.randint(0, 3, (20,), generator=g))}
     got = {}
     for strategy in ("loop", "vmap"):
-        ev = Evaluator(module, a, b, data, loss="cross_entropy",
+        ev = Evaluator(module, data, loss="cross_entropy",
                        config=EvalConfig(strategy=strategy, batch_size=8, hoist=False))
-        got[strategy] = ev.path(list(a), ALPHAS)["test"][0]
+        got[strategy] = run_path(ev, a, b, list(a), ALPHAS)["test"][0]
     np.testing.assert_allclose(got["vmap"], got["loop"], rtol=1e-6)
 
 
@@ -498,7 +501,7 @@ def test_channels_last_default_follows_strategy_and_batch_size(image_data, confi
     module = _PooledConvNet()
     a = module.state_dict()
     data = {"test": image_data["test"], "train": image_data["test"]}
-    ev = Evaluator(module, a, a, data, loss="cross_entropy", bn_data=image_data["test"][0],
+    ev = Evaluator(module, data, loss="cross_entropy", bn_data=image_data["test"][0],
                    config=EvalConfig(batch_size=batch, **config))
     assert ev.channels_last is expected
     layout = torch.channels_last if expected else torch.contiguous_format
@@ -510,7 +513,7 @@ def test_channels_last_default_follows_strategy_and_batch_size(image_data, confi
 def test_a_net_without_convolutions_keeps_its_layout(mlp_pair, spiral_small):
     module, a, b = mlp_pair
     config = EvalConfig(channels_last=True)
-    assert not Evaluator(module, a, b, spiral_small, loss="bce", config=config).channels_last
+    assert not Evaluator(module, spiral_small, loss="bce", config=config).channels_last
 
 
 class _PooledConvNet(torch.nn.Module):
@@ -540,13 +543,13 @@ def test_channels_last_layout_gives_the_reference_path_quietly(image_data, strat
     b = perturbed(a, 0.3, 3)
     x, y = image_data["test"]
     config = EvalConfig(strategy=strategy, batch_size=10, channels_last=channels_last, hoist=False)
-    ev = Evaluator(module, a, b, image_data, loss="cross_entropy", config=config)
+    ev = Evaluator(module, image_data, loss="cross_entropy", config=config)
     assert ev.channels_last is channels_last
     assert ev.module.conv.weight.is_contiguous(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format
     )
     with warnings.catch_warnings(record=True) as caught:  # the filters as they are
-        loss, acc = ev.path(list(a), ALPHAS)["test"]
+        loss, acc = run_path(ev, a, b, list(a), ALPHAS)["test"]
     assert not [w for w in caught if "as_strided_" in str(w.message)]
     ref_loss, ref_acc = reference_path(module, a, b, list(a), ALPHAS, x, y)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
@@ -561,13 +564,13 @@ def test_a_model_that_fails_in_channels_last_keeps_the_default_layout(image_data
     a = module.state_dict()
     b = perturbed(a, 0.3, 3)
     x, y = image_data["test"]
-    ev = Evaluator(module, a, b, image_data, loss="cross_entropy", config=EvalConfig(batch_size=37))
+    ev = Evaluator(module, image_data, loss="cross_entropy", config=EvalConfig(batch_size=37))
     assert not ev.channels_last
-    loss, _ = ev.path(list(a), ALPHAS)["test"]
+    loss, _ = run_path(ev, a, b, list(a), ALPHAS)["test"]
     np.testing.assert_allclose(loss, reference_path(module, a, b, list(a), ALPHAS, x, y)[0],
                                rtol=1e-5)
     with pytest.raises(CkptscopeError, match="channels-last layout was asked for.*view"):
-        Evaluator(module, a, b, image_data, loss="cross_entropy",
+        Evaluator(module, image_data, loss="cross_entropy",
                   config=EvalConfig(channels_last=True))
 
 
@@ -605,11 +608,11 @@ def test_four_d_buffers_move_and_stay_tied_in_channels_last(image_data, keys, st
     curves = {}
     for layout in (True, False):
         config = EvalConfig(strategy=strategy, batch_size=37, channels_last=layout)
-        ev = Evaluator(module, a, b, image_data, loss="cross_entropy", config=config)
+        ev = Evaluator(module, image_data, loss="cross_entropy", config=config)
         assert ev.channels_last is layout
         assert ev.module.s1.scale is ev.module.s2.scale  # still tied
         assert ev.slots["own"] is ev.module.own
-        curves[layout] = ev.path(keys, ALPHAS)["test"][0]
+        curves[layout] = run_path(ev, a, b, keys, ALPHAS)["test"][0]
     np.testing.assert_allclose(curves[True], curves[False], rtol=1e-5)
     assert np.ptp(curves[False]) > 1e-3  # the path moves
     if keys == ["own"]:
@@ -632,11 +635,11 @@ def test_hoisted_and_bn_policy_paths_agree_across_layouts(image_data, bn, strate
     curves = []
     for layout in (True, False):
         config = EvalConfig(strategy=strategy, batch_size=37, channels_last=layout, bn=bn)
-        ev = Evaluator(module, a, b, data, loss="cross_entropy", config=config,
+        ev = Evaluator(module, data, loss="cross_entropy", config=config,
                        bn_data=image_data["test"][0])
-        curves.append(ev.path(keys, ALPHAS)["test"][0])
+        curves.append(run_path(ev, a, b, keys, ALPHAS)["test"][0])
         if bn != "recompute":
-            assert ev.hoisted_paths == 1
+            assert ev.hoisted == 1
     np.testing.assert_allclose(curves[0], curves[1], rtol=1e-5)
 
 
@@ -657,6 +660,91 @@ def test_a_models_own_warning_shows_once_under_vmap(image_data):
     config = EvalConfig(strategy="vmap", batch_size=5, channels_last=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.filterwarnings("default", message="a warning from the model")
-        ev = Evaluator(module, a, a, image_data, loss="cross_entropy", config=config)
-        ev.path(list(a), ALPHAS)  # 8 batches
+        ev = Evaluator(module, image_data, loss="cross_entropy", config=config)
+        run_path(ev, a, a, list(a), ALPHAS)  # 8 batches
     assert sum("from the model" in str(w.message) for w in caught) == 1
+
+
+# --- point sets over three anchors ---------------------------------------------------------------
+PLANE = np.array([[1, 0, 0], [0, 1, 0], [0.2, 0.3, 0.5], [-0.5, 1.0, 0.5], [0, 0.5, 0.5],
+                  [1 / 3, 1 / 3, 1 / 3], [0, 0, 1]])
+GROUPS = {"fc": ["fc.weight", "fc.bias"],
+          "bn": ["bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
+                 "bn.num_batches_tracked"]}
+
+
+def _three_anchors(conv_pair):
+    from tests.conftest import perturbed
+
+    module, a, b = conv_pair
+    return module, {"a": a, "b": b, "c": perturbed(a, 0.3, 4)}
+
+
+@pytest.mark.parametrize("strategy, bn", [("loop", "interpolate"), ("vmap", "interpolate"),
+                                          ("loop", "batch"), ("vmap", "batch"),
+                                          ("loop", "recompute")])
+@pytest.mark.parametrize("group, held", [(None, None), ("fc", "c"), ("bn", "a")])
+def test_three_anchor_points_match_the_reference(conv_pair, image_data, strategy, bn, group,
+                                                 held):
+    from ckptscope.points import PointSet
+
+    module, anchors = _three_anchors(conv_pair)
+    names = ("a", "b", "c")
+    keys = GROUPS[group] if group else list(anchors["a"])
+    train_x = torch.randn(30, 3, 8, 8, generator=torch.Generator().manual_seed(9))
+    ev = Evaluator(module, image_data, loss="cross_entropy", bn_data=train_x,
+                   config=EvalConfig(strategy=strategy, batch_size=10, bn=bn, bn_batches=3))
+    points = PointSet(names, PLANE, tuple(keys), held)
+    [got] = ev.evaluate(anchors, [points])
+    x, y = image_data["test"]
+    want = reference_points(module, anchors, names, PLANE, keys, held, x, y, batch_size=10,
+                            bn=bn, train_x=train_x, bn_batches=3)
+    np.testing.assert_allclose(got["test"][0], want[0], rtol=1e-5)
+    np.testing.assert_allclose(got["test"][1], want[1], atol=1.5 / len(x))
+    # A group's upstream part is computed once per batch, except where statistics are
+    # re-estimated at every point.
+    assert ev.hoisted == (1 if group and bn != "recompute" else 0)
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("keys", [None, ["fc.weight", "fc.bias"]])  # whole model; hoisted group
+@pytest.mark.parametrize("k", [2, 3])
+def test_a_point_equal_to_an_anchor_evaluates_that_anchor_bitwise(conv_pair, image_data,
+                                                                  strategy, keys, k, monkeypatch):
+    from ckptscope.engine import strategies
+    from ckptscope.points import PointSet
+
+    module, anchors = _three_anchors(conv_pair)
+    names = ("a", "b", "c")[:k]
+    weights = np.vstack([np.eye(k), np.full((1, k), 1 / k), np.eye(k)[::-1]])
+    checked = []
+    write_point, stack_points = strategies.write_point, strategies.stack_points
+
+    def writing(targets, sources, row):
+        write_point(targets, sources, row)
+        if (unit := np.flatnonzero(np.asarray(row) == 1)).size and np.count_nonzero(row) == 1:
+            assert all(torch.equal(t, s) for t, s in zip(targets, sources[unit[0]], strict=True))
+            checked.append(int(unit[0]))
+
+    def stacking(values, at):
+        out = stack_points(values, at)
+        for row, unit in enumerate(at.exact):
+            if unit >= 0:
+                assert torch.equal(out[row], values[unit])
+                checked.append(int(unit))
+        return out
+
+    monkeypatch.setattr(strategies, "write_point", writing)
+    monkeypatch.setattr(strategies, "stack_points", stacking)
+    ev = Evaluator(module, image_data, loss="cross_entropy",
+                   config=EvalConfig(strategy=strategy, batch_size=10))
+    moving = tuple(keys or anchors["a"])
+    [got] = ev.evaluate(anchors, [PointSet(names, weights, moving, None if keys is None else "b")])
+    assert set(checked) == set(range(k))
+    assert ev.hoisted == (0 if keys is None else 1)
+    if keys is None and strategy == "loop":
+        # The anchor itself, non-float tensors too: the same loss as evaluating it alone.
+        for i in range(k):
+            [alone] = ev.evaluate(anchors, [PointSet((names[i],), [[1.0]], moving)])
+            assert got["test"][0][i] == alone["test"][0][0]
+        np.testing.assert_array_equal(got["test"][0][k + 1:], got["test"][0][:k][::-1])

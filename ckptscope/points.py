@@ -1,0 +1,317 @@
+"""Points as weights over anchor states: the alpha grid, point sets, and the state at a point.
+
+Every question ckptscope answers is the loss at points theta = sum_i w_i theta_i of a few anchor
+states theta_i, for a set of moving tensors, every other tensor held at one anchor. A path from
+A to B (eq. 1 of the paper) is two anchors, ``start`` and ``end``, with w = (1 - alpha, alpha);
+on a group path (eq. 2) only the group's tensors move and every other tensor stays at B
+(``hold="end"``, as in the paper) or at A (``hold="start"``).
+
+- A point is computed fresh from the anchors, never by accumulating steps. On the two-anchor
+  line it is ``torch.lerp(theta_start, theta_end, alpha)``; other weights are summed over the
+  anchors whose weight is not 0 (so a NaN in an anchor that does not contribute stays out).
+- A point whose weights are a unit vector is that anchor's tensors, copied: the ends of a path
+  are its checkpoints bit for bit, and a NaN in one end does not reach the other.
+- Non-float tensors (``num_batches_tracked``, a bool pruning mask) never interpolate. On a point
+  set that holds nothing (the whole model: its group holds every tensor) they come from the
+  nearest anchor, the one with the largest weight (ties to the later anchor, the end), so the
+  whole-model path starts at A and ends at B whatever ``hold`` is; on a group path they come
+  from the held anchor, like every other tensor outside the group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ckptscope.errors import CkptscopeError
+
+HOLDS = ("end", "start")
+PATH_ANCHORS = ("start", "end")  # alpha = 0 and alpha = 1
+_AFFINE_TOL = 1e-12
+
+
+def alpha_grid(alphas: int | Sequence[float] | np.ndarray) -> np.ndarray:
+    """Return the alpha values as a float64 array.
+
+    Args:
+        alphas: an int count ``n >= 2`` (evenly spaced on [0, 1], both ends included) or a
+            sequence of at least two finite, strictly increasing values (values outside [0, 1]
+            extrapolate). A float is refused: ``51.0`` is neither.
+    """
+    if isinstance(alphas, bool):
+        raise CkptscopeError(f"alphas={alphas} is a bool; give a count (51) or a list of values.")
+    if isinstance(alphas, (int, np.integer)):
+        if alphas < 2:
+            raise CkptscopeError(f"alphas={alphas} is too few; ask for at least 2 (0 and 1).")
+        return np.linspace(0.0, 1.0, int(alphas))
+    if isinstance(alphas, (str, bytes)) or np.ndim(alphas) == 0:
+        # A float count (51.0) would otherwise read as the one-point grid [51.0].
+        raise CkptscopeError(
+            f"alphas={alphas!r} is neither a count nor a list; give an int count (e.g. 51) or "
+            f"the values as a list (e.g. [0, 0.5, 1])."
+        )
+    try:
+        grid = np.asarray(alphas, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        raise CkptscopeError(
+            f"alphas={alphas!r} is not a list of numbers; give e.g. [0, 0.5, 1] or a count."
+        ) from None
+    if grid.size == 0:
+        raise CkptscopeError("the alpha grid is empty; give a count or a list of values.")
+    if grid.size == 1:
+        raise CkptscopeError(
+            f"the alpha grid has one point ({grid[0]:g}); a path needs at least two (0 and 1)."
+        )
+    if not np.all(np.isfinite(grid)):
+        raise CkptscopeError(f"the alpha grid holds NaN or Inf ({grid.tolist()[:8]}).")
+    if grid.size > 1 and not np.all(np.diff(grid) > 0):
+        raise CkptscopeError(
+            "the alpha grid must be strictly increasing; sort it and drop repeats."
+        )
+    return grid
+
+
+def parse_alpha_range(text: str) -> np.ndarray:
+    """Parse ``START:STOP:N`` into ``N`` evenly spaced values, both ends included."""
+    parts = text.split(":")
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        start, stop, n = float(parts[0]), float(parts[1]), int(parts[2])
+    except ValueError:
+        raise CkptscopeError(
+            f"alpha range {text!r} is not START:STOP:N (e.g. -0.5:1.5:81)."
+        ) from None
+    if n < 2 or not start < stop:
+        raise CkptscopeError(f"alpha range {text!r} needs START < STOP and N >= 2.")
+    return np.linspace(start, stop, n)
+
+
+@dataclass(frozen=True, eq=False)
+class PointSet:
+    """Points theta = sum_i w_i theta_i over named anchor states, for one set of moving tensors.
+
+    Attributes:
+        anchors: the anchor names, in the order of the weight columns.
+        weights: (n, k) float64, one row per point.
+        moving: the keys that move (a group's); non-float tensors among them do not.
+        held: the anchor every tensor that does not move stays at; ``None``: nothing is held
+            (the whole model), and the tensors that do not move (the non-float ones) come from
+            each point's nearest anchor.
+    """
+
+    anchors: tuple[str, ...]
+    weights: np.ndarray
+    moving: tuple[str, ...]
+    held: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "anchors", tuple(self.anchors))
+        object.__setattr__(self, "moving", tuple(self.moving))
+        weights = np.asarray(self.weights, dtype=np.float64)
+        if weights.ndim == 1 and weights.size == 0:
+            weights = weights.reshape(0, len(self.anchors))
+        object.__setattr__(self, "weights", weights)
+        if not self.anchors or len(set(self.anchors)) != len(self.anchors):
+            raise CkptscopeError(f"anchors {self.anchors} must be distinct names, at least one.")
+        if weights.ndim != 2 or weights.shape[1] != len(self.anchors):
+            raise CkptscopeError(
+                f"weights of shape {weights.shape} do not match {len(self.anchors)} anchors "
+                f"{self.anchors}; give one row of {len(self.anchors)} weights per point."
+            )
+        if not np.all(np.isfinite(weights)):
+            raise CkptscopeError("the weights hold NaN or Inf; every weight must be finite.")
+        if self.held is not None and self.held not in self.anchors:
+            raise CkptscopeError(
+                f"held anchor {self.held!r} is not one of the anchors {self.anchors}."
+            )
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    def rest(self) -> np.ndarray:
+        """(n,) the index of the anchor that the tensors which do not move come from at each
+        point: the held one, or the nearest (the largest weight, ties to the later anchor)."""
+        n, k = self.weights.shape
+        if self.held is not None:
+            return np.full(n, self.anchors.index(self.held), dtype=np.intp)
+        return (k - 1 - np.argmax(self.weights[:, ::-1], axis=1)).astype(np.intp)
+
+    def exact(self) -> np.ndarray:
+        """(n,) the anchor each point equals (its weights a unit vector), or -1."""
+        return np.array([_exact(w) for w in self.weights.tolist()], dtype=np.intp)
+
+
+def path_points(
+    alphas: Sequence[float] | np.ndarray,
+    moving: Sequence[str],
+    *,
+    hold: str = "end",
+    every: Collection[str] | None = None,
+) -> PointSet:
+    """The points at ``alphas`` on the path from anchor ``start`` (0) to ``end`` (1).
+
+    Args:
+        alphas: (n,) the points, as from :func:`alpha_grid` (any values; empty is allowed).
+        moving: the group's keys.
+        hold: where the tensors outside the group stay: "end" or "start".
+        every: every key of the state. When ``moving`` holds them all, nothing is held: the
+            whole-model path, whose non-float tensors come from the nearer end.
+    """
+    if hold not in HOLDS:
+        raise CkptscopeError(f"hold={hold!r} is not one of {HOLDS}.")
+    alphas = np.asarray(alphas, dtype=np.float64).reshape(-1)
+    whole = every is not None and set(every) <= set(moving)
+    return PointSet(PATH_ANCHORS, np.stack([1.0 - alphas, alphas], axis=1), tuple(moving),
+                    None if whole else hold)
+
+
+def _exact(w: Sequence[float]) -> int:
+    """The anchor a weight row equals (a unit vector), or -1. Plain floats: it runs per point."""
+    hit = -1
+    for i, x in enumerate(w):
+        if x == 0:
+            continue
+        if x != 1 or hit >= 0:
+            return -1
+        hit = i
+    return hit
+
+
+def _line_alpha(w: Sequence[float]) -> float | None:
+    """alpha when a row is (1 - alpha, alpha) on two anchors, else ``None``."""
+    if len(w) == 2 and abs(w[0] + w[1] - 1.0) <= _AFFINE_TOL * max(1.0, abs(w[0]) + abs(w[1])):
+        return float(w[1])
+    return None
+
+
+def combine(values: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """One tensor at one point: ``values[i]`` is its value at anchor i, ``weights`` (k,).
+
+    The slow, obvious form, which :func:`write_point` and :func:`stack_points` reproduce:
+    an anchor itself for a unit vector, ``torch.lerp`` on the two-anchor line, else the sum over
+    the anchors whose weight is not 0.
+    """
+    w = np.asarray(weights, dtype=np.float64).tolist()
+    if (j := _exact(w)) >= 0:
+        return values[j]
+    if (alpha := _line_alpha(w)) is not None:
+        return torch.lerp(values[0], values[1], alpha)
+    out = torch.zeros_like(values[0])
+    for value, wi in zip(values, w, strict=True):
+        if wi != 0:
+            out = torch.add(out, value, alpha=wi)
+    return out
+
+
+def state_at(
+    points: PointSet, anchors: Mapping[str, Mapping[str, torch.Tensor]], i: int
+) -> dict[str, torch.Tensor]:
+    """The full state at point ``i`` of ``points`` (the slow, obvious form; the evaluator is
+    faster): the tensors that do not move from the held or nearest anchor, the moving floating
+    tensors from :func:`combine`."""
+    states = [anchors[name] for name in points.anchors]
+    rest = states[points.rest()[i]]
+    state = dict(rest)
+    for k in points.moving:
+        if k in rest and rest[k].is_floating_point():
+            state[k] = combine([s[k] for s in states], points.weights[i])
+    return state
+
+
+def path_state(
+    a: Mapping[str, torch.Tensor],
+    b: Mapping[str, torch.Tensor],
+    alpha: float,
+    *,
+    keys: Sequence[str] | None = None,
+    hold: str = "end",
+) -> dict[str, torch.Tensor]:
+    """The full state at ``alpha`` on the path from ``a`` to ``b``: every tensor (``keys``
+    ``None``) or only ``keys`` moving, the rest held at ``hold``."""
+    keys = list(a) if keys is None else list(keys)
+    points = path_points([alpha], keys, hold=hold, every=list(a))
+    return state_at(points, {"start": a, "end": b}, 0)
+
+
+def write_point(
+    targets: Sequence[torch.Tensor],
+    sources: Sequence[Sequence[torch.Tensor]],
+    weights: np.ndarray,
+) -> None:
+    """Write one point into ``targets`` in place (the loop's form of :func:`combine`).
+
+    Args:
+        targets: the tensors to write.
+        sources: per anchor, its values in the order of ``targets``.
+        weights: (k,) the point's weights.
+
+    ``torch._foreach_copy_`` for an anchor; ``_foreach_copy_`` then ``_foreach_lerp_`` on the
+    two-anchor line; a scaled copy and ``_foreach_add_`` otherwise. No allocation.
+    """
+    w = weights.tolist() if isinstance(weights, np.ndarray) else [float(x) for x in weights]
+    if (j := _exact(w)) >= 0:
+        torch._foreach_copy_(targets, sources[j])
+        return
+    if (alpha := _line_alpha(w)) is not None:
+        torch._foreach_copy_(targets, sources[0])
+        torch._foreach_lerp_(targets, sources[1], alpha)
+        return
+    torch._foreach_zero_(targets)
+    for source, wi in zip(sources, w, strict=True):
+        if wi != 0:
+            torch._foreach_add_(targets, source, alpha=wi)
+
+
+@dataclass(frozen=True)
+class Stacking:
+    """One chunk of points as tensors on the device, for :func:`stack_points`.
+
+    Attributes:
+        alphas: (c,) alpha per point when every row is (1 - alpha, alpha), else ``None``.
+        weights: (c, k) the weights.
+        exact: per point, the anchor it equals, or -1.
+    """
+
+    alphas: torch.Tensor | None
+    weights: torch.Tensor
+    exact: np.ndarray
+
+
+def stacking(weights: np.ndarray, *, dtype: torch.dtype, device: torch.device) -> Stacking:
+    """The chunk ``weights`` (c, k) ready for :func:`stack_points`, in ``dtype`` on ``device``."""
+    weights = np.asarray(weights, dtype=np.float64)
+    rows = weights.tolist()
+    alphas = None
+    if weights.shape[1] == 2 and all(_line_alpha(w) is not None for w in rows):
+        alphas = torch.as_tensor(weights[:, 1], dtype=dtype, device=device)
+    return Stacking(alphas, torch.as_tensor(weights, dtype=dtype, device=device),
+                    np.array([_exact(w) for w in rows], dtype=np.intp))
+
+
+def stack_points(values: Sequence[torch.Tensor], at: Stacking) -> torch.Tensor:
+    """``(c, *shape)``: one tensor at the chunk's points, stacked (the vectorised form of
+    :func:`combine`); ``values[i]`` is its value at anchor i."""
+    first = values[0]
+    view = (-1, *([1] * first.dim()))
+    if at.alphas is not None:  # the line: at alpha = 0 and 1 the end itself
+        w = at.alphas.view(view)
+        start, end = values[0].unsqueeze(0), values[1].unsqueeze(0)
+        out = torch.lerp(start, end, w)
+        out = torch.where(w == 0, start, out)
+        return torch.where(w == 1, end, out)
+    out = torch.zeros((len(at.weights), *first.shape), dtype=first.dtype, device=first.device)
+    for i, value in enumerate(values):
+        w = at.weights[:, i].view(view)
+        if not bool((w != 0).any()):
+            continue
+        # A weight of 0 contributes nothing, not 0 * NaN.
+        out = out + torch.where(w == 0, torch.zeros((), dtype=first.dtype,
+                                                    device=first.device), w * value)
+    for j in set(at.exact.tolist()) - {-1}:
+        rows = torch.as_tensor(at.exact == j, device=first.device).view(view)
+        out = torch.where(rows, values[j].unsqueeze(0), out)
+    return out
