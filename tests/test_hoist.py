@@ -154,12 +154,8 @@ class ReluAfterSkip(nn.Module):
         return self.l2(h) + y
 
 
-class ReluThroughViewAfterSkip(nn.Module):
+class ReluThroughViewAfterSkip(ReluAfterSkip):
     """As :class:`ReluAfterSkip`, the in-place op writing ``h`` through a view of it."""
-
-    def __init__(self):
-        super().__init__()
-        self.l1, self.skip, self.l2 = nn.Linear(4, 8), nn.Linear(8, 3), nn.Linear(8, 3)
 
     def forward(self, x):
         h = self.l1(x)
@@ -168,12 +164,11 @@ class ReluThroughViewAfterSkip(nn.Module):
         return self.l2(v) + y
 
 
-class ReluThroughFlattenModuleAfterSkip(nn.Module):
+class ReluThroughFlattenModuleAfterSkip(ReluAfterSkip):
     """The view is made by a module (``nn.Flatten`` of an already flat tensor)."""
 
     def __init__(self):
         super().__init__()
-        self.l1, self.skip, self.l2 = nn.Linear(4, 8), nn.Linear(8, 3), nn.Linear(8, 3)
         self.flat = nn.Flatten()
 
     def forward(self, x):
