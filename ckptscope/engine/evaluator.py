@@ -33,13 +33,8 @@ class Evaluator:
     """Holds one model and the evaluation data on the device, and evaluates point sets.
 
     Args:
-        module: the architecture; its own weights are ignored (a private copy is used; the probe
-            pass that sizes the batches runs at its weights).
-        data: split -> (inputs, targets), moved to the device once (kept on the CPU and
-            streamed batch by batch when they do not fit the memory budget).
-        loss: a loss name from :mod:`ckptscope.losses` or a callable of that form.
-        config: device, dtype, batch size, strategy, memory budget, BatchNorm policy.
-        bn_data: training inputs for ``config.bn == "recompute"``.
+        module, data, loss, config, bn_data: as :class:`ckptscope.engine.context.Context` takes
+            them (the model is copied to the device; the data is moved there once, or streamed).
 
     Example:
         >>> ev = Evaluator(module, {"test": (x, y)}, loss="cross_entropy",
