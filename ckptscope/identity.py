@@ -42,6 +42,7 @@ import inspect
 import json
 import sys
 import types
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -349,6 +350,30 @@ def curve_fingerprint(
     }
     key = _sha(json.dumps(fields, sort_keys=True, separators=(",", ":")))
     return Fingerprint(key, tuple(canon.unknown))
+
+
+_CLASS_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _class_digest(c: type, canon: _Canon) -> str:
+    """:meth:`_Canon.cls` of ``c`` as text, kept per class object: reading sources is slow,
+    and a class redefined (a new object) is digested anew."""
+    if c not in _CLASS_DIGESTS:
+        _CLASS_DIGESTS[c] = json.dumps(canon.cls(c))
+    return _CLASS_DIGESTS[c]
+
+
+def model_identity(module: nn.Module, loss: object) -> str:
+    """A short digest of the model's code and the loss: the classes of every submodule (their
+    source and methods' bytecode, as :func:`curve_fingerprint` reads them), the state layout,
+    and the loss. Recorded in results so that :func:`ckptscope.merge` refuses runs of other
+    code under one adapter name; cheaper than the full fingerprint (no attributes, no data)."""
+    canon = _Canon()
+    classes = sorted({_class_digest(type(m), canon) for m in module.modules()})
+    layout = [[k, str(v.dtype), list(v.shape)] for k, v in module.state_dict().items()]
+    loss_form = canon.value(loss, "the loss", strict=False) if not isinstance(loss, str) \
+        else ["built-in", loss]
+    return _sha(json.dumps([classes, layout, loss_form], separators=(",", ":")))[:16]
 
 
 # --- which names are one tensor ------------------------------------------------------------

@@ -33,6 +33,7 @@ from ckptscope.engine import EvalConfig, Evaluator
 from ckptscope.engine.placement import resolve_device
 from ckptscope.errors import CkptscopeError
 from ckptscope.groups import Group, normalise_groups, resolve_groups
+from ckptscope.identity import model_identity
 from ckptscope.inputs import (
     Inputs,
     StateSource,
@@ -447,6 +448,7 @@ def _result(run: _Run, question: _Question, curves: tuple[np.ndarray, np.ndarray
             "batch_size": int(run.evaluator.batch_size()),
             "adapter": run.adapter.name if run.adapter else module_name(run.module),
             "adapter_options": json.dumps(run.options, sort_keys=True),
+            "model_identity": model_identity(run.module, loss),
             "data": inputs.label,
             "data_seed": int(inputs.seed),
             "loss_function": loss if isinstance(loss, str) else getattr(loss, "__name__", "custom"),

@@ -321,6 +321,9 @@ def merge_results(datasets: Sequence[xr.Dataset], *, sources: Sequence[str] | No
             )
         settings = MERGE_SETTINGS + (
             ("batch_size",) if first.attrs.get("bn_policy") in BATCH_DEPENDENT else ())
+        # The model's and loss's code (results of older versions do not record it).
+        if "model_identity" in ds.attrs and "model_identity" in first.attrs:
+            settings += ("model_identity",)
         for setting in settings:
             if ds.attrs.get(setting) != first.attrs.get(setting):
                 raise CkptscopeError(

@@ -160,3 +160,31 @@ def test_merge_results_lists_provenance_that_differs():
     merged = merge_results([a, b])  # the batch size does not change interpolated-BN curves
     assert merged.attrs["batch_size"] == "64, 32"
     assert merged.attrs["device"] == "cpu"
+
+
+def test_merge_results_refuses_runs_of_other_model_code(tmp_path):
+    import torch
+    from torch import nn
+
+    import ckptscope
+
+    def net(act):
+        class Net(nn.Module):  # one name, one repr: only the code tells them apart
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(2, 2)
+
+            def forward(self, x):
+                return act(self.fc(x))
+
+        return Net()
+
+    torch.manual_seed(0)
+    state = net(torch.tanh).state_dict()
+    data = (torch.randn(8, 2), torch.randint(0, 2, (8,)))
+    tanh = ckptscope.linear_path(state, state, net(torch.tanh), data, alphas=3, run="a")
+    relu = ckptscope.linear_path(state, state, net(torch.relu), data, alphas=3, run="b")
+    assert tanh.attrs["model_identity"] == ckptscope.linear_path(
+        state, state, net(torch.tanh), data, alphas=3).attrs["model_identity"]
+    with pytest.raises(CkptscopeError, match="model_identity"):
+        merge_results([tanh, relu])
