@@ -1,0 +1,199 @@
+"""Commands that make path results: ``demo`` (train, then evaluate), ``path`` (evaluate) and
+``merge`` (join results computed separately)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ckptscope.cli.options import check_suffix, group_specs, key_values, parse_tolerances
+from ckptscope.cli.output import ProgressBar, aggregate_table, path_table, save_figure
+from ckptscope.errors import CkptscopeError
+
+
+def _partial_dir(out: str | None) -> str | None:
+    """Where finished chunks of paths wait for the final result: ``OUT.partial/`` beside it."""
+    return None if out is None else str(Path(out).with_name(Path(out).name + ".partial"))
+
+
+def _run_dir(run_dir: str) -> tuple[str, str]:
+    """The (init, final) checkpoints of a run directory written by ckptscope."""
+    folder = Path(run_dir)
+    start, end = folder / "init.safetensors", folder / "final.safetensors"
+    if not (start.is_file() and end.is_file()):
+        raise CkptscopeError(
+            f"run directory {run_dir!r} lacks init.safetensors and final.safetensors; pass the "
+            f"files with --pair START END instead."
+        )
+    return str(start), str(end)
+
+
+def _pairs(start, end, pairs, run_dirs) -> dict[str, tuple[str, str]]:
+    """Run label -> (start, end) from the positional pair, ``--pair`` and ``--run-dir``."""
+    if (start is None) != (end is None):
+        raise CkptscopeError("give both START and END, or use --pair START END.")
+    items: list[tuple[str, tuple[str, str]]] = []
+    if start is not None:
+        items.append(("0", (start, end)))
+    items += [(str(len(items) + i), tuple(p)) for i, p in enumerate(pairs)]
+    items += [(Path(d).name or d, _run_dir(d)) for d in run_dirs]
+    if not items:
+        raise CkptscopeError(
+            "no checkpoints given: ckptscope path START END (or --pair / --run-dir)."
+        )
+    labels = [label for label, _ in items]
+    if len(set(labels)) != len(labels):
+        items = [(str(i), pair) for i, (_, pair) in enumerate(items)]
+    return dict(items)
+
+
+@click.command()
+@click.option("--out", type=click.Path(file_okay=False), default="ckptscope-demo",
+              show_default=True, help="Folder for the checkpoints, result.nc and paths.png.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=0), default=None,
+              help="Training epochs (default 600).")
+def demo(out, seed, epochs):
+    """Train the paper's spiral MLP and show its whole-model and per-layer paths."""
+    from ckptscope.demo import DEMO_TRAIN, run_demo
+    from ckptscope.shape import summary
+
+    total = epochs if epochs is not None else DEMO_TRAIN.epochs
+    bar = ProgressBar("training  ")
+    click.echo(f"training the spiral MLP (2x50 ReLU, Adam 5e-4) for {total} epochs ...", err=True)
+    result = run_demo(out, seed=seed, epochs=epochs, on_epoch=lambda r: bar(r["epoch"], total),
+                      progress=ProgressBar("evaluating"))
+    figure = Path(out) / "paths.png"
+    save_figure(result.figure, figure)
+    if result.history:
+        last = result.history[-1]
+        click.echo(f"trained: test accuracy {last['test_accuracy']:.3f}, "
+                   f"test loss {last['test_loss']:.4f}")
+    click.echo(path_table(summary(result.result)))
+    click.echo(f"wrote {result.start}, {result.end}, {result.result_path}, {figure}")
+
+
+@click.command()
+@click.argument("start", type=click.Path(), required=False)
+@click.argument("end", type=click.Path(), required=False)
+@click.option("--pair", "pairs", type=(click.Path(), click.Path()), multiple=True,
+              metavar="START END", help="Another checkpoint pair (a run); repeatable.")
+@click.option("--run-dir", "run_dirs", multiple=True, metavar="DIR",
+              help="A run directory with init.safetensors and final.safetensors; repeatable.")
+@click.option("--group", "groups", multiple=True, metavar="[NAME=]REGEX",
+              help="A group of tensors (re.match on the key); repeatable.")
+@click.option("--preset", "presets", multiple=True, metavar="NAME",
+              help="An adapter's group preset (blocks, layers, bn-stats, ...; see "
+                   "`ckptscope list`); repeatable.")
+@click.option("--alphas", type=click.IntRange(min=2), default=None,
+              help="Points evenly spaced on [0, 1], both ends included (default 51).")
+@click.option("--alpha-range", default=None, metavar="START:STOP:N",
+              help="Points on [START, STOP] instead (extrapolation allowed).")
+@click.option("--adapter", default=None, metavar="NAME|pkg.module:attr",
+              help="The architecture (default: from the checkpoint's metadata).")
+@click.option("--adapter-opt", "adapter_opts", multiple=True, metavar="KEY=VALUE",
+              help="An adapter option, e.g. widths=[2,50,50,1]; repeatable.")
+@click.option("--data", default=None, metavar="NAME[:ARG]|pkg.module:attr",
+              help="The evaluation data (default: from the metadata or the adapter).")
+@click.option("--split", type=click.Choice(["test", "train", "both"]), default="test",
+              show_default=True)
+@click.option("--hold", type=click.Choice(["end", "start"]), default="end", show_default=True,
+              help="Where the tensors outside a group stay.")
+@click.option("--no-full", is_flag=True, help="Leave out the whole-model path.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i].")
+@click.option("--dtype", type=click.Choice(["float32", "float64", "bf16", "fp16"]),
+              default="float32", show_default=True,
+              help="bf16/fp16: forward passes under autocast, weights in float32.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None)
+@click.option("--strategy", type=click.Choice(["auto", "loop", "vmap"]), default="auto",
+              show_default=True, help="Evaluator strategy.")
+@click.option("--channels-last/--no-channels-last", default=None,
+              help="Conv nets in channels-last memory layout (default: where it is faster).")
+@click.option("--bn", type=click.Choice(["interpolate", "recompute", "batch"]),
+              default="interpolate", show_default=True,
+              help="BatchNorm running stats: move with their group, re-estimate at every alpha "
+                   "on training batches, or use each evaluation batch's statistics.")
+@click.option("--bn-batches", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Training batches per alpha for --bn recompute.")
+@click.option("--data-size", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Evaluate on N examples of each split (a seeded subset).")
+@click.option("--seed", type=int, default=None,
+              help="Seed of generated data and subsets (default: the checkpoint's, else 0).")
+@click.option("--tolerance", "tolerances", multiple=True, metavar="KEY=VALUE",
+              help="Shape tolerance: rtol, atol or plateau_alpha; repeatable.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write the result (.nc).")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Write a figure (.png, .pdf, .svg).")
+def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adapter,
+         adapter_opts, data, split, hold, no_full, device, dtype, batch_size, strategy,
+         channels_last, bn, bn_batches, data_size, seed, tolerances, out, plot):
+    """Evaluate loss and accuracy on the straight line from START to END."""
+    from ckptscope.cache import remove_partial
+    from ckptscope.checkpoints import load_checkpoint
+    from ckptscope.engine import EvalConfig
+    from ckptscope.linear import linear_paths
+    from ckptscope.points import parse_alpha_range
+    from ckptscope.results import save_result
+    from ckptscope.shape import summary
+
+    if alphas is not None and alpha_range is not None:
+        raise CkptscopeError("give --alphas or --alpha-range, not both.")
+    check_suffix(out, (".nc",), "--out")
+    check_suffix(plot, (".png", ".pdf", ".svg"), "--plot")
+    grid = parse_alpha_range(alpha_range) if alpha_range else (alphas or 51)
+    runs = {label: (load_checkpoint(a), load_checkpoint(b))
+            for label, (a, b) in _pairs(start, end, pairs, run_dirs).items()}
+    first = next(iter(runs.values()))[0]
+    specs = group_specs(adapter, presets, groups, first)
+    bars = {label: ProgressBar(f"run {label}" if len(runs) > 1 else "evaluating")
+            for label in runs}
+    ds = linear_paths(
+        runs, adapter, data, groups=specs, alphas=grid, full=not no_full, hold=hold,
+        device=device, split=split,
+        adapter_options=key_values(adapter_opts, "--adapter-opt"), dtype=dtype, bn=bn,
+        config=EvalConfig(batch_size=batch_size, strategy=strategy, channels_last=channels_last,
+                          bn_batches=bn_batches, data_size=data_size, seed=seed),
+        tolerances=parse_tolerances(tolerances),
+        progress=lambda label, done, total: bars[label](done, total),
+        resume_dir=_partial_dir(out),
+    )
+    from ckptscope.distributed import is_main
+
+    if not is_main():  # under torchrun, rank 0 writes and prints
+        return
+    for note in ds.attrs.get("notes", "").split("; "):
+        if "resumed" in note:  # e.g. "resumed 35 of 51 points from r.nc.partial/"
+            click.echo(note, err=True)
+    if out:
+        save_result(ds, out)
+        remove_partial(_partial_dir(out))
+    if plot:
+        from ckptscope.plots import plot_result
+
+        save_figure(plot_result(ds), Path(plot))
+    click.echo(path_table(summary(ds)))
+    if ds.sizes["run"] > 1:
+        click.echo("")
+        click.echo(aggregate_table(ds))
+    for target in (out, plot):
+        if target:
+            click.echo(f"wrote {target}")
+
+
+@click.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--out", type=click.Path(dir_okay=False), required=True)
+def merge(results, out):
+    """Join results computed separately into one, along the run dim."""
+    from ckptscope.results import merge_results, open_result, save_result
+    from ckptscope.shape import classify, shape_options
+
+    check_suffix(out, (".nc",), "--out")
+    datasets = [open_result(r) for r in results]
+    # The first input's recorded tolerances (validated), else the defaults.
+    options = shape_options(datasets[0], source=repr(results[0]))
+    merged = classify(merge_results(datasets, sources=list(results)), **options)
+    save_result(merged, out)
+    click.echo(f"wrote {out}: {merged.sizes['run']} runs, {merged.sizes['group']} groups")
