@@ -45,7 +45,13 @@ from ckptscope.inputs import (
 )
 from ckptscope.points import HOLDS, PointSet, alpha_grid, path_points
 from ckptscope.results import RunInfo, build_result, merge_results
-from ckptscope.shape import check_tolerances, classify, shape_attrs, shape_variables
+from ckptscope.shape import (
+    check_tolerances,
+    classify,
+    endpoint_indices,
+    shape_attrs,
+    shape_variables,
+)
 
 Model = nn.Module | str | Adapter | None
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -252,6 +258,7 @@ def _question(*, groups, alphas, full, hold, loss, bn, split, device, dtype, ada
         raise CkptscopeError(f"hold={hold!r} is not one of {HOLDS}.")
     check_tolerances(**dict(tolerances or {}))  # before the work, not after it
     grid = alpha_grid(alphas)
+    endpoint_indices(grid)  # the shape verdicts need two points in [0, 1]: refused before work
     config = config or EvalConfig()
     default = {f.name: f.default for f in fields(EvalConfig)}
     for name, keyword in _KEYWORD_FIELDS.items():

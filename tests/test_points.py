@@ -159,3 +159,10 @@ def test_path_state_of_the_whole_model_takes_non_float_tensors_from_the_nearer_e
                            held["mask"])
         assert torch.equal(path_state(a, b, 1.0, keys=["w", "mask"], hold=hold)["mask"],
                            held["mask"])
+
+
+def test_linear_path_refuses_a_grid_without_two_points_in_the_unit_interval(tmp_path):
+    from ckptscope import linear_path
+
+    with pytest.raises(CkptscopeError, match=r"point\(s\) in \[0, 1\]"):
+        linear_path(tmp_path / "a.safetensors", tmp_path / "b.safetensors", alphas=[-1.0, 0.5, 2])
