@@ -227,7 +227,9 @@ def _sweep_lines(runs: dict, threads: int) -> list[str]:
         "| ckptscope | pairs | setup s | whole sweep s |",
         "|---|---|---|---|",
     ]
-    for (side, pairs), outs in sorted(runs.items(), key=lambda kv: (kv[0][0] != "before", kv[0][1])):
+    order = sorted(runs, key=lambda key: (key[0] != "before", key[1]))  # before first
+    for side, pairs in order:
+        outs = runs[side, pairs]
         setup = [o["setup"] for o in outs]
         total = [o["total"] for o in outs]
         lines.append(f"| {side} | {pairs} | {statistics.median(setup):.4f} ({min(setup):.4f}-"
