@@ -35,6 +35,12 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 LP = "ckptscope linear_path, all defaults"
+# After its last parallel region a worker's OpenMP threads spin for a while (libgomp's
+# GOMP_SPINCOUNT) before they sleep, and its last call has filled the caches: a call in the other
+# worker started at once would share the cores and start cold. Seen at 2 threads, when the rows
+# simply rotated over both workers: the ckptscope rows, which followed a call in the other
+# worker, had medians 8-18% above their minimum; the plain loop's and loss-landscapes' 3%.
+SWITCH_PAUSE_S = 0.05
 ENGINE = "ckptscope Evaluator.evaluate, loop"
 
 
@@ -193,13 +199,23 @@ def run_case(case: Case, workers: dict[str, Worker], ll: str, log) -> None:
 
     for row in rows:  # warm-up: allocator, oneDNN, the workload's build
         call(*row)
+    sides = list(workers)
     for r in range(case.repeat):
-        shift = r % len(rows)
-        for side, method in rows[shift:] + rows[:shift]:
-            out = call(side, method)
-            name = f"{method} ({side})" if side == "before" or "ckptscope" in method else method
-            case.times.setdefault(name, []).append(out["wall"])
-            case.curves[name] = out
+        # Each worker's rows together, the worker that goes first alternating and the rows
+        # rotating; on switching, a pause and one untimed call (the other process has just
+        # filled the caches and may still be spinning), so that every timed call follows a
+        # call in its own process, the plain loop's and loss-landscapes' as much as ours.
+        for side in sides[r % 2:] + sides[:r % 2]:
+            mine = [row for row in rows if row[0] == side]
+            mine = mine[r % len(mine):] + mine[:r % len(mine)]
+            time.sleep(SWITCH_PAUSE_S)
+            call(*mine[-1])
+            for _, method in mine:
+                out = call(side, method)
+                name = (f"{method} ({side})" if side == "before" or "ckptscope" in method
+                        else method)
+                case.times.setdefault(name, []).append(out["wall"])
+                case.curves[name] = out
         log(f"  {case.label}, {_threads(case.threads)}: repeat {r + 1}/{case.repeat}")
 
 
@@ -209,6 +225,7 @@ def run_sweeps(workers: dict[str, Worker], threads: int, repeat: int, log) -> di
     keys = [(side, pairs) for side in workers for pairs in (1, 10)]
     for r in range(repeat + 1):  # the first round warms up
         for side, pairs in keys[r % len(keys):] + keys[:r % len(keys)]:
+            time.sleep(SWITCH_PAUSE_S)
             out = workers[side].ask(workload="sweep", pairs=pairs, threads=threads)
             if r:
                 runs.setdefault((side, pairs), []).append(out)
@@ -238,6 +255,13 @@ def _sweep_lines(runs: dict, threads: int) -> list[str]:
     return lines
 
 
+def _paired(reference: Sequence[float], times: Sequence[float]) -> str:
+    """The median (10th-90th percentile) over the repeats of reference[r] / times[r]."""
+    ratios = np.asarray(reference) / np.asarray(times)
+    return (f"{np.median(ratios):.2f} ({_quantile(ratios, 0.1):.2f}-"
+            f"{_quantile(ratios, 0.9):.2f})")
+
+
 def _threads(n: int) -> str:
     return f"{n} thread{'s' * (n > 1)}"
 
@@ -257,8 +281,9 @@ def render(cases: list[Case], info: dict[str, str], command: str,
         *[f"- {k}: {v}" for k, v in info.items()],
         "",
         "| workload | threads | method | batch | median s | min s | p10-p90 s "
-        "| × plain loop (median / min) | max rel. Δloss vs plain |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| × plain loop, paired: median (p10-p90) | × plain loop, min / min "
+        "| max rel. Δloss vs plain |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for case in cases:
         plain = case.times["plain load_state_dict loop"]
@@ -272,26 +297,27 @@ def render(cases: list[Case], info: dict[str, str], command: str,
                 f"| {case.label} | {case.threads} | {name} | {batch} "
                 f"| {statistics.median(times):.4f} | {min(times):.4f} "
                 f"| {_quantile(times, 0.1):.4f}-{_quantile(times, 0.9):.4f} "
-                f"| {statistics.median(plain) / statistics.median(times):.2f} / "
-                f"{min(plain) / min(times):.2f} | {delta:.1e} |"
+                f"| {_paired(plain, times)} | {min(plain) / min(times):.2f} | {delta:.1e} |"
             )
     lines += [
         "",
         "Times are wall seconds of the whole call (setup included), the two workers and all "
-        "methods interleaved; n below. × plain loop > 1 is faster. `(before)` / `(after)`: "
-        "ckptscope from the `--before` tree / from this tree. The plain loop, loss-landscapes "
-        "and the engine rows use the batch the after evaluator picks; `linear_path` picks its "
-        "own.",
+        "methods interleaved; n below. × plain loop > 1 is faster; \"paired\" is the ratio "
+        "within each repeat (the calls of one repeat run within a second of each other, so a "
+        "burst of load from another process lands on both), summarised over the repeats. "
+        "`(before)` / `(after)`: ckptscope from the `--before` tree / from this tree. The plain "
+        "loop, loss-landscapes and the engine rows use the batch the after evaluator picks; "
+        "`linear_path` picks its own.",
         "",
     ]
     for case in cases:
-        lp = {side: min(case.times[f"{LP} ({side})"]) for side in ("before", "after")}
-        med = {side: statistics.median(case.times[f"{LP} ({side})"])
-               for side in ("before", "after")}
+        after, before = case.times[f"{LP} (after)"], case.times[f"{LP} (before)"]
+        ll = next(times for name, times in case.times.items() if "loss-landscapes" in name)
         lines.append(
-            f"- {case.label}, {_threads(case.threads)}, n={case.repeat}: linear_path after / "
-            f"before = {med['after'] / med['before']:.2f} (median), "
-            f"{lp['after'] / lp['before']:.2f} (min)."
+            f"- {case.label}, {_threads(case.threads)}, n={case.repeat}: linear_path before / "
+            f"after, paired {_paired(before, after)}, min / min "
+            f"{min(before) / min(after):.2f}; loss-landscapes / linear_path after, paired "
+            f"{_paired(ll, after)}, min / min {min(ll) / min(after):.2f} (> 1: after is faster)."
         )
     if sweeps:
         lines += _sweep_lines(sweeps, sweep_threads)
