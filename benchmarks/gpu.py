@@ -192,7 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "- matmul (8192², same process): " + ", ".join(
             f"{k} {v / 1e12:.1f} TFLOP/s" for k, v in rates.items()),
         f"- evaluator's choice: batch {batch}, vmap chunk {chunk} α (default memory budget)",
-        f"- loss-landscapes: {loss_landscapes_available() or 'not importable: rows skipped'}",
+        f"- loss-landscapes: {loss_landscapes_available() or 'not importable: its row runs '
+                                                            'benchmarks/ll_reimplementation.py'}",
         f"- total run time: {time.perf_counter() - started:.0f} s",
         "",
         "| workload | method | median s (min-max) | images·α/s | × plain loop | % of fp32 matmul "

@@ -3,7 +3,8 @@
 Every method has the signature ``method(workload, alphas, *, batch_size, device, mark=None)
 -> Curves`` and evaluates the workload's paths (the whole model, or each group with the rest
 held at the end state) at every alpha, returning loss and accuracy with shape
-``(path, alpha)``. All of them use the same batch size and compute both the mean loss and the
+``(path, alpha)``. All of them use the same batch size (``linear_path, all defaults`` picks its
+own: the evaluator's, which ``run.py`` gives the others) and compute both the mean loss and the
 accuracy, so the work is the same.
 ``mark(g)``, when given, is called as soon as path ``g`` is done (for per-group timings).
 
@@ -15,7 +16,9 @@ accuracy, so the work is the same.
   evaluates after each add, so it never evaluates alpha = 0 and its alpha = 1 is the start plus
   the rounded steps; we evaluate alpha = 0 with ``loss_landscapes.point`` to cover the same grid.
   It moves ``module.parameters()`` only (buffers stay at the start model's); the workloads keep
-  the buffers equal at both ends so that the paths are the same.
+  the buffers equal at both ends so that the paths are the same. Where the package is not
+  installed, ``ll_reimplementation.py`` (the same loop, re-implemented) stands in, under the
+  name ``LL_REIMPLEMENTED``.
 - ``ckptscope linear_path, ...`` and ``ckptscope Evaluator.evaluate, ...``: ckptscope end to
   end (checks, grouping, evaluation, distances, the xarray result and its shape verdicts) and
   its engine alone. On a group path the engine hoists the part of the forward pass upstream of the
@@ -50,6 +53,9 @@ Method = Callable[..., Curves]
 Mark = Callable[[int], None]
 # Every group path in one call: under vmap those not hoisted share vectorised passes.
 TOGETHER = "ckptscope Evaluator.evaluate, groups in one call, vmap, no hoisting"
+LL_REIMPLEMENTED = "loss-landscapes linear_interpolation (re-implementation)"
+# linear_path as a user calls it: the evaluator picks the batch size and the strategy.
+DEFAULTS = "ckptscope linear_path, all defaults"
 
 
 def _batch_loss_and_correct(
@@ -149,14 +155,20 @@ def loss_landscapes_available() -> str | None:
 
 
 def loss_landscapes_path(w: Workload, alphas: np.ndarray, *, batch_size: int, device,
-                         mark: Mark | None = None) -> Curves:
+                         mark: Mark | None = None, package: bool = True) -> Curves:
     """``loss_landscapes.linear_interpolation`` with ``steps = len(alphas) - 1``, plus alpha = 0.
 
     Only an evenly spaced grid from 0 to 1 can be asked of it. A group path starts from the end
     state with the group's tensors taken from the start, so the other tensors have a zero step.
+    ``package=False``: the re-implementation in ``ll_reimplementation.py`` instead.
     """
-    import loss_landscapes
-    from loss_landscapes.metrics import Metric
+    if package:
+        import loss_landscapes
+        from loss_landscapes.metrics import Metric
+    else:
+        import ll_reimplementation as loss_landscapes
+
+        Metric = object
 
     n = len(alphas)
     if not np.allclose(alphas, np.linspace(0, 1, n)):
@@ -190,7 +202,10 @@ def loss_landscapes_path(w: Workload, alphas: np.ndarray, *, batch_size: int, de
     return Curves(loss, accuracy)
 
 
-def _linear_path(strategy: str, dtype: str = "float32") -> Method:
+def _linear_path(strategy: str | None, dtype: str = "float32") -> Method:
+    """``linear_path`` with the given strategy and the shared batch size; ``strategy=None``:
+    no config at all (the evaluator's own batch size and strategy)."""
+
     def run(w: Workload, alphas: np.ndarray, *, batch_size: int, device,
             mark: Mark | None = None) -> Curves:
         def progress(done: int, total: int) -> None:
@@ -209,7 +224,8 @@ def _linear_path(strategy: str, dtype: str = "float32") -> Method:
             device=device,
             dtype=dtype,
             progress=progress,
-            config=EvalConfig(batch_size=batch_size, strategy=strategy),
+            config=None if strategy is None else EvalConfig(batch_size=batch_size,
+                                                            strategy=strategy),
         )
         sel = {"run": 0, "split": 0}
         return Curves(ds["loss"].isel(sel).values, ds["accuracy"].isel(sel).values)
@@ -254,7 +270,9 @@ METHODS: dict[str, Method] = {
     "plain load_state_dict loop, channels-last, bf16 autocast": partial(
         plain_loop, channels_last=True, autocast=torch.bfloat16),
     "loss-landscapes linear_interpolation": loss_landscapes_path,
+    LL_REIMPLEMENTED: partial(loss_landscapes_path, package=False),
     "ckptscope linear_path, auto": _linear_path("auto"),
+    DEFAULTS: _linear_path(None),
     "ckptscope linear_path, loop": _linear_path("loop"),
     "ckptscope linear_path, vmap": _linear_path("vmap"),
     "ckptscope Evaluator.evaluate, loop": _evaluator("loop"),
@@ -267,10 +285,19 @@ METHODS: dict[str, Method] = {
 BASELINE = "plain load_state_dict loop"
 
 
+def loss_landscapes_method() -> str:
+    """The loss-landscapes row this machine can run: the package, or its re-implementation."""
+    if loss_landscapes_available() is None:
+        return LL_REIMPLEMENTED
+    return "loss-landscapes linear_interpolation"
+
+
 def methods(names: Sequence[str]) -> dict[str, Method]:
-    """The named methods, in the given order (loss-landscapes dropped when not importable)."""
+    """The named methods, in the given order; the loss-landscapes package's row becomes the
+    re-implementation's where the package cannot be imported."""
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         raise KeyError(f"unknown methods {unknown}; known: {sorted(METHODS)}.")
-    has_ll = loss_landscapes_available() is not None
-    return {n: METHODS[n] for n in names if has_ll or not n.startswith("loss-landscapes")}
+    ll = loss_landscapes_method()
+    chosen = [ll if n == "loss-landscapes linear_interpolation" else n for n in names]
+    return {n: METHODS[n] for n in dict.fromkeys(chosen)}

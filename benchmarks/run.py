@@ -10,6 +10,8 @@ median is reported. See ``docs/performance.md`` for what the columns mean.
 
 Workloads (``benchmarks/workloads.py``):
 - the spiral MLP 2x50 on 5,000 points, 51 alphas: whole model, and ``--preset layers``;
+- a small MLP, 3x64 on 6,000 spiral points, 41 alphas, whole model, at torch's default thread
+  count and at one thread, whatever ``--threads`` says (section ``mlp-small``);
 - ResNet-18 on 512 CIFAR-shaped images: whole model, and ``--preset blocks`` (6 group paths).
 A full 51-alpha ResNet-18 run is hours on two CPU cores; ``--quick`` uses 5 alphas on the whole
 model and 3 per block, and the script prints its estimate before each section.
@@ -38,7 +40,16 @@ from measure import (
     time_round_robin,
 )
 from memory import measure_in_subprocess
-from methods import BASELINE, TOGETHER, Curves, loss_landscapes_available, methods
+from methods import (
+    BASELINE,
+    DEFAULTS,
+    LL_REIMPLEMENTED,
+    TOGETHER,
+    Curves,
+    loss_landscapes_available,
+    loss_landscapes_method,
+    methods,
+)
 from workloads import Workload, resnet18_cifar, spiral_mlp
 
 from ckptscope.engine import EvalConfig, Evaluator
@@ -56,7 +67,9 @@ CL = "plain load_state_dict loop, channels-last"
 BF16 = "ckptscope linear_path, auto, bf16 autocast"
 RESNET_METHODS = [BASELINE, CL, LL, AUTO, "ckptscope linear_path, vmap",
                   "plain load_state_dict loop, channels-last, bf16 autocast", BF16]
-SECTIONS = ("mlp", "mlp-layers", "resnet", "resnet-blocks", "chunks", "memory")
+SMALL_METHODS = [BASELINE, LL, DEFAULTS, "ckptscope Evaluator.evaluate, loop"]
+SECTIONS = ("mlp", "mlp-layers", "mlp-small", "resnet", "resnet-blocks", "chunks", "memory")
+DEFAULT_THREADS = torch.get_num_threads()  # torch's own choice, before --threads changes it
 
 
 @dataclass(frozen=True)
@@ -144,7 +157,19 @@ class Bench:
                        config=EvalConfig(device=self.device))
         return ev.batch_size()
 
-    def speed(self, w: Workload, n_alpha: int, names: Sequence[str], repeat: int) -> None:
+    def speed(self, w: Workload, n_alpha: int, names: Sequence[str], repeat: int,
+              threads: int | None = None) -> None:
+        """Time the methods on ``w``; ``threads``: torch's thread count for this section only
+        (named in the rows' label)."""
+        if threads is not None:
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                self.speed(replace(w, name=f"{w.name}, {threads} thread{'s' * (threads > 1)}"),
+                           n_alpha, names, repeat)
+            finally:
+                torch.set_num_threads(before)
+            return
         alphas = np.linspace(0, 1, n_alpha)
         chosen = methods(names)
         batch = self.batch_size(w)
@@ -191,8 +216,9 @@ class Bench:
             ))
         if len(paths) > 1:
             self.group_rows.append((label, [p.name for p in paths], marks))
-        if LL in results and AUTO in results:
-            ours, theirs = results[AUTO], results[LL]
+        ll, auto = loss_landscapes_method(), AUTO if AUTO in results else DEFAULTS
+        if ll in results and auto in results:
+            ours, theirs = results[auto], results[ll]
             at_end = max_rel(theirs.loss[:, -1], ours.loss[:, -1])
             acc = np.max(np.abs(theirs.accuracy - ours.accuracy))
             self.notes.append(
@@ -381,7 +407,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     info = describe(device)
     info["malloc"] = malloc
     if loss_landscapes_available() is None:
-        info["loss-landscapes"] += " (cannot be imported: its rows are skipped)"
+        info["loss-landscapes"] += (
+            f" (cannot be imported: its rows are {LL_REIMPLEMENTED!r}, "
+            "benchmarks/ll_reimplementation.py)")
     bench = Bench(profile, device)
     bench.sample_rate()
     bench.peak = fma_peak()
@@ -394,6 +422,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                     [BASELINE, LL, AUTO, "ckptscope linear_path, vmap",
                      "ckptscope Evaluator.evaluate, loop, no hoisting",
                      TOGETHER], profile.repeat)
+    if "mlp-small" in args.only:  # at torch's default thread count, and at one thread
+        small = spiral_mlp(widths=(2, 64, 64, 64, 1), points=6000)
+        for threads in dict.fromkeys((DEFAULT_THREADS, 1)):
+            bench.speed(small, 41, SMALL_METHODS, profile.repeat, threads=threads)
     if "chunks" in args.only:
         bench.chunks(spiral_mlp(), 51, [2 << 20, 8 << 20, 32 << 20, None])
     if "resnet" in args.only:

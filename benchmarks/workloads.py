@@ -1,7 +1,9 @@
 """The benchmark workloads: a model, two endpoint states, evaluation data and the groups.
 
 - ``spiral_mlp``: the paper's spiral MLP (2x50 hidden, BCE) on the 5,000 test points of eq. 3;
-  the end state is the start plus 0.3 N(0, 1) noise on every tensor (seeded).
+  the end state is the start plus 0.3 N(0, 1) noise on every tensor (seeded). Other widths and
+  sizes too: ``spiral_mlp(widths=(2, 64, 64, 64, 1), points=6000)`` is the small model of the
+  default-threads rows.
 - ``resnet18_cifar``: ckptscope's CIFAR ResNet-18 on random CIFAR-shaped images (N(0, 1),
   10 classes); start and end are two independent initialisations (seeds 0 and 1), as in a
   two-seed comparison. Fresh BatchNorm running statistics are equal in both (mean 0, var 1), so
@@ -66,17 +68,20 @@ class Workload:
         return path_points(alphas, keys, hold="end", every=list(self.start))
 
 
-def spiral_mlp(*, preset: str | None = None, seed: int = 0) -> Workload:
-    """The spiral MLP [2, 50, 50, 1] on the spiral test split (5,000 points)."""
+def spiral_mlp(*, preset: str | None = None, seed: int = 0,
+               widths: tuple[int, ...] = (2, 50, 50, 1), points: int = 5000) -> Workload:
+    """The spiral MLP ``widths`` (the paper's [2, 50, 50, 1] by default) on the spiral test split
+    of ``points`` points (5,000, the paper's, by default)."""
     adapter = get_adapter("mlp")
     torch.manual_seed(seed)
-    module = adapter.make({"widths": [2, 50, 50, 1]})
+    module = adapter.make({"widths": list(widths)})
     start = {k: v.clone() for k, v in module.state_dict().items()}
     generator = torch.Generator().manual_seed(seed + 1)
     end = {k: v + 0.3 * torch.randn(v.shape, generator=generator) for k, v in start.items()}
-    x, y = load_data("spiral", seed=seed)["test"]
+    x, y = load_data(f"spiral:10000,{points}", seed=seed)["test"]
     groups = adapter.presets[preset](list(start)) if preset else {}
-    name = "spiral MLP 2x50, 5,000 points" + (f", --preset {preset}" if preset else "")
+    shape = f"{len(widths) - 2}x{widths[1]}"
+    name = f"spiral MLP {shape}, {points:,} points" + (f", --preset {preset}" if preset else "")
     return Workload(name, module, start, end, x, y, "bce", groups)
 
 

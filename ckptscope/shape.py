@@ -119,9 +119,8 @@ def tolerance(loss: np.ndarray, alpha: np.ndarray | None = None, *, rtol: float 
         rtol: fraction of the curve's range (max - min over [0, 1]).
         atol: floor in loss units, so float noise on a flat curve never counts.
     """
-    curve, _, valid = _curves(loss, alpha)
-    span = curve.max(axis=-1) - curve.min(axis=-1)
-    return _finish(np.maximum(rtol * span, atol), valid)
+    curve, a, valid = _curves(loss, alpha)
+    return _finish(_tolerance(curve, a, rtol=rtol, atol=atol), valid)
 
 
 def barrier_height(loss: np.ndarray, alpha: np.ndarray | None = None) -> float | np.ndarray:
@@ -138,9 +137,8 @@ def barrier_height(loss: np.ndarray, alpha: np.ndarray | None = None) -> float |
         >>> barrier_height([1.0, 0.5, 0.8, 0.2])
         0.30000000000000004
     """
-    curve, _, valid = _curves(loss, alpha)
-    rise = curve - np.minimum.accumulate(curve, axis=-1)
-    return _finish(rise.max(axis=-1), valid)
+    curve, a, valid = _curves(loss, alpha)
+    return _finish(_barrier_height(curve, a), valid)
 
 
 def chord_barrier(loss: np.ndarray, alpha: np.ndarray | None = None) -> float | np.ndarray:
@@ -151,24 +149,19 @@ def chord_barrier(loss: np.ndarray, alpha: np.ndarray | None = None) -> float | 
     negative: the chord meets the curve at both ends.
     """
     curve, a, valid = _curves(loss, alpha)
-    t = (a - a[0]) / (a[-1] - a[0])
-    start, end = curve[..., :1], curve[..., -1:]
-    # Lerp from the nearer end: exact at both ends and on a flat curve, so a flat or straight
-    # curve scores 0 rather than a rounding error.
-    chord = np.where(t < 0.5, start + t * (end - start), end - (1 - t) * (end - start))
-    return _finish((curve - chord).max(axis=-1), valid)
+    return _finish(_chord_barrier(curve, a), valid)
 
 
 def midpoint_barrier(loss: np.ndarray, alpha: np.ndarray | None = None) -> float | np.ndarray:
     """Return ``max_i L_i - (L_0 + L_1) / 2``: the peak over the mean of the endpoints."""
-    curve, _, valid = _curves(loss, alpha)
-    return _finish(curve.max(axis=-1) - (curve[..., 0] + curve[..., -1]) / 2, valid)
+    curve, a, valid = _curves(loss, alpha)
+    return _finish(_midpoint_barrier(curve, a), valid)
 
 
 def peak_alpha(loss: np.ndarray, alpha: np.ndarray | None = None) -> float | np.ndarray:
     """Return the alpha of the largest loss in [0, 1] (the first one, if tied)."""
     curve, a, valid = _curves(loss, alpha)
-    return _finish(a[np.argmax(curve, axis=-1)], valid)
+    return _finish(_peak_alpha(curve, a), valid)
 
 
 def above_start(loss: np.ndarray, alpha: np.ndarray | None = None, *,
@@ -180,9 +173,8 @@ def above_start(loss: np.ndarray, alpha: np.ndarray | None = None, *,
     Args:
         tol: one height, or one per curve (shape ``loss.shape[:-1]``).
     """
-    curve, _, valid = _curves(loss, alpha)
-    above = (curve.max(axis=-1) - curve[..., 0]) > np.asarray(tol, dtype=np.float64)
-    return _finish(above.astype(np.float64), valid)
+    curve, a, valid = _curves(loss, alpha)
+    return _finish(_above_start(curve, a, tol=tol), valid)
 
 
 def half_drop_alpha(loss: np.ndarray, alpha: np.ndarray | None = None) -> float | np.ndarray:
@@ -193,6 +185,42 @@ def half_drop_alpha(loss: np.ndarray, alpha: np.ndarray | None = None) -> float 
     convex decay makes it early.
     """
     curve, a, valid = _curves(loss, alpha)
+    return _finish(_half_drop_alpha(curve, a), valid)
+
+
+# The metrics on curves that _curves has checked and restricted to [0, 1] (invalid rows
+# zeroed): shape_variables checks once and computes each metric once.
+def _tolerance(curve, a, *, rtol, atol):
+    return np.maximum(rtol * (curve.max(axis=-1) - curve.min(axis=-1)), atol)
+
+
+def _barrier_height(curve, a):
+    return (curve - np.minimum.accumulate(curve, axis=-1)).max(axis=-1)
+
+
+def _chord_barrier(curve, a):
+    t = (a - a[0]) / (a[-1] - a[0])
+    start, end = curve[..., :1], curve[..., -1:]
+    # Lerp from the nearer end: exact at both ends and on a flat curve, so a flat or straight
+    # curve scores 0 rather than a rounding error.
+    chord = np.where(t < 0.5, start + t * (end - start), end - (1 - t) * (end - start))
+    return (curve - chord).max(axis=-1)
+
+
+def _midpoint_barrier(curve, a):
+    return curve.max(axis=-1) - (curve[..., 0] + curve[..., -1]) / 2
+
+
+def _peak_alpha(curve, a):
+    return a[np.argmax(curve, axis=-1)]
+
+
+def _above_start(curve, a, *, tol):
+    above = (curve.max(axis=-1) - curve[..., 0]) > np.asarray(tol, dtype=np.float64)
+    return above.astype(np.float64)
+
+
+def _half_drop_alpha(curve, a):
     target = (curve[..., 0] + curve[..., -1]) / 2
     drops = curve[..., -1] < curve[..., 0]
     # First index at or below the target; >= 1 wherever L_1 < L_0, clipped elsewhere.
@@ -202,7 +230,7 @@ def half_drop_alpha(loss: np.ndarray, alpha: np.ndarray | None = None) -> float 
     gap = np.where(drops, before - after, 1.0)
     frac = np.clip((before - target) / np.where(gap > 0, gap, 1.0), 0.0, 1.0)
     crossing = a[i[..., 0] - 1] + frac * (a[i[..., 0]] - a[i[..., 0] - 1])
-    return _finish(np.where(drops, crossing, np.nan), valid)
+    return np.where(drops, crossing, np.nan)
 
 
 def verdict(loss: np.ndarray, alpha: np.ndarray | None = None, *, rtol: float = DEFAULT_RTOL,
@@ -222,18 +250,20 @@ def verdict(loss: np.ndarray, alpha: np.ndarray | None = None, *, rtol: float = 
     """
     _check_options(rtol=rtol, atol=atol, plateau_alpha=plateau_alpha)
     curve, a, valid = _curves(loss, alpha)
-    names = _verdicts(curve, a, valid, rtol=rtol, atol=atol, plateau_alpha=plateau_alpha)
+    tol = _tolerance(curve, a, rtol=rtol, atol=atol)
+    names = _verdicts(curve, valid, tol=tol, height=_barrier_height(curve, a),
+                      half_drop=_half_drop_alpha(curve, a), plateau_alpha=plateau_alpha)
     return str(names) if names.ndim == 0 else names
 
 
-def _verdicts(curve, a, valid, *, rtol, atol, plateau_alpha) -> np.ndarray:
-    tol = tolerance(curve, a, rtol=rtol, atol=atol)
-    barrier = barrier_height(curve, a) > tol
+def _verdicts(curve, valid, *, tol, height, half_drop, plateau_alpha) -> np.ndarray:
+    """The verdicts from the metrics they rest on (of checked curves)."""
+    barrier = height > tol
     # A flat curve has no barrier: it is "monotonic", the paper's NB, not a plateau, which is
     # a loss that stays high and then falls late. "Falls" means by more than the tolerance: a
     # flat curve whose end jitters 1e-7 below its start is as flat as one that jitters above.
     drops = curve[..., 0] - curve[..., -1] > tol
-    late = np.nan_to_num(half_drop_alpha(curve, a), nan=-1.0) >= plateau_alpha
+    late = np.nan_to_num(half_drop, nan=-1.0) >= plateau_alpha
     plateau = ~barrier & drops & late
     names = np.where(barrier, "barrier", np.where(plateau, "plateau", "monotonic"))
     return np.where(valid, names, "invalid")
@@ -352,16 +382,18 @@ def shape_variables(curves: np.ndarray, alpha: np.ndarray, *, rtol: float = DEFA
     variables over (run, group, split) ready for a result dataset (what :func:`classify` adds;
     :func:`ckptscope.linear_path` builds its result with them in one step)."""
     _check_options(rtol=rtol, atol=atol, plateau_alpha=plateau_alpha)
-    curve, a, valid = _curves(curves, alpha)
-    tol = tolerance(curve, a, rtol=rtol, atol=atol)
+    curve, a, valid = _curves(curves, alpha)  # checked once, each metric computed once
+    tol = _tolerance(curve, a, rtol=rtol, atol=atol)
+    height, half_drop = _barrier_height(curve, a), _half_drop_alpha(curve, a)
     values = {
-        "shape": _verdicts(curve, a, valid, rtol=rtol, atol=atol, plateau_alpha=plateau_alpha),
-        "barrier_height": barrier_height(curve, a),
-        "chord_barrier": chord_barrier(curve, a),
-        "midpoint_barrier": midpoint_barrier(curve, a),
-        "peak_alpha": peak_alpha(curve, a),
-        "above_start": above_start(curve, a, tol=tol),
-        "half_drop_alpha": half_drop_alpha(curve, a),
+        "shape": _verdicts(curve, valid, tol=tol, height=height, half_drop=half_drop,
+                           plateau_alpha=plateau_alpha),
+        "barrier_height": height,
+        "chord_barrier": _chord_barrier(curve, a),
+        "midpoint_barrier": _midpoint_barrier(curve, a),
+        "peak_alpha": _peak_alpha(curve, a),
+        "above_start": _above_start(curve, a, tol=tol),
+        "half_drop_alpha": half_drop,
         "tolerance": tol,
     }
     return {
