@@ -24,7 +24,8 @@ class EvalConfig:
         device: where the model and data live (a ``torch.device`` or its name; ``"auto"``:
             CUDA when present).
         dtype: the floating dtype of weights and inputs (float32 by default).
-        batch_size: examples per forward pass; ``None`` picks one from the memory budget.
+        batch_size: examples per forward pass; ``None`` picks one from the memory budget and
+            the activations (:meth:`ckptscope.engine.sizing.Sizes.pick_batch`).
         strategy: ``auto``, ``loop`` or ``vmap`` (see :mod:`ckptscope.engine.strategies`).
         memory_budget: bytes the evaluator may use for replicated tensors and activations;
             ``None``: 1 GiB on the CPU, half the free memory on CUDA.

@@ -80,7 +80,8 @@ class Evaluator:
         return self.context.hoisted
 
     def batch_size(self) -> int:
-        """Examples per forward pass: as configured, or what a quarter of the budget holds."""
+        """Examples per forward pass: as configured, or chosen from the probe and the budget
+        (:meth:`ckptscope.engine.sizing.Sizes.pick_batch`)."""
         return self.context.sizes.batch
 
     def chunk_size(self, moving: Sequence[str], n: int) -> int:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 # activations (the probe's estimate) stay under 16 MiB. Measured on 2 cores, 2026-11-30, MLP
 # forward passes: a 3x64 MLP (1.5 KB per example) on 6,000 points took 0.71 ms in one batch
 # against 0.83 ms as 4,096 + 1,904 at 2 threads (300 interleaved repeats; medians 1.35 and
-# 2.08 ms on the busy machine), and the same at 1 thread; nets with 4 KB per example were
+# 2.08 ms on the busy machine), 1.29 against 1.39 ms at 1 thread; nets with 4 KB per example were
 # fastest at 2,048-4,096 examples, and batches of 25-30 MB of activations were 5-12% slower
 # than 4,096 examples at 1 thread.
 _MAX_BATCH = 4096
