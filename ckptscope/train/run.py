@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +49,7 @@ from ckptscope.train.loop import (
     train_epoch,
 )
 from ckptscope.train.recipe import Recipe
+from ckptscope.train.spawn import is_save_epoch, save_spawn_state, spawn_state, state_path
 
 FILE_DATASETS = ("cifar10", "cifar100", "mnist")
 INIT, FINAL, METRICS, LOG, RESUME = (
@@ -247,11 +248,12 @@ def run(
     amp: bool = False,
     compile: bool = False,
     channels_last: bool | None = None,
-    save_every: int = 0,
+    save_every: int | Collection[int] = 0,
     checkpoint_every: int = 1,
     resume: bool = False,
     on_epoch: Callable[[dict], None] | None = None,
     on_step: Callable[[int, int, float, float], None] | None = None,
+    spawn_from: str | os.PathLike | None = None,
 ) -> RunOutput:
     """Train ``recipe`` with ``seed`` into the folder ``out``; return what it wrote.
 
@@ -265,11 +267,14 @@ def run(
         compile: ``torch.compile`` the module for training.
         channels_last: a conv net and its image batches in channels-last layout (default: on
             CUDA, and on the CPU in batches of 32 or more; a resumed run keeps its own).
-        save_every: also write ``epoch_XXX.safetensors`` every this many epochs (0: never).
+        save_every: also write ``epoch_XXX.safetensors`` (and the spawn state
+            ``epoch_XXX.state.pt``) every this many epochs (0: never), or at the listed epochs.
         checkpoint_every: write the resume state every this many epochs (>= 1).
         resume: continue from ``resume.pt``; a finished run is returned as it is.
         on_epoch: called with each epoch's metrics record (and random-label pre-training's).
         on_step: called as ``on_step(step, steps, running_loss, running_accuracy)``.
+        spawn_from: a parent run's ``init``/``epoch_XXX.safetensors``: continue from that state
+            with this seed's data order (:mod:`ckptscope.train.spawn`).
 
     Raises:
         CkptscopeError: ``out`` holds another run (without ``resume``), a field in
@@ -282,7 +287,7 @@ def run(
             f"recipe {recipe.name!r} needs {', '.join(missing)}: pass --set {missing[0]}=... "
             f"(see `ckptscope train --show {recipe.name}`)."
         )
-    if checkpoint_every < 1 or save_every < 0:
+    if checkpoint_every < 1 or (isinstance(save_every, int) and save_every < 0):
         raise CkptscopeError("checkpoint_every must be >= 1 and save_every >= 0.")
     dev = resolve_device(device)
     if (out / FINAL).is_file():
@@ -346,6 +351,8 @@ def run(
                 f"({'; '.join(changes[:4])}); resume with the same --recipe, --seed and --set, "
                 f"or choose another --out."
             )
+    elif spawn_from is not None:  # a child: the parent's state at epoch K, this seed's streams
+        resume_state = spawn_state(spawn_from, recipe, seed=seed, out=out)
     # Before anything is written. A resumed run keeps the layout it was trained in (one from
     # before the layout was recorded: channels-last for image data on CUDA, as it was then).
     stored = None if resume_state is None else resume_state.get(
@@ -366,6 +373,9 @@ def run(
         start_epoch = int(resume_state["epoch"])
         module.load_state_dict(resume_state["model"])
         notes = json.loads(resume_state.get("notes", "{}"))
+        if spawn_from is not None and not (out / INIT).is_file():
+            save_checkpoint(out / INIT, module.state_dict(), metadata={
+                **metadata, "epoch": start_epoch, "role": "init", "init": notes})
     module.to(dev)
     set_layout([*module.parameters(), *module.buffers()], memory_format)
 
@@ -384,7 +394,8 @@ def run(
     augment_gen = torch.Generator().manual_seed(stream_seed(seed, "augment"))
     history: list[dict] = []
     if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
+        if resume_state["optimizer"] is not None:  # None: spawned from an init
+            optimizer.load_state_dict(resume_state["optimizer"])
         order_gen.set_state(resume_state["rng_order"])
         augment_gen.set_state(resume_state["rng_augment"])
         torch.set_rng_state(resume_state["rng_global"])
@@ -420,9 +431,12 @@ def run(
         history.append(record)
         _append_line(out / METRICS, json.dumps(record))
         _append_line(out / LOG, format_record(record, recipe.epochs))
-        if save_every and epoch % save_every == 0 and epoch != recipe.epochs:
-            save_checkpoint(out / f"epoch_{epoch:03d}.safetensors", module.state_dict(),
-                            metadata={**metadata, "epoch": epoch, "role": "epoch"})
+        if is_save_epoch(epoch, save_every) and epoch != recipe.epochs:
+            path = save_checkpoint(out / f"epoch_{epoch:03d}.safetensors", module.state_dict(),
+                                   metadata={**metadata, "epoch": epoch, "role": "epoch"})
+            save_spawn_state(state_path(path), optimizer, order_gen, augment_gen, dev,
+                             epoch=epoch, seed=seed, config=metadata["config"], notes=notes,
+                             channels_last=metadata["channels_last"])
         if epoch % checkpoint_every == 0 and epoch != recipe.epochs:
             _save_resume(out / RESUME, module, optimizer, order_gen, augment_gen, dev,
                          epoch=epoch, seed=seed, config=metadata["config"], notes=notes,
