@@ -32,7 +32,7 @@ TRAJECTORY_DIMS = ("start", "end", "group", "split", "alpha")
 INSTABILITY_DIMS = ("spawn", "pair", "group", "split", "alpha")
 KINDS = ("trajectory", "instability")
 METRICS = ("barrier_height", "chord_barrier", "midpoint_barrier", "midpoint_loss",
-           "error_barrier")
+           "error_barrier", "error_chord_barrier")
 METRIC_ATTRS = {
     "barrier_height": shape.DESCRIPTIONS["barrier_height"],
     "chord_barrier": shape.DESCRIPTIONS["chord_barrier"],
@@ -41,7 +41,11 @@ METRIC_ATTRS = {
     "midpoint_loss": "loss at alpha = 0.5 (linear between the grid points around it when 0.5 "
                      "is not on the grid)",
     "error_barrier": "max_i E_i - (E_0 + E_1) / 2 with E = 1 - accuracy: the error barrier "
-                     "height of Frankle et al. 2020 (instability when > 0.02)",
+                     "height of Frankle et al. 2020 (instability when > 0.02); positive on "
+                     "any path whose ends differ in error, so compare it between similar ends",
+    "error_chord_barrier": "max_i (E_i - ((1 - t_i) E_0 + t_i E_1)) with E = 1 - accuracy: the "
+                           "error above the chord between the ends (0 on a path whose error "
+                           "falls linearly), for ends that differ (a trajectory)",
 }
 
 
@@ -97,6 +101,7 @@ def path_metrics(loss: np.ndarray, accuracy: np.ndarray, alpha: np.ndarray
         "midpoint_barrier": np.asarray(shape.midpoint_barrier(loss, alpha)),
         "midpoint_loss": np.asarray(midpoint_loss(loss, alpha)),
         "error_barrier": np.asarray(shape.midpoint_barrier(error, alpha)),
+        "error_chord_barrier": np.asarray(shape.chord_barrier(error, alpha)),
     }
 
 

@@ -38,9 +38,31 @@ _RANK = {"init": 0, "epoch": 1, "final": 2}
 _PAIR = " -> "
 
 
+def checkpoint_files(run_dir: str | os.PathLike) -> list[Path]:
+    """The ``init``, ``epoch_XXX`` and ``final`` safetensors files of a run directory, sorted
+    by name (read nothing).
+
+    Raises:
+        CkptscopeError: the folder is missing or holds fewer than two of them.
+    """
+    folder = Path(run_dir)
+    if not folder.is_dir():
+        raise CkptscopeError(f"run directory {str(folder)!r} does not exist or is not a folder.")
+    found = sorted(p for p in folder.iterdir()
+                   if p.name in ("init.safetensors", "final.safetensors")
+                   or _EPOCH_FILE.fullmatch(p.name))
+    if len(found) < 2:
+        raise CkptscopeError(
+            f"run directory {str(folder)!r} holds {len(found)} of init.safetensors, "
+            f"epoch_XXX.safetensors, final.safetensors; a trajectory needs two or more: train "
+            f"with `ckptscope train --save-every K`.")
+    return found
+
+
 def run_checkpoints(run_dir: str | os.PathLike) -> list[tuple[CheckpointInfo, Checkpoint]]:
     """Read a run directory's ``init``, ``epoch_XXX`` and ``final`` checkpoints, in training
-    order (by the epoch their metadata records, else by the name).
+    order: init first, final last, the epochs by number (a spawned child's init is at the
+    epoch its metadata records).
 
     Returns:
         (info, checkpoint) per file, each file read once.
@@ -48,27 +70,15 @@ def run_checkpoints(run_dir: str | os.PathLike) -> list[tuple[CheckpointInfo, Ch
     Raises:
         CkptscopeError: the folder is missing or holds fewer than two of those checkpoints.
     """
-    folder = Path(run_dir)
-    if not folder.is_dir():
-        raise CkptscopeError(f"run directory {str(folder)!r} does not exist or is not a folder.")
-    found = []
-    for path in folder.iterdir():
-        match = _EPOCH_FILE.fullmatch(path.name)
-        if path.name in ("init.safetensors", "final.safetensors") or match:
-            kind = "epoch" if match else path.stem
-            found.append((kind, int(match.group(1)) if match else None, path))
-    if len(found) < 2:
-        raise CkptscopeError(
-            f"run directory {str(folder)!r} holds {len(found)} of init.safetensors, "
-            f"epoch_XXX.safetensors, final.safetensors; a trajectory needs two or more: train "
-            f"with `ckptscope train --save-every K`.")
     out = []
-    for kind, number, path in found:
+    for path in checkpoint_files(run_dir):
+        match = _EPOCH_FILE.fullmatch(path.name)
+        kind = "epoch" if match else path.stem
         ckpt = load_checkpoint(path)
-        epoch = number if number is not None else _recorded_epoch(ckpt, kind)
+        epoch = int(match.group(1)) if match else _recorded_epoch(ckpt, kind)
         out.append((_RANK[kind], CheckpointInfo(path.stem, epoch, str(path), ckpt.sha256), ckpt))
     # The final after everything; init before everything (metadata may lack epochs).
-    out.sort(key=lambda t: (t[0] == 2, t[0] != 0, t[1].epoch, t[0]))
+    out.sort(key=lambda t: (t[0] == 2, t[0] != 0, t[1].epoch))
     return [(info, ckpt) for _, info, ckpt in out]
 
 

@@ -22,6 +22,7 @@ from ckptscope.cli.gates import check, compare
 from ckptscope.cli.inspection import distance, inspect, list_
 from ckptscope.cli.output import EXIT_BAD_INPUT
 from ckptscope.cli.paths import demo, merge, path
+from ckptscope.cli.trajectories import trajectory
 from ckptscope.errors import CkptscopeError
 
 __all__ = ["cli", "main", "run"]
@@ -36,10 +37,12 @@ def cli():
 def _register() -> None:
     """Every family's commands on the group; the trainer's (train, sweep, reproduce) live with
     the trainer."""
-    from ckptscope.train.cli import reproduce, sweep, train
+    from ckptscope.train.cli import instability, reproduce, sweep, train
 
     for command in (demo, path, inspect, distance, check, compare, merge, plot, list_,
                     train, sweep, reproduce):
+        cli.add_command(command)
+    for command in (trajectory, instability):
         cli.add_command(command)
 
 

@@ -58,6 +58,14 @@ def _save_figure(fig, path: Path) -> None:
         fig.savefig(tmp, dpi=120)
 
 
+def _run_line(label: str, result) -> str:
+    """``parent: trained, test acc 0.9712`` for a run of an instability analysis."""
+    if result.skipped:
+        return f"{label}: already finished in {result.out}"
+    acc = result.last.get("test_accuracy", result.last.get("train_accuracy", float("nan")))
+    return f"{label}: trained to epoch {result.last.get('epoch', 0)}, acc {acc:.4f}"
+
+
 def _summary_line(name: str, seed: int, result) -> str:
     last = result.last
     if result.skipped:
@@ -98,8 +106,12 @@ _DEVICE = click.option("--device", default="auto", show_default=True,
               help="Conv nets in channels-last layout (default: where it is faster).")
 @click.option("--list", "list_", is_flag=True, help="List the recipes and exit.")
 @click.option("--show", default=None, metavar="NAME", help="Print a resolved recipe and exit.")
+@click.option("--spawn-from", default=None, type=click.Path(dir_okay=False),
+              metavar="RUN/epoch_K.safetensors",
+              help="Continue a parent run from epoch K (model, optimizer, schedule) with this "
+                   "--seed's data order.")
 def train(recipe_name, seed, sets, data_dir, device, out, save_every, checkpoint_every, resume,
-          amp, compile_, channels_last, list_, show):
+          amp, compile_, channels_last, list_, show, spawn_from):
     """Train a recipe: DIR/init.safetensors, final.safetensors, metrics.jsonl."""
     from ckptscope.train.recipe import load_recipe, recipe_names
     from ckptscope.train.run import run
@@ -119,8 +131,8 @@ def train(recipe_name, seed, sets, data_dir, device, out, save_every, checkpoint
     bar = EpochBar(recipe.epochs)
     result = run(recipe, seed=seed, out=out, data_dir=data_dir, device=device, amp=amp,
                  compile=compile_, channels_last=channels_last, save_every=save_every,
-                 checkpoint_every=checkpoint_every,
-                 resume=resume, on_epoch=bar.end_epoch, on_step=bar.step)
+                 checkpoint_every=checkpoint_every, resume=resume, on_epoch=bar.end_epoch,
+                 on_step=bar.step, spawn_from=spawn_from)
     click.echo(_summary_line(recipe.name, seed, result))
     click.echo(f"wrote {result.init}, {result.final}, {Path(out) / 'metrics.jsonl'}")
 
@@ -235,3 +247,56 @@ def reproduce(target, out, seeds, epochs, alphas, jobs, device, list_):
     click.echo(f"wrote {figure}, {Path(out) / f'{target}.md'}, "
                f"{', '.join(map(str, result.result_paths.values()))} "
                f"({time.monotonic() - started:.0f}s)")
+
+
+@click.command()
+@click.option("--recipe", "recipe_name", required=True, metavar="NAME|FILE.toml")
+@click.option("--spawn-at", required=True, metavar="K1,K2,...",
+              help="Epochs to spawn children at (0: the init), e.g. 0,1,2,5,10.")
+@click.option("--copies", type=click.IntRange(min=2), default=2, show_default=True,
+              help="Children per spawn epoch.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="The parent's seed; copy C trains with seed + 1 + C.")
+@click.option("--out", type=click.Path(file_okay=False), required=True)
+@click.option("--parent", type=click.Path(file_okay=False), default=None, metavar="RUN_DIR",
+              help="Spawn from this finished run (trained with --save-every) instead of "
+                   "training OUT/parent.")
+@_SET
+@_DATA
+@_DEVICE
+@click.option("--group", "groups", multiple=True, metavar="[NAME=]REGEX",
+              help="A group to evaluate besides the whole model; repeatable.")
+@click.option("--alphas", type=click.IntRange(min=2), default=11, show_default=True)
+@click.option("--plot", is_flag=True, help="Also write DIR/instability.png.")
+def instability(recipe_name, spawn_at, copies, seed, out, parent, sets, data_dir, device, groups,
+                alphas, plot):
+    """Frankle et al.'s instability test: barriers between children spawned at each epoch K."""
+    from ckptscope.train.instability import instability as run_instability
+    from ckptscope.train.instability import parse_epochs, stability_table
+
+    recipe = _recipe(recipe_name, sets)
+    bar = EpochBar(recipe.epochs)
+    current = {"label": None}
+
+    def on_epoch(label, record):
+        if current["label"] != label:
+            current["label"], bar.label = label, f"{label}: "
+        bar.end_epoch(record)
+
+    result = run_instability(
+        recipe, spawn_at=parse_epochs(spawn_at), out=out, copies=copies, seed=seed,
+        parent=parent, data_dir=data_dir, device=device, groups=list(groups), alphas=alphas,
+        on_epoch=on_epoch, on_run=lambda label, r: click.echo(_run_line(label, r), err=True))
+    rows = stability_table(result.result)
+    click.echo(f"{'K':>5}  {'error barrier %':>18}  {'loss barrier':>20}  final acc")
+    for r in rows:
+        click.echo(f"{r['spawn']:>5}  {100 * r['error_barrier']:8.2f} +- "
+                   f"{100 * r['error_barrier_std']:<6.2f}  {r['loss_barrier']:9.4g} +- "
+                   f"{r['loss_barrier_std']:<8.2g}  {r['final_accuracy']:.4f}")
+    click.echo(f"wrote {result.result_path}")
+    if plot:
+        from ckptscope.trajectory_plots import plot_instability
+
+        figure = Path(out) / "instability.png"
+        _save_figure(plot_instability(result.result), figure)
+        click.echo(f"wrote {figure}")
