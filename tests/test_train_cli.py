@@ -82,7 +82,7 @@ def test_train_writes_the_run_and_resume_continues_it(tmp_path):
     assert result.exit_code == 0, result.output
     assert "mlp-spiral-fig1a seed 1: 2 epochs, test acc" in result.output
     assert sorted(p.name for p in out.iterdir()) == [
-        "epoch_001.safetensors", "final.safetensors", "init.safetensors", "metrics.jsonl",
+        "epoch_001.safetensors", "epoch_001.state.pt", "final.safetensors", "init.safetensors", "metrics.jsonl",
         "train.log"]
     assert (out / "train.log").read_text().startswith("epoch 1/2  lr 0.0005  train loss")
     again = invoke("train", "--recipe", "mlp-spiral-fig1a", "--seed", "1", "--out", str(out),
