@@ -18,6 +18,8 @@ from ckptscope.points import PointSet, alpha_grid, path_points, path_state, stat
 from ckptscope.results import merge_results as merge
 from ckptscope.results import open_result, save_result
 from ckptscope.shape import classify
+from ckptscope.trajectories import trajectory
+from ckptscope.matrix_results import open_matrix, save_matrix
 
 __version__ = "0.1.0"
 
@@ -49,4 +51,7 @@ __all__ = [
     "save_checkpoint",
     "save_result",
     "state_at",
+    "trajectory",
+    "open_matrix",
+    "save_matrix",
 ]

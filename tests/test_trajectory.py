@@ -18,7 +18,7 @@ from ckptscope.linear import linear_path
 from ckptscope.matrix_results import midpoint_loss, open_matrix, path_metrics, save_matrix
 from ckptscope.results import save_result
 from ckptscope.train import load_recipe, override, run
-from ckptscope.trajectory import run_checkpoints, trajectory, trajectory_pairs
+from ckptscope.trajectories import run_checkpoints, trajectory, trajectory_pairs
 
 TINY = {"epochs": 3, "batch_size": 16, "data": "spiral:64,32"}
 
@@ -102,7 +102,7 @@ def test_trajectory_to_final_is_the_final_column(every_pair, run_dir):
 
 
 def test_trajectory_reads_each_file_once_and_evaluates_each_pair_once(run_dir, monkeypatch):
-    import ckptscope.trajectory as module
+    import ckptscope.trajectories as module
 
     loaded, swept = [], []
     real_load, real_paths = module.load_checkpoint, module.linear_paths

@@ -70,8 +70,8 @@ def trajectory(run_dir, alphas, to_final, groups, presets, no_full, hold, adapte
     from ckptscope.engine import EvalConfig
     from ckptscope.matrix_results import save_matrix
     from ckptscope.checkpoints import load_checkpoint
-    from ckptscope.trajectory import checkpoint_files
-    from ckptscope.trajectory import trajectory as run_trajectory
+    from ckptscope.trajectories import checkpoint_files
+    from ckptscope.trajectories import trajectory as run_trajectory
 
     check_suffix(out, (".nc",), "--out")
     check_suffix(plot, (".png", ".pdf", ".svg"), "--plot")

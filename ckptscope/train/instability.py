@@ -146,7 +146,7 @@ def instability(recipe: Recipe, *, spawn_at: Sequence[int], out: str | os.PathLi
     pairs = [(a, b) for a in range(copies) for b in range(a + 1, copies)]
     paths = {f"{k}:{a}-{b}": (str(children[k, a].final), str(children[k, b].final))
              for k in spawns for a, b in pairs}
-    specs = _group_specs(recipe, groups)
+    specs = _group_specs(groups)
     swept = linear_paths(paths, recipe.adapter, data_spec(recipe, data_dir), groups=specs,
                          adapter_options=dict(recipe.adapter_options), alphas=alphas,
                          split=split, device=device, config=EvalConfig(seed=recipe.data_seed),
@@ -160,7 +160,7 @@ def instability(recipe: Recipe, *, spawn_at: Sequence[int], out: str | os.PathLi
     return InstabilityOutput(parent_dir, children, ds, path)
 
 
-def _group_specs(recipe: Recipe, groups) -> dict[str, str] | None:
+def _group_specs(groups) -> dict[str, str] | None:
     from ckptscope.groups import normalise_groups
 
     return normalise_groups(groups) if groups else None
