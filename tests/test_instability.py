@@ -196,3 +196,15 @@ def test_instability_and_train_spawn_commands(parent, tmp_path, capsys):
                  "--spawn-from", str(parent.out / "final.safetensors")]) == 2
     assert "error: --spawn-from" in capsys.readouterr().err
     assert np.isfinite(open_matrix(tmp_path / "i" / "instability.nc")["error_barrier"]).all()
+
+
+def test_instability_refuses_children_of_another_parent_in_its_folder(parent, tmp_path):
+    import shutil
+
+    instability(recipe(), spawn_at=[1], parent=parent.out, out=tmp_path / "i", alphas=3)
+    other = tmp_path / "other"
+    shutil.copytree(parent.out, other)
+    shutil.copy(parent.out / "epoch_002.safetensors", other / "epoch_001.safetensors")
+    with pytest.raises(CkptscopeError, match=r"copy_0 holds a child spawned from .*parent/"
+                                             r"epoch_001.safetensors, not from .*other/epoch_001"):
+        instability(recipe(), spawn_at=[1], parent=other, out=tmp_path / "i", alphas=3)

@@ -135,12 +135,13 @@ def instability(recipe: Recipe, *, spawn_at: Sequence[int], out: str | os.PathLi
             f"epochs it saved, or train it again (delete it) with these spawn epochs.")
     children: dict[tuple[int, int], RunOutput] = {}
     for k in spawns:
+        source = spawn_source(parent_dir, k)
         for c, child_seed in enumerate(seeds):
             label = f"{k}/{c}"
             children[k, c] = run(recipe, seed=child_seed, out=child_dir(out, k, c),
                                  data_dir=data_dir, device=device, resume=True,
-                                 spawn_from=spawn_source(parent_dir, k), on_epoch=hook(label),
-                                 **options)
+                                 spawn_from=source, on_epoch=hook(label), **options)
+            _check_lineage(children[k, c], source)
             if on_run:
                 on_run(label, children[k, c])
     pairs = [(a, b) for a in range(copies) for b in range(a + 1, copies)]
@@ -158,6 +159,18 @@ def instability(recipe: Recipe, *, spawn_at: Sequence[int], out: str | os.PathLi
 
     path = save_matrix(ds, Path(out) / RESULT)
     return InstabilityOutput(parent_dir, children, ds, path)
+
+
+def _check_lineage(child: RunOutput, source: Path) -> None:
+    """Refuse a reused child that was spawned from another state than ``source`` (an earlier
+    analysis in the same folder with another ``--parent``)."""
+    from ckptscope.checkpoints import file_sha256, load_checkpoint
+
+    notes = json.loads(load_checkpoint(child.final).metadata.get("init", "{}") or "{}")
+    if notes.get("spawn_sha256") != file_sha256(source):
+        raise CkptscopeError(
+            f"{child.out} holds a child spawned from {notes.get('spawned_from', 'another state')}"
+            f", not from {source}; choose another --out, or delete {child.out}.")
 
 
 def _group_specs(groups) -> dict[str, str] | None:
