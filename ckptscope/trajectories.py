@@ -91,13 +91,16 @@ def _recorded_epoch(ckpt: Checkpoint, kind: str) -> int:
 
 
 def _as_checkpoints(source) -> list[tuple[CheckpointInfo, Checkpoint]]:
-    """A run directory, or checkpoint files given in training order."""
+    """A run directory, or checkpoint files given in training order (their epochs: as their
+    metadata records, else their positions)."""
     if isinstance(source, (str, os.PathLike)):
         return run_checkpoints(source)
     items = []
     for i, path in enumerate(source):
         ckpt = load_checkpoint(path)
-        items.append((CheckpointInfo(Path(path).stem, i, str(path), ckpt.sha256), ckpt))
+        epoch = ckpt.metadata.get("epoch", "")  # the trainer's record, else the position
+        epoch = int(epoch) if epoch.isdigit() else i
+        items.append((CheckpointInfo(Path(path).stem, epoch, str(path), ckpt.sha256), ckpt))
     labels = [info.label for info, _ in items]
     if len(set(labels)) != len(labels):
         items = [(CheckpointInfo(f"{i}:{info.label}", i, info.path, info.sha256), ckpt)

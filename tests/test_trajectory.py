@@ -93,7 +93,11 @@ def test_trajectory_without_the_whole_model_leaves_the_diagonal_curves_nan(run_d
 
 
 def test_trajectory_to_final_is_the_final_column(every_pair, run_dir):
-    ds = trajectory(run_dir, alphas=5, groups=["layers.0"], to_final=True, device="cpu")
+    calls = []
+    ds = trajectory(run_dir, alphas=5, groups=["layers.0"], to_final=True, device="cpu",
+                    progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (30, 30)  # 3 paths x 2 groups x 5 alphas
+    assert all(a <= b for (a, _), (b, _) in zip(calls, calls[1:]))
     assert [str(e) for e in ds["end"].values] == ["final"]
     assert ds.sizes["start"] == 4 and ds.attrs["pairs"] == "to_final"
     xr.testing.assert_identical(ds["loss"], every_pair["loss"].sel(end=["final"]))
@@ -203,3 +207,16 @@ def test_trajectory_command_writes_result_and_figure(run_dir, tmp_path, capsys):
     assert "error: run directory" in capsys.readouterr().err
     assert main(["trajectory", str(run_dir), "--out", str(tmp_path / "t.txt")]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_trajectory_of_checkpoint_files_in_the_given_order(run_dir, every_pair):
+    files = [run_dir / "init.safetensors", run_dir / "epoch_002.safetensors",
+             run_dir / "final.safetensors"]
+    ds = trajectory(files, alphas=5, groups=["layers.0"], device="cpu")
+    assert [str(s) for s in ds["start"].values] == ["init", "epoch_002", "final"]
+    assert ds["start_epoch"].values.tolist() == [0, 2, 3]  # as the trainer recorded them
+    labels = ["init", "epoch_002", "final"]
+    xr.testing.assert_identical(
+        ds["loss"].drop_vars([c for c in ds["loss"].coords if c.startswith(("start_", "end_"))]),
+        every_pair["loss"].sel(start=labels, end=labels).drop_vars(
+            [c for c in every_pair["loss"].coords if c.startswith(("start_", "end_"))]))
