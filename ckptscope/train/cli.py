@@ -59,7 +59,7 @@ def _save_figure(fig, path: Path) -> None:
 
 
 def _run_line(label: str, result) -> str:
-    """``parent: trained, test acc 0.9712`` for a run of an instability analysis."""
+    """``2/1: trained to epoch 30, acc 0.9712`` for a run of an instability analysis."""
     if result.skipped:
         return f"{label}: already finished in {result.out}"
     acc = result.last.get("test_accuracy", result.last.get("train_accuracy", float("nan")))
@@ -287,12 +287,12 @@ def instability(recipe_name, spawn_at, copies, seed, out, parent, sets, data_dir
         recipe, spawn_at=parse_epochs(spawn_at), out=out, copies=copies, seed=seed,
         parent=parent, data_dir=data_dir, device=device, groups=list(groups), alphas=alphas,
         on_epoch=on_epoch, on_run=lambda label, r: click.echo(_run_line(label, r), err=True))
-    rows = stability_table(result.result)
-    click.echo(f"{'K':>5}  {'error barrier %':>18}  {'loss barrier':>20}  final acc")
-    for r in rows:
-        click.echo(f"{r['spawn']:>5}  {100 * r['error_barrier']:8.2f} +- "
-                   f"{100 * r['error_barrier_std']:<6.2f}  {r['loss_barrier']:9.4g} +- "
-                   f"{r['loss_barrier_std']:<8.2g}  {r['final_accuracy']:.4f}")
+    from ckptscope.cli.output import table
+
+    click.echo(table(["K", "error barrier %", "loss barrier", "final accuracy"], [
+        [str(r["spawn"]), f"{100 * r['error_barrier']:.2f} +- {100 * r['error_barrier_std']:.2f}",
+         f"{r['loss_barrier']:.4g} +- {r['loss_barrier_std']:.2g}", f"{r['final_accuracy']:.4f}"]
+        for r in stability_table(result.result)]))
     click.echo(f"wrote {result.result_path}")
     if plot:
         from ckptscope.trajectory_plots import plot_instability
