@@ -289,9 +289,14 @@ def instability(recipe_name, spawn_at, copies, seed, out, parent, sets, data_dir
         on_epoch=on_epoch, on_run=lambda label, r: click.echo(_run_line(label, r), err=True))
     from ckptscope.cli.output import table
 
+    def spread(std: float, scale: float, digits: str) -> str:  # one pair: no spread
+        return "" if std != std else f" +- {scale * std:{digits}}"
+
     click.echo(table(["K", "error barrier %", "loss barrier", "final accuracy"], [
-        [str(r["spawn"]), f"{100 * r['error_barrier']:.2f} +- {100 * r['error_barrier_std']:.2f}",
-         f"{r['loss_barrier']:.4g} +- {r['loss_barrier_std']:.2g}", f"{r['final_accuracy']:.4f}"]
+        [str(r["spawn"]), f"{100 * r['error_barrier']:.2f}"
+         + spread(r["error_barrier_std"], 100, ".2f"),
+         f"{r['loss_barrier']:.4g}" + spread(r["loss_barrier_std"], 1, ".2g"),
+         f"{r['final_accuracy']:.4f}"]
         for r in stability_table(result.result)]))
     click.echo(f"wrote {result.result_path}")
     if plot:

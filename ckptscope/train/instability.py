@@ -212,8 +212,8 @@ def _result(swept: xr.Dataset, spawns: list[int], pairs: list[tuple[int, int]], 
 
 
 def stability_table(ds: xr.Dataset, *, group: str = "all", split: str | None = None) -> list[dict]:
-    """Per spawn epoch: the error and loss barriers (mean and std over pairs) and the
-    children's final accuracy (mean over copies)."""
+    """Per spawn epoch: the error and loss barriers (mean, and std over pairs: NaN for one
+    pair) and the children's final accuracy (mean over copies)."""
     split = split if split is not None else str(ds["split"].values[0])
     rows = []
     for k in ds["spawn"].values:
@@ -222,9 +222,9 @@ def stability_table(ds: xr.Dataset, *, group: str = "all", split: str | None = N
         los = ds["midpoint_barrier"].sel(at).values
         rows.append({
             "spawn": int(k), "error_barrier": float(np.mean(err)),
-            "error_barrier_std": float(np.std(err, ddof=1)) if err.size > 1 else 0.0,
+            "error_barrier_std": float(np.std(err, ddof=1)) if err.size > 1 else np.nan,
             "loss_barrier": float(np.mean(los)),
-            "loss_barrier_std": float(np.std(los, ddof=1)) if los.size > 1 else 0.0,
+            "loss_barrier_std": float(np.std(los, ddof=1)) if los.size > 1 else np.nan,
             "final_accuracy": float(ds["final_accuracy"].sel(spawn=k, split=split).mean()),
         })
     return rows
