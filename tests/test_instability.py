@@ -208,3 +208,16 @@ def test_instability_refuses_children_of_another_parent_in_its_folder(parent, tm
     with pytest.raises(CkptscopeError, match=r"copy_0 holds a child spawned from .*parent/"
                                              r"epoch_001.safetensors, not from .*other/epoch_001"):
         instability(recipe(), spawn_at=[1], parent=other, out=tmp_path / "i", alphas=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_spawn_on_cuda_with_the_parents_seed_reproduces_its_final(tmp_path):
+    """The CUDA generator state travels in the spawn state too (augmentations draw on the
+    CPU; this holds the restore on the device)."""
+    parent = run(recipe(), seed=3, out=tmp_path / "parent", save_every=[2], device="cuda")
+    saved = torch.load(state_path(parent.out / "epoch_002.safetensors"), weights_only=True)
+    assert "rng_cuda" in saved
+    child = run(recipe(), seed=3, out=tmp_path / "child", device="cuda",
+                spawn_from=parent.out / "epoch_002.safetensors")
+    assert same(child.final, parent.final)
