@@ -56,7 +56,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = parse_seeds(args.seeds)
-    lines = [f"# Instability and trajectories: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = [f"# Instability and trajectories: {stamp}",
              "", f"- machine: {platform.processor() or platform.machine()}, "
              f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
              f"- seeds: {seeds}; spawn at K = {SPAWN_AT}; 2 copies; {args.alphas} alphas", ""]
@@ -95,7 +96,8 @@ def main() -> None:
                   "| K | error barrier % (mean +- std over seeds) | loss barrier | children's "
                   "final test accuracy |", "|---|---|---|---|"]
         for i, kk in enumerate(SPAWN_AT):
-            lines.append(f"| {kk} | {100 * err[:, i].mean():.2f} +- {100 * err[:, i].std(ddof=1):.2f}"
+            spread = 100 * err[:, i].std(ddof=1)
+            lines.append(f"| {kk} | {100 * err[:, i].mean():.2f} +- {spread:.2f}"
                          f" | {los[:, i].mean():.4f} +- {los[:, i].std(ddof=1):.4f} | "
                          f"{acc[:, i].mean():.4f} |")
         lines += ["", "Trajectory of each parent (`ckptscope trajectory DIR/parent`): paths "

@@ -9,7 +9,8 @@ the "later iterates to the final" view of Frankle et al. 2020), as one sweep:
 
 The result has two checkpoint dims, ``start`` and ``end`` (``docs/results.md``): curves
 ``loss``/``accuracy`` (start, end, group, split, alpha) and per path ``barrier_height``,
-``chord_barrier``, ``midpoint_barrier``, ``midpoint_loss``, ``error_barrier`` and ``distance``.
+``chord_barrier``, ``midpoint_barrier``, ``midpoint_loss``, ``error_barrier``,
+``error_chord_barrier`` and ``distance``.
 """
 
 from __future__ import annotations
@@ -161,11 +162,12 @@ def trajectory(
     Returns:
         A trajectory result: ``loss``, ``accuracy`` (start, end, group, split, alpha); the
         metrics ``barrier_height``, ``chord_barrier``, ``midpoint_barrier``, ``midpoint_loss``,
-        ``error_barrier`` (start, end, group, split); ``distance`` (start, end, group).
+        ``error_barrier``, ``error_chord_barrier`` (start, end, group, split); ``distance``
+        (start, end, group). See ``docs/results.md``.
 
     Example:
         >>> ds = ckptscope.trajectory("runs/spiral/seed_0", to_final=True)  # doctest: +SKIP
-        >>> ds.error_barrier.sel(end="final", group="all", split="test")     # doctest: +SKIP
+        >>> ds.error_chord_barrier.sel(end="final", group="all", split="test")  # doctest: +SKIP
     """
     grid = alpha_grid(alphas)
     if grid[0] != 0.0 or grid[-1] != 1.0:
@@ -200,7 +202,7 @@ def _matrices(swept: xr.Dataset, starts: list[CheckpointInfo], ends: list[Checkp
     distance = np.full((n_s, n_e, n_g), np.nan)
     column = {info.label: k for k, info in enumerate(ends)}
     # linear_paths keeps the pairs' order along ``run``.
-    for r, (i, j) in enumerate(pairs):
+    for r, (i, j) in enumerate(pairs):  # starts are every checkpoint: j indexes them too
         k = column[starts[j].label]
         loss[i, k] = swept["loss"].values[r]
         accuracy[i, k] = swept["accuracy"].values[r]
