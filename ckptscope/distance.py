@@ -119,12 +119,14 @@ def distance_table(
     from ckptscope.adapters import get_adapter
     from ckptscope.checkpoints import as_checkpoint, check_pair
     from ckptscope.groups import normalise_groups, resolve_groups
+    from ckptscope.keys import match_keys
 
     a, b = as_checkpoint(a), as_checkpoint(b)
-    check_pair(a.state, b.state, names=(a.path or "A", b.path or "B"))
     if module is None and adapter is not None:
         adapter = get_adapter(adapter)
         module = adapter.make(adapter.options_for(a.state, None))
+    a, b = match_keys(a, b, module=module)  # tied names, counters (a no-op on a matched pair)
+    check_pair(a.state, b.state, names=(a.path or "A", b.path or "B"))
     params = parameter_keys(a.state, module)
     resolved = resolve_groups(
         list(a.state), normalise_groups(groups), full=full, source=a.path or "A"
