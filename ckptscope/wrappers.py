@@ -11,6 +11,7 @@ model.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 
 # Prefixes of wrappers that never name a network's own tensors: stripped on reading whenever
@@ -20,6 +21,8 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 LIGHTNING_PREFIX = "model."
 # Top-level keys only Lightning's Trainer writes beside "state_dict".
 LIGHTNING_MARKERS = ("pytorch-lightning_version", "global_step", "optimizer_states", "loops")
+VERSION_KEY = "pytorch-lightning_version"
+_VERSION = re.compile(r"[0-9][0-9A-Za-z.+-]{0,23}")  # shown only when it looks like one
 _SHOWN = 3  # names listed in a note before "..."
 
 
@@ -38,7 +41,7 @@ def shown_names(names: Iterable[object], limit: int = _SHOWN) -> str:
 def trainer_note(obj: Mapping, wrapper: str) -> str:
     """One note on what a wrapped checkpoint holds besides the state dict under ``wrapper``.
 
-    Example: ``"Lightning checkpoint: epoch 3, global_step 1200; optimizer states and 3 other
+    Example: ``"Lightning 2.4.0 checkpoint: epoch 3, global_step 1200; optimizer states and 3 other
     trainer keys (callbacks, hyper_parameters, lr_schedulers) ignored"``.
     """
     others = [k for k in obj if k != wrapper]
@@ -49,11 +52,14 @@ def trainer_note(obj: Mapping, wrapper: str) -> str:
                 f"({shown_names(others)})")
     where = [f"{name} {obj[name]}" for name in ("epoch", "global_step")
              if isinstance(obj.get(name), int) and not isinstance(obj.get(name), bool)]
-    ignored = [k for k in others if k not in ("epoch", "global_step", "optimizer_states")]
+    shown = ("epoch", "global_step", "optimizer_states", VERSION_KEY)
+    ignored = [k for k in others if k not in shown]
     parts = ["optimizer states"] if "optimizer_states" in obj else []
     if ignored:
         parts.append(f"{len(ignored)} other trainer key(s) ({shown_names(ignored)})")
-    text = "Lightning checkpoint" + (f": {', '.join(where)}" if where else "")
+    version = obj.get(VERSION_KEY)
+    version = f" {version}" if isinstance(version, str) and _VERSION.fullmatch(version) else ""
+    text = f"Lightning{version} checkpoint" + (f": {', '.join(where)}" if where else "")
     return text + (f"; {' and '.join(parts)} ignored" if parts else "")
 
 
