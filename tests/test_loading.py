@@ -414,3 +414,97 @@ def test_counter_filled_without_a_model_between_files():
     assert torch.equal(ca.state["bn.num_batches_tracked"], b["bn.num_batches_tracked"])
     assert ca.notes == ("filled 1 missing num_batches_tracked counter(s) from b.pt (BatchNorm "
                         "counters never move)",)
+
+
+# --- the command line ------------------------------------------------------------------------
+def token_data():
+    """Evaluation data for ``--data tests.test_loading:token_data``."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(VOCAB, (32,), generator=g), torch.randint(VOCAB, (32,), generator=g)
+
+
+def cli(argv, capsys):
+    from ckptscope.cli import main
+
+    code = main([str(x) for x in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_path_follows_a_tie_and_says_so_once(tmp_path, capsys):
+    a, b = states(TiedLM(), 20)
+    paths = [tmp_path / "init.safetensors", tmp_path / "final.safetensors"]
+    for path, state in zip(paths, (a, b), strict=True):
+        save_file(without(state, "lm_head.weight"), str(path))  # save_pretrained's files
+    code, stdout, err = cli(["path", *paths, "--pair", *paths, "--alphas", 3,
+                             "--adapter", "tests.test_loading:TiedLM",
+                             "--data", "tests.test_loading:token_data", "--group", "lm_head"],
+                            capsys)
+    assert code == 0, err
+    for path in paths:
+        line = f"note: {path}: lm_head.weight follows its tie to wte.weight (stored once)"
+        assert err.splitlines().count(line) == 1, err
+    assert "lm_head" in stdout
+
+
+def test_cli_path_lightning_and_ddp_pair_with_a_preset(tmp_path, mlp_pair, capsys):
+    _, a, b = mlp_pair
+    torch.save({"module." + k: v for k, v in a.items()}, tmp_path / "ddp.pt")
+    torch.save(lightning(b), tmp_path / "last.ckpt")
+    start, end = tmp_path / "ddp.pt", tmp_path / "last.ckpt"
+    code, stdout, err = cli(["path", start, end, "--pair", start, end, "--adapter", "mlp",
+                             "--adapter-opt", "widths=[2,16,16,1]", "--data", "spiral:120,90",
+                             "--alphas", 3, "--preset", "layers"], capsys)
+    assert code == 0, err
+    lines = err.splitlines()
+    for line in (f"note: {start}: stripped prefix 'module.' from {len(a)} keys",
+                 f"note: {end}: Lightning 2.4.0 checkpoint: epoch 3, global_step 1200; "
+                 f"optimizer states and 4 other trainer key(s) (callbacks, hyper_parameters, "
+                 f"loops, ...) ignored",
+                 f"note: {end}: stripped prefix 'model.' from {len(b)} keys"):
+        assert lines.count(line) == 1, err
+    assert "layer1" in stdout
+
+
+def test_cli_inspect_prints_both_files_notes_and_names_ties(tmp_path, capsys):
+    a, b = states(TiedLM(), 21)
+    torch.save(lightning(a), tmp_path / "a.ckpt")  # a torch file keeps the tie
+    save_file(without(b, "lm_head.weight"), str(tmp_path / "b.safetensors"))
+    code, stdout, err = cli(["inspect", tmp_path / "a.ckpt", tmp_path / "b.safetensors",
+                             "--group", "lm_head"], capsys)
+    assert code == 0, err
+    assert f"note: {tmp_path / 'a.ckpt'}: stripped prefix 'model.' from 4 keys" in err
+    assert (f"note: {tmp_path / 'b.safetensors'}: lm_head.weight follows its tie to wte.weight "
+            f"(stored once here, tied in the other checkpoint)") in err
+    row = next(x for x in stdout.splitlines() if x.strip().startswith("lm_head.weight"))
+    assert row.endswith("tied to wte.weight") and "buffer" not in row
+    group = next(x for x in stdout.split("groups:")[1].splitlines() if "lm_head" in x)
+    assert f"{VOCAB * DIM:>12,} params" in group and "nan" not in group
+
+
+def test_cli_inspect_fills_a_missing_counter(tmp_path, capsys):
+    a, b = states(ShiftNet(), 22)
+    save_file(without(a, "bn.num_batches_tracked"), str(tmp_path / "old.safetensors"))
+    torch.save(b, tmp_path / "new.pt")
+    code, _, err = cli(["inspect", tmp_path / "old.safetensors", tmp_path / "new.pt",
+                        "--no-keys"], capsys)
+    assert code == 0, err
+    assert (f"note: {tmp_path / 'old.safetensors'}: filled 1 missing num_batches_tracked "
+            f"counter(s) from {tmp_path / 'new.pt'} (BatchNorm counters never move)") in err
+
+
+def test_cli_strip_prefix(tmp_path, capsys):
+    a, b = states(ShiftNet(), 23)
+    for name, state in (("a", a), ("b", b)):
+        torch.save({"net." + k: v for k, v in state.items()}, tmp_path / f"{name}.pt")
+    pa, pb = tmp_path / "a.pt", tmp_path / "b.pt"
+    code, stdout, err = cli(["distance", pa, pb, "--strip-prefix", "net.", "--group", "fc"],
+                            capsys)
+    assert code == 0, err
+    assert f"note: {pa}: stripped prefix 'net.' from {len(a)} keys (as asked)" in err
+    assert "fc" in stdout
+    code, _, err = cli(["inspect", pa, "--strip-prefix", "model."], capsys)
+    assert code == 2
+    assert err.startswith("error: strip prefix 'model.' (--strip-prefix, strip_prefix=) is not "
+                          f"on every key of '{pa}'; their keys start with net.")
+    assert len(err.strip().splitlines()) == 1
