@@ -133,8 +133,8 @@ def strip_given(ckpts: Sequence[Checkpoint], strip: str | Sequence[str] | None,
             starts = sorted({k.split(".", 1)[0] + "." for c in out for k in c.state})
             raise CkptscopeError(
                 f"strip prefix {prefix!r} (--strip-prefix, strip_prefix=) is not on every key "
-                f"of {' or '.join(repr(x) for x in labels)}; their keys start with "
-                f"{shown_names(starts, 5)}. Give the prefix every key of a file shares, or "
+                f"of {' or '.join(repr(x) for x in labels)} (their keys start with "
+                f"{shown_names(starts, 5)}); give the prefix every key of a file shares, or "
                 f"leave it out: ckptscope strips "
                 f"{', '.join(repr(p) for p in WRAPPER_PREFIXES)} and Lightning's "
                 f"{LIGHTNING_PREFIX!r} itself."

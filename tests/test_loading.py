@@ -297,7 +297,7 @@ def test_explicit_prefix_already_stripped_on_reading_is_accepted(tmp_path):
 
 @pytest.mark.parametrize("prefix, match", [
     ("model.", r"strip prefix 'model\.' \(--strip-prefix, strip_prefix=\) is not on every key "
-               r"of 'start' or 'end'; their keys start with bn\., fc\., net\., shift\."),
+               r"of 'start' or 'end' \(their keys start with bn\., fc\., net\., shift\.\); give"),
     ("", r"strip prefix '' .* is empty"),
     ("..", r"strip prefix '\.\.' .* is empty"),
 ])
@@ -506,5 +506,5 @@ def test_cli_strip_prefix(tmp_path, capsys):
     code, _, err = cli(["inspect", pa, "--strip-prefix", "model."], capsys)
     assert code == 2
     assert err.startswith("error: strip prefix 'model.' (--strip-prefix, strip_prefix=) is not "
-                          f"on every key of '{pa}'; their keys start with net.")
+                          f"on every key of '{pa}' (their keys start with net.); give")
     assert len(err.strip().splitlines()) == 1
