@@ -241,11 +241,16 @@ def test_wrapper_prefix_is_kept_when_the_model_has_it(tmp_path, features):
     np.testing.assert_allclose(ds.loss.sel(group="all", split="eval").values[0], loss, rtol=1e-5)
 
 
-def test_wrapped_modules_are_unwrapped():
+def test_wrapped_modules_are_unwrapped(features):
     inner = ShiftNet()
     assert unwrap_module(nn.DataParallel(inner)) is inner
     assert unwrap_module(torch.compile(nn.DataParallel(inner))) is inner
     assert unwrap_module(inner) is inner
+    a, b = states(inner, 16)
+    ds = ckptscope.linear_path(a, b, nn.DataParallel(inner), features, alphas=3)
+    loss, _ = reference_path(inner, a, b, list(a), np.linspace(0, 1, 3), *features)
+    np.testing.assert_allclose(ds.loss.sel(group="all", split="eval").values[0], loss, rtol=1e-5)
+    assert ds.attrs["adapter"] == "module:ShiftNet"
 
 
 def test_other_prefix_is_stripped_when_the_other_side_lacks_it(tmp_path, features):
