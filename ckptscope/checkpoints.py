@@ -1,8 +1,11 @@
 """Read and write checkpoints (weights only) and validate a pair of them.
 
 Safetensors files are memory-mapped; torch files are read with ``weights_only=True`` so a
-checkpoint can never run code. Wrappers (``{"state_dict": ...}``, ``{"model": ...}``) and the
-``module.`` / ``_orig_mod.`` prefixes of DataParallel and ``torch.compile`` are unwrapped.
+checkpoint can never run code. Wrappers (``{"state_dict": ...}``, ``{"model": ...}``, a
+Lightning checkpoint) are unwrapped, and the prefixes every key has from DataParallel / DDP
+(``module.``), ``torch.compile`` (``_orig_mod.``) and Lightning (``model.``) are stripped
+(:mod:`ckptscope.wrappers`); :mod:`ckptscope.keys` then matches a pair's keys to each other
+and to the model (prefixes, tied weights, BatchNorm counters).
 """
 
 from __future__ import annotations
@@ -22,10 +25,10 @@ import torch
 from ckptscope.errors import CkptscopeError
 from ckptscope.files import replacing, write_error
 from ckptscope.metadata import PREFIX, check_fields, read_metadata
+from ckptscope.wrappers import is_lightning, strip_prefix, trainer_note, wrapper_prefixes
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
-STRIP_PREFIXES = ("module.", "_orig_mod.")
 META_PREFIX = PREFIX
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -40,7 +43,10 @@ class Checkpoint:
         sha256: hex digest of the file's bytes ("" for an in-memory state).
         metadata: the ckptscope metadata it carries (adapter, data, ...), prefix removed: inert,
             bounded strings, read only through :mod:`ckptscope.metadata`.
-        notes: one-line remarks made while reading (upcasts, unwrapped prefixes).
+        notes: one-line remarks made while reading (upcasts, unwrapped prefixes), and while
+            matching its keys to a pair's (:mod:`ckptscope.keys`).
+        stripped: the prefixes stripped from every key, outermost first (``("module.",)``);
+            :mod:`ckptscope.keys` puts one back when the model's own keys have it.
     """
 
     state: dict[str, torch.Tensor]
@@ -48,6 +54,7 @@ class Checkpoint:
     sha256: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    stripped: tuple[str, ...] = ()
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -133,13 +140,15 @@ def _read_torch(path: Path, kind: str) -> object:
 
 def unwrap_state(
     obj: object, *, source: str = "state"
-) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Return the tensor state dict inside ``obj`` and notes on what was unwrapped.
+) -> tuple[dict[str, torch.Tensor], list[str], tuple[str, ...]]:
+    """Return the tensor state dict inside ``obj``, notes on what was unwrapped, and the
+    prefixes stripped from every key.
 
     Args:
         obj: a mapping of tensors, possibly wrapped as ``{"state_dict": ...}`` or
-            ``{"model": ...}`` (the first wrapper holding tensors wins), with keys possibly
-            prefixed by ``module.`` or ``_orig_mod.``.
+            ``{"model": ...}`` (the first wrapper holding tensors wins; a Lightning checkpoint's
+            trainer keys are summed up in one note, never read further), with keys possibly
+            prefixed by ``module.`` or ``_orig_mod.`` (or ``model.`` in a Lightning checkpoint).
         source: the name used in error messages.
     """
     notes: list[str] = []
@@ -147,23 +156,40 @@ def unwrap_state(
         raise CkptscopeError(
             f"{source} holds a {type(obj).__name__}, not a state dict; save model.state_dict()."
         )
+    lightning = is_lightning(obj)
     for wrapper in WRAPPER_KEYS:
         inner = obj.get(wrapper)
         if isinstance(inner, Mapping) and any(isinstance(v, torch.Tensor) for v in inner.values()):
-            notes.append(f"read the state dict under {wrapper!r}")
+            notes.append(trainer_note(obj, wrapper))
             obj = inner
             break
+    else:
+        lightning = False
     state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not state:
         raise CkptscopeError(
             f"{source} holds no tensors (top-level keys: {sorted(map(str, obj))[:8]}); "
             f"save model.state_dict()."
         )
-    for prefix in STRIP_PREFIXES:
-        if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-            notes.append(f"stripped the {prefix!r} prefix")
-    return state, notes
+    state, more, stripped = strip_wrappers(state, lightning=lightning)
+    return state, notes + more, stripped
+
+
+def strip_wrappers(
+    state: dict[str, torch.Tensor], *, lightning: bool = False
+) -> tuple[dict[str, torch.Tensor], list[str], tuple[str, ...]]:
+    """Strip the wrappers' prefixes every key has (:func:`ckptscope.wrappers.wrapper_prefixes`).
+
+    Returns:
+        The state, one note per prefix (``"stripped prefix 'module.' from 12 keys"``), and the
+        prefixes, outermost first.
+    """
+    stripped = tuple(wrapper_prefixes(state, lightning=lightning))
+    notes = []
+    for prefix in stripped:
+        state = strip_prefix(state, prefix)
+        notes.append(f"stripped prefix {prefix!r} from {len(state)} keys")
+    return state, notes, stripped
 
 
 def _normalise(
@@ -209,16 +235,17 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     metadata: dict[str, str] = {}
     if kind == "safetensors":
         state, metadata = _read_safetensors(path)
-        notes: list[str] = []
+        state, notes, stripped = strip_wrappers(state)
     elif kind in ("torch-zip", "torch-legacy"):
-        state, notes = unwrap_state(_read_torch(path, kind), source=repr(str(path)))
+        state, notes, stripped = unwrap_state(_read_torch(path, kind), source=repr(str(path)))
     else:
         raise CkptscopeError(
             f"{str(path)!r} is neither a safetensors file nor a torch checkpoint (it starts with "
             f"{path.read_bytes()[:8]!r}); pass a file written by safetensors or torch.save."
         )
     state, more = _normalise(state, repr(str(path)))
-    return Checkpoint(state, str(path), file_sha256(path), metadata, tuple(notes + more))
+    return Checkpoint(state, str(path), file_sha256(path), metadata, tuple(notes + more),
+                      stripped)
 
 
 def as_checkpoint(
@@ -229,10 +256,10 @@ def as_checkpoint(
         return source
     if isinstance(source, (str, os.PathLike)):
         return load_checkpoint(source)
-    state, notes = unwrap_state(source)
+    state, notes, stripped = unwrap_state(source)
     state = {k: v.detach().cpu() for k, v in state.items()}
     state, more = _normalise(state, "state dict")
-    return Checkpoint(state, notes=tuple(notes + more))
+    return Checkpoint(state, notes=tuple(notes + more), stripped=stripped)
 
 
 def _diff_list(keys: list[str], limit: int = 10) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from ckptscope.identity import parameter_keys, unique_keys
+from ckptscope.identity import parameter_keys, state_aliases, unique, unique_keys
 
 
 def _moments(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], key: str):
@@ -119,17 +119,24 @@ def distance_table(
     from ckptscope.adapters import get_adapter
     from ckptscope.checkpoints import as_checkpoint, check_pair
     from ckptscope.groups import normalise_groups, resolve_groups
+    from ckptscope.keys import match_keys
 
     a, b = as_checkpoint(a), as_checkpoint(b)
-    check_pair(a.state, b.state, names=(a.path or "A", b.path or "B"))
     if module is None and adapter is not None:
         adapter = get_adapter(adapter)
         module = adapter.make(adapter.options_for(a.state, None))
+    a, b = match_keys(a, b, module=module)  # tied names, counters (a no-op on a matched pair)
+    check_pair(a.state, b.state, names=(a.path or "A", b.path or "B"))
     params = parameter_keys(a.state, module)
     resolved = resolve_groups(
         list(a.state), normalise_groups(groups), full=full, source=a.path or "A"
     )
-    keys = [unique_keys(g.keys, params, module) for g in resolved]
+    if module is None:  # a tied alias (one storage, two names) counts where a group holds it
+        alias = state_aliases(a.state)
+        params = {k for k in a.state if alias[k] in params}
+        keys = [unique((k for k in g.keys if k in params), alias) for g in resolved]
+    else:
+        keys = [unique_keys(g.keys, params, module) for g in resolved]
     # One pass over each tensor, however many groups (and ``all``) hold it.
     every = dict.fromkeys(k for ks in keys for k in ks)
     moments = {k: _moments(a.state, b.state, k) for k in every}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,15 +25,18 @@ from ckptscope.data import DATASETS, as_splits, load_data, select_splits
 from ckptscope.data.transforms import subset
 from ckptscope.engine import EvalConfig
 from ckptscope.errors import CkptscopeError
+from ckptscope.keys import check_model_keys, match_keys, model_tensors, unwrap_module
 from ckptscope.metadata import stored_adapter, stored_data, stored_int, stored_options
 
 StateSource = str | os.PathLike | Mapping[str, torch.Tensor] | Checkpoint
 
 
-def load_pair(start: StateSource, end: StateSource) -> tuple[Checkpoint, Checkpoint]:
-    """Read both checkpoints, check that they are a pair, and warn about NaN/Inf in either."""
-    a, b = as_checkpoint(start), as_checkpoint(end)
-    check_pair(a.state, b.state, names=(a.path or "start", b.path or "end"))
+def load_pair(start: StateSource, end: StateSource, *,
+              strip_prefix: str | Sequence[str] | None = None) -> tuple[Checkpoint, Checkpoint]:
+    """Read both checkpoints, match their keys to each other (:func:`ckptscope.keys.match_keys`:
+    prefixes, tied names, BatchNorm counters) and warn about NaN/Inf in either. Whether they
+    are a pair is checked once the model is known (:func:`match_model`)."""
+    a, b = match_keys(as_checkpoint(start), as_checkpoint(end), strip_prefix=strip_prefix)
     _warn_nonfinite(a, a.path or "start")
     _warn_nonfinite(b, b.path or "end")
     return a, b
@@ -105,17 +108,28 @@ def resolve_model(
     so no option, the user's or a file's, allocates beyond the checkpoint's size.
     """
     if isinstance(model, nn.Module):
-        return model, None, {}
+        return unwrap_module(model), None, {}
     adapter, options, source = choose_adapter(model, a, b, adapter_options)
     like = a.state if registered(adapter) else None
     where = f"the checkpoint {_label(a, 'start')}"
     return adapter.make(options, like=like, where=where, source=source), adapter, options
 
 
+def match_model(a: Checkpoint, b: Checkpoint, module: nn.Module, adapter: Adapter | None
+                ) -> tuple[Checkpoint, Checkpoint]:
+    """Match the pair's keys to the model (:func:`ckptscope.keys.match_keys`), then refuse a
+    pair whose keys, shapes or kinds of dtype differ, or that the model does not fit."""
+    a, b = match_keys(a, b, module=module)
+    check_pair(a.state, b.state, names=(a.path or "start", b.path or "end"))
+    check_model(module, adapter, a)
+    return a, b
+
+
 def check_model(module: nn.Module, adapter: Adapter | None, a: Checkpoint) -> None:
-    """Refuse a module whose keys or shapes are not the checkpoint's."""
-    check_pair(
-        dict(module.state_dict()),
+    """Refuse a module whose keys or shapes are not the checkpoint's (naming the model's ties
+    among the keys the checkpoint lacks)."""
+    check_model_keys(
+        model_tensors(module),
         a.state,
         names=(
             f"the model ({adapter.name if adapter else module_name(module)})",

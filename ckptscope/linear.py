@@ -34,13 +34,14 @@ from ckptscope.engine.placement import resolve_device
 from ckptscope.errors import CkptscopeError
 from ckptscope.groups import Group, normalise_groups, resolve_groups
 from ckptscope.identity import model_identity
+from ckptscope.keys import file_notes, prefixes_given
 from ckptscope.inputs import (
     Inputs,
     StateSource,
-    check_model,
     check_stored,
     load_inputs,
     load_pair,
+    match_model,
     resolve_model,
 )
 from ckptscope.points import HOLDS, PointSet, alpha_grid, path_points
@@ -87,6 +88,7 @@ def linear_path(
     progress: Callable[[int, int], None] | None = None,
     resume_dir: str | os.PathLike | None = None,
     config: EvalConfig | None = None,
+    strip_prefix: str | Sequence[str] | None = None,
 ) -> xr.Dataset:
     """Evaluate loss and accuracy on the straight line from ``start`` to ``end``.
 
@@ -128,6 +130,11 @@ def linear_path(
         config: the engine's knobs (:class:`ckptscope.EvalConfig`): batch size, strategy,
             channels-last, memory budget, BatchNorm batches, data size, seed. Its device,
             dtype and BatchNorm policy are this function's keywords of those names.
+        strip_prefix: a prefix (or several) to strip from the keys of each checkpoint whose
+            keys all start with it (``"model."``; a missing final dot is added). Wrappers'
+            prefixes (DDP's ``module.``, ``torch.compile``'s ``_orig_mod.``, Lightning's
+            ``model.``) are found without it (``docs/loading.md``); a prefix that no
+            checkpoint's keys all have is an error.
 
     Returns:
         A dataset with ``loss`` and ``accuracy`` (run, group, split, alpha), ``distance``
@@ -142,7 +149,8 @@ def linear_path(
     """
     question = _question(groups=groups, alphas=alphas, full=full, hold=hold, loss=loss, bn=bn,
                          split=split, device=device, dtype=dtype, adapter_options=adapter_options,
-                         tolerances=tolerances, resume_dir=resume_dir, config=config)
+                         tolerances=tolerances, resume_dir=resume_dir, config=config,
+                         strip_prefix=strip_prefix)
     return _pair(run, start, end, model, data, question, _Shared(), progress)
 
 
@@ -166,6 +174,7 @@ def linear_paths(
     progress: Callable[[str, int, int], None] | None = None,
     resume_dir: str | os.PathLike | None = None,
     config: EvalConfig | None = None,
+    strip_prefix: str | Sequence[str] | None = None,
 ) -> xr.Dataset:
     """Evaluate several checkpoint pairs (seeds, conditions) into one result with a ``run`` dim.
 
@@ -178,7 +187,7 @@ def linear_paths(
         model, data: as for :func:`linear_path` (shared by every pair).
         progress: called as ``progress(run, done, total)``.
         groups, alphas, full, hold, loss, bn, split, device, dtype, adapter_options,
-            tolerances, resume_dir, config: as for :func:`linear_path`.
+            tolerances, resume_dir, config, strip_prefix: as for :func:`linear_path`.
 
     Returns:
         The runs joined along ``run`` (:func:`ckptscope.merge`), classified.
@@ -192,7 +201,8 @@ def linear_paths(
         raise CkptscopeError("no checkpoint pairs given; pass at least one (start, end).")
     question = _question(groups=groups, alphas=alphas, full=full, hold=hold, loss=loss, bn=bn,
                          split=split, device=device, dtype=dtype, adapter_options=adapter_options,
-                         tolerances=tolerances, resume_dir=resume_dir, config=config)
+                         tolerances=tolerances, resume_dir=resume_dir, config=config,
+                         strip_prefix=strip_prefix)
     for _, (start, end) in items:  # a pair's metadata refused before any pair is evaluated
         check_stored(start, end, model, data, {"adapter_options": adapter_options,
                                                "seed": question.config.seed})
@@ -238,6 +248,7 @@ class _Question:
     config: EvalConfig
     rank: int
     size: int
+    strip_prefix: tuple[str, ...] = ()
 
 
 class _Shared:
@@ -250,13 +261,15 @@ class _Shared:
 
 
 def _question(*, groups, alphas, full, hold, loss, bn, split, device, dtype, adapter_options,
-              tolerances, resume_dir, config: EvalConfig | None) -> _Question:
+              tolerances, resume_dir, config: EvalConfig | None,
+              strip_prefix: str | Sequence[str] | None = None) -> _Question:
     """Validate every option before any work, and settle the device."""
     if dtype not in DTYPES and dtype not in AUTOCAST:
         raise CkptscopeError(f"dtype {dtype!r} is not one of {sorted(DTYPES) + sorted(AUTOCAST)}.")
     if hold not in HOLDS:
         raise CkptscopeError(f"hold={hold!r} is not one of {HOLDS}.")
     check_tolerances(**dict(tolerances or {}))  # before the work, not after it
+    prefixes = prefixes_given(strip_prefix)
     grid = alpha_grid(alphas)
     endpoint_indices(grid)  # the shape verdicts need two points in [0, 1]: refused before work
     config = config or EvalConfig()
@@ -272,7 +285,7 @@ def _question(*, groups, alphas, full, hold, loss, bn, split, device, dtype, ada
     rank, size, device = distributed.setup(device)
     config = replace(config, device=resolve_device(device))
     return _Question(grid, groups, full, hold, loss, split, dtype, adapter_options,
-                     dict(tolerances or {}), resume_dir, config, rank, size)
+                     dict(tolerances or {}), resume_dir, config, rank, size, prefixes)
 
 
 @dataclass(frozen=True)
@@ -296,9 +309,9 @@ def _pair(label: str, start: StateSource, end: StateSource, model: Model, data: 
           question: _Question, shared: _Shared,
           progress: Callable[[int, int], None] | None) -> xr.Dataset:
     """One pair through the pipeline."""
-    a, b = load_pair(start, end)
+    a, b = load_pair(start, end, strip_prefix=question.strip_prefix)
     module, adapter, options = resolve_model(model, a, b, question.adapter_options)
-    check_model(module, adapter, a)
+    a, b = match_model(a, b, module, adapter)
     inputs = load_inputs(data, a, adapter, split=question.split, config=question.config,
                          loaded=shared.inputs)
     groups = _groups(a, question)
@@ -322,7 +335,8 @@ def _pair(label: str, start: StateSource, end: StateSource, model: Model, data: 
         curves = tuple(distributed.reduce_sum(c, question.config.device) for c in curves)
     moved = distance_table(a, b, groups=normalise_groups(question.groups),
                            module=evaluator.module, full=question.full)
-    notes = (*a.notes, *b.notes, *(cache.notes(total) if cache else (off,)))
+    notes = (*file_notes(a, "start"), *file_notes(b, "end"),
+             *(cache.notes(total) if cache else (off,)))
     return _result(run, question, curves, moved, [n for n in notes if n])
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ckptscope.checkpoints import check_pair
 from ckptscope.errors import CkptscopeError
+from ckptscope.keys import check_model_keys, complete, model_tensors
 from ckptscope.registry import Registry, import_object, is_import_spec
 
 Preset = Callable[[Sequence[str]], dict[str, str]]
@@ -107,9 +107,11 @@ class Adapter:
                 f"adapter {self.name!r}: the options {_shown(options)}{origin} do not build a "
                 f"module ({reason}); {fix}."
             ) from None
-        check_pair(skeleton.state_dict(), like,
-                   names=(f"the model ({self.name}, options {_shown(options)}{origin})", where),
-                   fix=fix)
+        tensors = model_tensors(skeleton)
+        check_model_keys(tensors, complete(like, tensors),
+                         names=(f"the model ({self.name}, options {_shown(options)}{origin})",
+                                where),
+                         fix=fix)
         held = sum(t.numel() for t in (*skeleton.parameters(), *skeleton.buffers()))
         total = sum(t.numel() for t in like.values())
         if source and held > total:

@@ -4,8 +4,40 @@ from __future__ import annotations
 
 import click
 
-from ckptscope.cli.options import check_suffix, group_specs
+from ckptscope.cli.notes import NotePrinter
+from ckptscope.cli.options import check_suffix, group_specs, strip_prefix_option
 from ckptscope.cli.output import table
+
+
+def _read(start: str, end: str | None, adapter: str | None, strip_prefixes: tuple[str, ...]):
+    """The checkpoints matched to each other, or to the adapter's model when one is given
+    (:func:`ckptscope.keys.match_keys`), their notes printed once, and the model (or None)."""
+    from ckptscope.adapters import get_adapter
+    from ckptscope.checkpoints import load_checkpoint
+    from ckptscope.keys import match_keys
+
+    a = load_checkpoint(start)
+    b = load_checkpoint(end) if end else None
+    a, b = match_keys(a, b, strip_prefix=strip_prefixes)
+    module = None
+    if adapter is not None:
+        chosen = get_adapter(adapter)
+        module = chosen.make(chosen.options_for(a.state, None))
+        a, b = match_keys(a, b, module=module)
+    return a, b, module
+
+
+def _describe(ckpt, notes: NotePrinter) -> None:
+    from ckptscope.checkpoints import describe_dtypes
+    from ckptscope.identity import parameter_keys
+    from ckptscope.metadata import describe_metadata
+
+    n_params = sum(ckpt.state[k].numel() for k in parameter_keys(ckpt.state))
+    click.echo(f"{ckpt.path}  sha256 {ckpt.sha256[:16]}  {len(ckpt.state)} tensors, "
+               f"{n_params:,} parameters ({describe_dtypes(ckpt.state)})")
+    if ckpt.metadata:  # a file's strings, escaped: they never drive the terminal
+        click.echo(f"metadata: {describe_metadata(ckpt.metadata)}")
+    notes.checkpoint(ckpt)
 
 
 @click.command()
@@ -15,30 +47,26 @@ from ckptscope.cli.output import table
 @click.option("--preset", "presets", multiple=True, metavar="NAME")
 @click.option("--adapter", default=None, metavar="NAME|pkg.module:attr")
 @click.option("--keys/--no-keys", default=True, show_default=True, help="List every tensor.")
-def inspect(start, end, groups, presets, adapter, keys):
+@strip_prefix_option
+def inspect(start, end, groups, presets, adapter, keys, strip_prefixes):
     """Show a checkpoint's tensors, how groups resolve, and distances to END."""
-    from ckptscope.checkpoints import describe_dtypes, load_checkpoint
     from ckptscope.distance import distances
-    from ckptscope.identity import parameter_keys
-    from ckptscope.metadata import describe_metadata
+    from ckptscope.identity import parameter_keys, state_aliases
 
-    a = load_checkpoint(start)
-    b = load_checkpoint(end) if end else None
+    a, b, module = _read(start, end, adapter, strip_prefixes)
     specs = group_specs(adapter, presets, groups, a)
     # Against itself when there is no END: the per-group counts without a distance.
-    moved = distances(a, b if b is not None else a, groups=specs, adapter=adapter)
-    params = parameter_keys(a.state)
-    n_params = sum(a.state[k].numel() for k in params)
-    click.echo(f"{a.path}  sha256 {a.sha256[:16]}  {len(a.state)} tensors, {n_params:,} "
-               f"parameters ({describe_dtypes(a.state)})")
-    if a.metadata:  # a file's strings, escaped: they never drive the terminal
-        click.echo(f"metadata: {describe_metadata(a.metadata)}")
-    for note in a.notes:
-        click.echo(f"note: {note}")
+    moved = distances(a, b if b is not None else a, groups=specs, module=module)
+    notes = NotePrinter()
+    for ckpt in (a, b) if b is not None else (a,):
+        _describe(ckpt, notes)
     if keys:
+        params = parameter_keys(a.state, module)
+        tied = state_aliases(a.state)  # one storage under two names: the later is an alias
         width = max(len(k) for k in a.state)
         for k, v in a.state.items():
-            kind = "param" if k in params else "buffer"
+            kind = (f"tied to {tied[k]}" if tied[k] != k
+                    else "param" if k in params else "buffer")
             click.echo(f"  {k.ljust(width)}  {str(tuple(v.shape)):>18}  "
                        f"{str(v.dtype).replace('torch.', ''):>8}  {kind}")
     click.echo("groups:")
@@ -58,16 +86,19 @@ def inspect(start, end, groups, presets, adapter, keys):
                    "running_mean/var are buffers).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Write the distances (.nc).")
-def distance(start, end, groups, presets, adapter, out):
+@strip_prefix_option
+def distance(start, end, groups, presets, adapter, out, strip_prefixes):
     """Distances between two checkpoints per group (relative as eq. 4, L2, cosine)."""
-    from ckptscope.checkpoints import load_checkpoint
     from ckptscope.distance import distances
     from ckptscope.results import write_netcdf
 
     check_suffix(out, (".nc",), "--out")
-    a, b = load_checkpoint(start), load_checkpoint(end)
+    a, b, module = _read(start, end, adapter, strip_prefixes)
+    notes = NotePrinter()
+    notes.checkpoint(a)
+    notes.checkpoint(b, "end")
     specs = group_specs(adapter, presets, groups, a)
-    ds = distances(a, b, groups=specs, adapter=adapter)
+    ds = distances(a, b, groups=specs, module=module)
     if out:
         write_netcdf(ds, out)
     cells = [[str(g), str(p), f"{int(n):,}", f"{r:.4g}", f"{l2:.4g}", f"{c:.4f}"]

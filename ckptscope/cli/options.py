@@ -6,7 +6,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import click
+
 from ckptscope.errors import CkptscopeError
+
+strip_prefix_option = click.option(
+    "--strip-prefix", "strip_prefixes", multiple=True, metavar="PREFIX",
+    help="Strip PREFIX (e.g. model.) from the keys of each checkpoint whose keys all start "
+         "with it; repeatable. DDP's module., torch.compile's _orig_mod. and Lightning's "
+         "model. are found without it.")
 
 
 def check_suffix(path: str | None, suffixes: tuple[str, ...], option: str) -> None:

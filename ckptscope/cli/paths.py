@@ -7,7 +7,14 @@ from pathlib import Path
 
 import click
 
-from ckptscope.cli.options import check_suffix, group_specs, key_values, parse_tolerances
+from ckptscope.cli.notes import NotePrinter
+from ckptscope.cli.options import (
+    check_suffix,
+    group_specs,
+    key_values,
+    parse_tolerances,
+    strip_prefix_option,
+)
 from ckptscope.cli.output import ProgressBar, aggregate_table, path_table, save_figure
 from ckptscope.errors import CkptscopeError
 
@@ -126,9 +133,10 @@ def demo(out, seed, epochs):
               help="Write the result (.nc).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Write a figure (.png, .pdf, .svg).")
+@strip_prefix_option
 def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adapter,
          adapter_opts, data, split, hold, no_full, device, dtype, batch_size, strategy,
-         channels_last, bn, bn_batches, data_size, seed, tolerances, out, plot):
+         channels_last, bn, bn_batches, data_size, seed, tolerances, out, plot, strip_prefixes):
     """Evaluate loss and accuracy on the straight line from START to END."""
     from ckptscope.cache import remove_partial
     from ckptscope.checkpoints import load_checkpoint
@@ -143,8 +151,16 @@ def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adap
     check_suffix(out, (".nc",), "--out")
     check_suffix(plot, (".png", ".pdf", ".svg"), "--plot")
     grid = parse_alpha_range(alpha_range) if alpha_range else (alphas or 51)
-    runs = {label: (load_checkpoint(a), load_checkpoint(b))
+    from ckptscope.distributed import is_main
+    from ckptscope.keys import match_keys
+
+    runs = {label: match_keys(load_checkpoint(a), load_checkpoint(b),
+                              strip_prefix=strip_prefixes)
             for label, (a, b) in _pairs(start, end, pairs, run_dirs).items()}
+    notes = NotePrinter()
+    for a, b in runs.values():
+        notes.checkpoint(a, "start")
+        notes.checkpoint(b, "end")
     first = next(iter(runs.values()))[0]
     specs = group_specs(adapter, presets, groups, first)
     bars = {label: ProgressBar(f"run {label}" if len(runs) > 1 else "evaluating")
@@ -158,11 +174,11 @@ def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adap
         tolerances=parse_tolerances(tolerances),
         progress=lambda label, done, total: bars[label](done, total),
         resume_dir=_partial_dir(out),
+        strip_prefix=strip_prefixes,
     )
-    from ckptscope.distributed import is_main
-
     if not is_main():  # under torchrun, rank 0 writes and prints
         return
+    notes.result(ds)  # those made while matching the keys to the model
     for note in ds.attrs.get("notes", "").split("; "):
         if "resumed" in note:  # e.g. "resumed 35 of 51 points from r.nc.partial/"
             click.echo(note, err=True)
