@@ -229,8 +229,7 @@ def summarize(results, by: str | None = None, *, rtol: float | None = None,
     picked = [ds.sel(group=groups, split=splits) for _, ds in items]
     verdicts = [ds["shape"].transpose(*shapes.CURVE_DIMS).values.astype(str) for ds in picked]
     metrics = {m: [curve_metric(ds, m) for ds in picked] for m in SUMMARIZED}
-    split_by = by if by is not None or len(items) > 1 else None
-    found = conditions(items, split_by)
+    found = conditions(items, by)
 
     n_cond, cells = len(found), (len(groups), len(splits))
     n_run = np.zeros(n_cond, dtype=np.int32)
@@ -248,7 +247,7 @@ def summarize(results, by: str | None = None, *, rtol: float | None = None,
             values = np.stack([metrics[m][i][r] for i, r in members])
             stats[m][c] = _statistics(np.where(valid, values, np.nan))
 
-    lead = ("condition",) if split_by is not None else ()
+    lead = ("condition",) if by is not None or len(items) > 1 else ()
     squeeze = (lambda a: a) if lead else (lambda a: a[0])
     fraction = count / np.maximum(n_run, 1)[:, None, None, None]
     data = {
