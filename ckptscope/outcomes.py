@@ -169,7 +169,10 @@ def metadata_values(ds: xr.Dataset, name: str, *, root: str | os.PathLike | None
         if field not in meta:
             raise CkptscopeError(f"checkpoint {str(path)!r} (run {run!r}) has no metadata field "
                                  f"{field!r}; it has {', '.join(sorted(meta)) or 'none'}.")
-        value = parse_json(meta[field], source=str(path), field=field)
+        if keys:
+            value = parse_json(meta[field], source=str(path), field=field)
+        else:  # a plain field: a JSON number, or a string stored as it is ("role": "final")
+            value = _plain(meta[field], source=str(path), field=field)
         for depth, key in enumerate(keys):
             if not isinstance(value, dict) or key not in value:
                 at = ".".join([field, *keys[:depth]])
@@ -184,6 +187,15 @@ def metadata_values(ds: xr.Dataset, name: str, *, root: str | os.PathLike | None
                                  f"{str(value)[:40]!r}, not a number.")
         out[r] = float(value)
     return out
+
+
+def _plain(text: str, *, source: str, field: str):
+    """A top-level metadata field: JSON where it parses (numbers are stored as JSON), else the
+    string itself."""
+    try:
+        return parse_json(text, source=source, field=field)
+    except CkptscopeError:
+        return text
 
 
 # --- a table keyed by run --------------------------------------------------------------------
