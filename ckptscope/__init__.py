@@ -18,6 +18,9 @@ from ckptscope.points import PointSet, alpha_grid, path_points, path_state, stat
 from ckptscope.results import merge_results as merge
 from ckptscope.results import open_result, save_result
 from ckptscope.shape import classify
+from ckptscope.correlation import Correlation, correlate
+from ckptscope.report import report
+from ckptscope.summary import summarize
 
 __version__ = "0.1.0"
 
@@ -49,4 +52,8 @@ __all__ = [
     "save_checkpoint",
     "save_result",
     "state_at",
+    "Correlation",
+    "correlate",
+    "report",
+    "summarize",
 ]
