@@ -17,10 +17,11 @@ _BY_HELP = ("Conditions: a run coordinate, run_prefix (the run label up to its l
             "attribute of each result (e.g. recipe).")
 
 
-def _open_all(results: tuple[str, ...]) -> dict:
+def _open_all(results: tuple[str, ...]) -> list:
+    """The results, in order (each labelled by its file: ``ds.encoding["source"]``)."""
     from ckptscope.results import open_result
 
-    return {path: open_result(path) for path in results}
+    return [open_result(path) for path in results]
 
 
 @click.command()
