@@ -8,8 +8,10 @@ from ``scipy.stats``, and a seeded bootstrap interval over runs. numpy / scipy /
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,7 +131,8 @@ def _resampled(xs: np.ndarray, ys: np.ndarray, method: str) -> np.ndarray:
 
 def correlate(ds: xr.Dataset, metric: str, with_, *, method: str = "spearman",
               bootstrap: int = 0, seed: int = 0, confidence: float = DEFAULT_CONFIDENCE,
-              root: str | os.PathLike | None = None) -> Correlation:
+              root: str | os.PathLike | None = None,
+              runs: str | Sequence[str] | None = None) -> Correlation:
     """Correlate a shape metric with an outcome across the runs of a result.
 
     Args:
@@ -149,6 +152,8 @@ def correlate(ds: xr.Dataset, metric: str, with_, *, method: str = "spearman",
         seed: the bootstrap's seed.
         confidence: the interval's coverage.
         root: the folder the result's relative checkpoint paths are resolved against.
+        runs: use only these runs: labels, or one glob pattern (``"i-f:*"``) matched against
+            the labels with ``fnmatch``.
 
     Raises:
         CkptscopeError: a bad metric, outcome, method or option; fewer than ``MIN_RUNS`` runs
@@ -167,6 +172,8 @@ def correlate(ds: xr.Dataset, metric: str, with_, *, method: str = "spearman",
     if not 0 < confidence < 1:
         raise CkptscopeError(f"confidence must be in (0, 1), got {confidence!r}; e.g. 0.95.")
     ds = trusted(ds)
+    if runs is not None:
+        ds = ds.sel(run=select_runs(ds, runs))
     ref = parse_metric(metric, ds)
     x_all = metric_values(ds, ref)
     label, y_all = outcome(ds, with_, like=ref, root=root)
@@ -198,6 +205,26 @@ def correlate(ds: xr.Dataset, metric: str, with_, *, method: str = "spearman",
         interval=(low, high), confidence=float(confidence), bootstrap=int(bootstrap),
         bootstrap_used=used, seed=int(seed), dropped=dropped,
     )
+
+
+def select_runs(ds: xr.Dataset, runs: str | Sequence[str]) -> list[str]:
+    """The run labels of ``ds`` that ``runs`` names: labels, or one ``fnmatch`` glob.
+
+    Raises:
+        CkptscopeError: a label the result lacks, or a pattern that matches no run.
+    """
+    labels = [str(r) for r in ds["run"].values]
+    if isinstance(runs, str):
+        picked = [r for r in labels if fnmatch.fnmatchcase(r, runs)]
+        if not picked:
+            raise CkptscopeError(f"no run matches {runs!r}; the runs are {labels[:8]}"
+                                 f"{' ...' if len(labels) > 8 else ''}.")
+        return picked
+    unknown = [str(r) for r in runs if str(r) not in labels]
+    if unknown:
+        raise CkptscopeError(f"the result has no run(s) {unknown[:5]}; its runs are "
+                             f"{labels[:8]}{' ...' if len(labels) > 8 else ''}.")
+    return [str(r) for r in runs]
 
 
 def _check_method(method: str) -> None:

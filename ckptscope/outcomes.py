@@ -168,7 +168,8 @@ def metadata_values(ds: xr.Dataset, name: str, *, root: str | os.PathLike | None
         meta = checkpoint_metadata(path, sha256=str(ds["end_sha256"].values[r]))
         if field not in meta:
             raise CkptscopeError(f"checkpoint {str(path)!r} (run {run!r}) has no metadata field "
-                                 f"{field!r}; it has {', '.join(sorted(meta)) or 'none'}.")
+                                 f"{field!r}; it has {', '.join(sorted(meta)) or 'none'}. "
+                                 f"Select the runs that have it (runs=, --runs).")
         if keys:
             value = parse_json(meta[field], source=str(path), field=field)
         else:  # a plain field: a JSON number, or a string stored as it is ("role": "final")

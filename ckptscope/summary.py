@@ -387,7 +387,7 @@ def _spread(row: dict, metric: str) -> str:
     if math.isnan(mean):
         return "-"
     spread = "" if math.isnan(std) else f" ± {std:.2g}"
-    return f"{mean:.3g}{spread} ({median:.3g})"
+    return f"{mean:.4g}{spread} ({median:.4g})"
 
 
 def _csv_value(value):

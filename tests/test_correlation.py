@@ -239,3 +239,17 @@ def test_correlate_refuses_a_torch_end_file(ds, tmp_path):
     with pytest.raises(CkptscopeError, match="not a safetensors file, so it carries no metadata"):
         checkpoint_metadata(path)
     assert os.path.exists(path)
+
+
+def test_correlate_on_selected_runs(ds):
+    labels = [str(r) for r in ds["run"].values]
+    c = correlate(ds, "all:barrier_height", "acc_end", runs="seed_[1-4]")
+    assert c.runs == tuple(labels[1:5])
+    sub = ds.isel(run=slice(1, 5))
+    want = stats.spearmanr(_own(sub, "barrier_height"), _own(sub, "acc_end"))
+    assert c.statistic == pytest.approx(want.statistic)
+    assert correlate(ds, "all:barrier_height", "acc_end", runs=labels[1:5]) == c
+    with pytest.raises(CkptscopeError, match="no run matches 'i-f:\\*'; the runs are"):
+        correlate(ds, "all:barrier_height", "acc_end", runs="i-f:*")
+    with pytest.raises(CkptscopeError, match="has no run\\(s\\) \\['x'\\]"):
+        correlate(ds, "all:barrier_height", "acc_end", runs=["x", labels[0]])

@@ -63,16 +63,19 @@ def summarize(results, by, fmt, tolerances, out):
               default=0.95, show_default=True)
 @click.option("--root", type=click.Path(file_okay=False), default=None,
               help="Resolve the result's relative checkpoint paths against this folder.")
+@click.option("--runs", default=None, metavar="GLOB",
+              help="Use only the runs whose labels match, e.g. 'i-f:*'.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Write a scatter figure (.png, .pdf, .svg).")
-def correlate(result, metric, with_, method, bootstrap, seed, confidence, root, plot):
+def correlate(result, metric, with_, method, bootstrap, seed, confidence, root, runs, plot):
     """Correlate a shape metric with an outcome across the runs of RESULT."""
     from ckptscope.correlation import correlate as run_correlate
     from ckptscope.results import open_result
 
     check_suffix(plot, (".png", ".pdf", ".svg"), "--plot")
     corr = run_correlate(open_result(result), metric, with_, method=method,
-                         bootstrap=bootstrap, seed=seed, confidence=confidence, root=root)
+                         bootstrap=bootstrap, seed=seed, confidence=confidence, root=root,
+                         runs=runs)
     if plot:
         from ckptscope.report import plot_correlation
 
