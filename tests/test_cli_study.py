@@ -123,3 +123,32 @@ def test_report_bad_input_writes_nothing(study, capsys, tmp_path, monkeypatch, a
     code, _, err = run(["report", study[1], *argv], capsys)
     assert code == 2 and match in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_study_commands_on_a_sweep(tmp_path, capsys):
+    """A real trainer sweep: its result, its final checkpoints' final_metrics."""
+    import json
+
+    from ckptscope.checkpoints import load_checkpoint
+
+    args = ["sweep", "--recipe", "mlp-spiral-fig1a", "--seeds", "0-2", "--out", tmp_path / "sw",
+            "--alphas", "5", "--device", "cpu", "--set", "epochs=2", "--set",
+            "data=spiral:64,32"]
+    assert run(args, capsys)[0] == 0
+    result = tmp_path / "sw" / "result.nc"
+    code, out, err = run(["correlate", result, "--metric", "all:chord_barrier", "--with",
+                          "final_metrics.test_accuracy", "--method", "pearson"], capsys)
+    assert code == 0, err
+    from ckptscope.results import open_result
+
+    ds = open_result(result)
+    accs = [json.loads(load_checkpoint(p).metadata["final_metrics"])["test_accuracy"]
+            for p in ds["end_path"].values]
+    want = stats.pearsonr(ds["chord_barrier"].sel(group="all", split="test").values, accs)
+    assert f"pearson r = {want.statistic:+.3f}" in out and "n = 3" in out
+    code, out, _ = run(["summarize", result, "--by", "recipe", "--format", "csv"], capsys)
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert rows[0]["condition"] == "mlp-spiral-fig1a" and rows[0]["n_run"] == "3"
+    code, _, err = run(["report", result, "--out", tmp_path / "r.html"], capsys)
+    assert code == 0, err
