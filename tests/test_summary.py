@@ -8,6 +8,8 @@ import statistics
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ckptscope
 from ckptscope import shape
@@ -214,3 +216,25 @@ def test_summary_frame_is_the_rows(ds):
     assert list(frame.columns[:4]) == ["group", "split", "n_run", "n_valid"]
     assert len(frame) == 3
     assert frame["count_barrier"].sum() == int(summarize(ds)["count"].sel(shape="barrier").sum())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([0.0, 0.2, 1.0, 3.0, float("nan")]), min_size=6,
+                         max_size=6), min_size=1, max_size=7))
+def test_summarize_counts_partition_the_runs(curves):
+    """Whatever the curves: the verdict counts sum to the runs, invalid ones are the runs with
+    NaN, and each count is the number of runs whose own verdict it is."""
+    runs = [f"r{i}" for i in range(len(curves))]
+    alphas = np.linspace(0, 1, 6)
+    loss = np.asarray(curves)[:, None, None, :]
+    ds = build_result(loss=loss, accuracy=np.full(loss.shape, 0.5),
+                      distance=np.ones((len(runs), 1)), alphas=alphas, groups=["all"],
+                      patterns=[".*"], n_tensors=[1], n_params=[1], splits=["test"],
+                      n_examples=[5], runs=[RunInfo(r) for r in runs], attrs={})
+    cell = summarize(ds).sel(group="all", split="test")
+    verdicts = [shape.verdict(np.asarray(c), alphas) for c in curves]
+    assert int(cell["count"].sum()) == int(cell["n_run"]) == len(curves)
+    assert float(cell["fraction"].sum()) == pytest.approx(1.0)
+    assert int(cell["n_valid"]) == sum(not np.isnan(c).any() for c in curves)
+    for name in SHAPES:
+        assert int(cell["count"].sel(shape=name)) == verdicts.count(name)
