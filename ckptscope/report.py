@@ -20,6 +20,7 @@ import io
 import math
 import os
 import platform
+import warnings
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -251,7 +252,17 @@ def _environment(created: str, expectations: Sequence, by: str | None,
 # --- figures ---------------------------------------------------------------------------------
 def _figures(ds: xr.Dataset) -> str:
     """The result's figure (every group, one panel per split) and one per group with every
-    run's curve, as ``<img>`` elements with SVG data URIs."""
+    run's curve, as ``<img>`` elements with SVG data URIs.
+
+    An invalid curve (NaN/Inf) is drawn with its gaps, silently: the verdict table says it is
+    invalid, and a mean or std over runs that meets an Inf is no news.
+    """
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _draw_figures(ds)
+
+
+def _draw_figures(ds: xr.Dataset) -> str:
     from matplotlib.figure import Figure
 
     from ckptscope.plots import plot_path

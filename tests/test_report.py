@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import re
+import warnings
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 
@@ -159,3 +160,19 @@ def test_report_errors(ds, tmp_path):
     with pytest.raises(CkptscopeError, match="stores shape = 'plateau'"):
         render_report(forged)
 
+
+
+def test_report_of_invalid_curves_names_them_without_warnings():
+    alphas = np.linspace(0, 1, 5)
+    loss = np.array([[[[1.0, 0.8, 0.6, 0.4, 0.2]]], [[[np.nan] * 5]],
+                     [[[1.0, np.inf, 0.6, 0.4, 0.2]]]])
+    ds = build_result(loss=loss, accuracy=np.full(loss.shape, 0.5), distance=np.ones((3, 1)),
+                      alphas=alphas, groups=["all"], patterns=[".*"], n_tensors=[1],
+                      n_params=[1], splits=["test"], n_examples=[5],
+                      runs=[RunInfo(str(i)) for i in range(3)], attrs={})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        page = Page(render_report(ds, expect=["all:shape!=invalid"]))
+    cells = page.cells()
+    assert cells.count("invalid") >= 2 and "2 (67%)" in cells       # the summary's invalid count
+    assert "1 passed, 2 failed." in page.words
