@@ -144,6 +144,14 @@ def conditions(results: Sequence[tuple[str, xr.Dataset]], by: str | None
             if values.dtype.kind in "iuf":
                 numeric.update({k: float(v) for k, v in zip(keys, values, strict=True)})
         elif by in ds.attrs:
+            if "merged_from" in ds.attrs and by != "merged_from":
+                # A merge keeps its first input's attributes: they describe that input, not
+                # every run, and grouping by them would silently pool the conditions.
+                raise CkptscopeError(
+                    f"{label} is a merge of {ds.attrs['merged_from']}, and its attribute "
+                    f"{by!r} is the first input's, not each run's; summarize the inputs "
+                    f"themselves (summarize A.nc B.nc --by {by}) or use --by {RUN_PREFIX}."
+                )
             keys = [_condition_label(ds.attrs[by])] * len(runs)
         else:
             coords = sorted(str(c) for c in ds.coords if ds[c].dims == ("run",))

@@ -100,6 +100,9 @@ def test_summarize_merged_result_by_run_prefix(ds):
     halves = [h.assign_coords(run=["a", "b", "c"]) for h in halves]
     merged = ckptscope.merge(halves)                   # labels repeat: "0:a" ... "1:c"
     assert "shape" not in merged                       # merge drops verdicts; summarize classifies
+    with pytest.raises(CkptscopeError, match="is a merge of .* attribute 'adapter' is the "
+                                             "first input's"):
+        summarize(merged, by="adapter")
     s = summarize(merged, by="run_prefix")
     assert list(s["condition"].values) == ["0", "1"]
     for label, half in zip(("0", "1"), halves, strict=True):
