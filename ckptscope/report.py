@@ -52,16 +52,18 @@ _VERDICT_COLUMNS = (("barrier_height", "barrier height"), ("tolerance", "toleran
 
 
 def report(results, path: str | os.PathLike, *, expect=None, title: str | None = None,
-           by: str | None = None, command: str | None = None) -> Path:
+           by: str | None = None, correlate: Sequence[tuple[str, object]] = (),
+           command: str | None = None) -> Path:
     """Write the HTML report of ``results`` to ``path`` atomically; return the path.
 
     Args: as :func:`render_report`.
     """
     return write_text(path, render_report(results, expect=expect, title=title, by=by,
-                                          command=command))
+                                          correlate=correlate, command=command))
 
 
 def render_report(results, *, expect=None, title: str | None = None, by: str | None = None,
+                  correlate: Sequence[tuple[str, object]] = (),
                   command: str | None = None) -> str:
     """Return the HTML report of one result, several (a sequence), or a mapping label ->
     result.
@@ -71,6 +73,11 @@ def render_report(results, *, expect=None, title: str | None = None, by: str | N
             such as ``all:shape=monotonic``, ``Expectation`` objects, or paths of TOML files.
         title: the page title (default: "ckptscope report").
         by: conditions for the summary tables (:func:`ckptscope.summary.summarize`).
+        correlate: ``(metric, outcome)`` pairs, each correlated across every result's runs
+            (:func:`ckptscope.correlation.correlate`, Spearman, 1000 bootstrap resamples, seed
+            0) and shown with its scatter. One that cannot be computed (fewer than 3 runs, a
+            constant column, an unknown name, a missing metadata field) is shown with its
+            reason and also raised as a ``UserWarning``: a report is written anyway.
         command: the command line that made the report, recorded in the provenance.
 
     Raises:
@@ -97,7 +104,7 @@ def render_report(results, *, expect=None, title: str | None = None, by: str | N
     body.append("<ul>" + "".join(f'<li><a href="#result-{i}">{_e(label)}</a></li>'
                                  for i, (label, _) in enumerate(items)) + "</ul>")
     for i, (label, ds) in enumerate(items):
-        body.append(_result_section(i, label, ds, checks.get(label), by))
+        body.append(_result_section(i, label, ds, checks.get(label), by, correlate))
     body.append(_environment(created, expectations, by, command))
     return ("<!DOCTYPE html>\n<html lang=en>\n<head>\n<meta charset=utf-8>\n"
             f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">\n'
@@ -125,7 +132,8 @@ def _expectations(expect) -> list:
 
 
 # --- sections --------------------------------------------------------------------------------
-def _result_section(i: int, label: str, ds: xr.Dataset, rows, by: str | None) -> str:
+def _result_section(i: int, label: str, ds: xr.Dataset, rows, by: str | None,
+                    pairs: Sequence[tuple[str, object]] = ()) -> str:
     attrs = ds.attrs
     parts = [f'<h2 id="result-{i}">{_e(label)}</h2>',
              f"<p>{ds.sizes['run']} run(s), groups {_e(', '.join(map(str, ds.group.values)))}; "
@@ -141,6 +149,8 @@ def _result_section(i: int, label: str, ds: xr.Dataset, rows, by: str | None) ->
                  f"curves ({tolerances}); metrics: mean ± std (median) over the valid runs."
                  f"</p>")
     parts.append(_summary_table(summarize(ds, by=by)))
+    if pairs:
+        parts.append(_correlations(label, ds, pairs))
     parts.append("<h3>Paths</h3>")
     parts.append(_figures(ds))
     parts.append(f"<h3>Verdicts</h3><p class=muted>One row per run, group and split; "
@@ -149,6 +159,34 @@ def _result_section(i: int, label: str, ds: xr.Dataset, rows, by: str | None) ->
     parts.append(_verdict_table(ds))
     parts.append(_provenance(ds))
     return "\n".join(parts)
+
+
+def _correlations(label: str, ds: xr.Dataset, pairs: Sequence[tuple[str, object]]) -> str:
+    from ckptscope.correlation import correlate
+    from ckptscope.errors import CkptscopeError
+
+    cells, figures = [], []
+    for metric, outcome in pairs:
+        try:
+            c = correlate(ds, metric, outcome, bootstrap=1000, seed=0)
+        except CkptscopeError as err:
+            warnings.warn(f"{label}: no correlation of {metric} with {outcome}: {err}",
+                          UserWarning, stacklevel=2)
+            cells.append([_e(metric), _e(outcome), "", "", "", "", _e(err)])
+            continue
+        low, high = c.interval
+        cells.append([_e(c.metric), _e(c.outcome), f"{c.statistic:+.3f}", f"{c.pvalue:.3g}",
+                      str(c.n), f"[{low:+.3f}, {high:+.3f}]",
+                      _e(f"left out (NaN): {', '.join(c.dropped)}" if c.dropped else "")])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            figures.append(_img(plot_correlation(c).figure,
+                                f"{c.metric} against {c.outcome} across runs"))
+    return ("<h3>Correlations across runs</h3><p class=muted>Spearman's rho and its p-value "
+            "(scipy.stats), a 95% percentile interval from 1000 bootstrap resamples of the runs "
+            "(seed 0).</p>"
+            + _table(["metric", "outcome", "rho", "p", "runs", "95% interval", "note"], cells)
+            + "\n".join(figures))
 
 
 def _check_table(rows) -> str:

@@ -103,14 +103,18 @@ def test_correlate_too_few_runs_and_constant_column(study, capsys, tmp_path):
 def test_report_writes_html_and_records_the_check(study, capsys, tmp_path):
     out_file = tmp_path / "report.html"
     code, out, err = run(["report", study[1], "--out", out_file, "--expect",
-                          "*:shape!=invalid", "--title", "CI <run>"], capsys)
+                          "*:shape!=invalid", "--title", "CI <run>", "--correlate",
+                          "all:barrier_height", "final_metrics.test_accuracy", "--correlate",
+                          "all:barrier_height", "none.csv"], capsys)
     assert code == 0, err
     assert out.strip() == f"wrote {out_file}"
+    assert err.startswith("warning: ") and "table 'none.csv' does not exist" in err
     text = out_file.read_text()
     parser = HTMLParser()
     parser.feed(text)
     assert "<title>CI &lt;run&gt;</title>" in text
     assert "PASS</span>" in text and "0 failed" in text
+    assert "Correlations across runs" in text and "final_metrics.test_accuracy" in text
 
 
 @pytest.mark.parametrize("argv, match", [

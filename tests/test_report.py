@@ -176,3 +176,17 @@ def test_report_of_invalid_curves_names_them_without_warnings():
     cells = page.cells()
     assert cells.count("invalid") >= 2 and "2 (67%)" in cells       # the summary's invalid count
     assert "1 passed, 2 failed." in page.words
+
+
+def test_report_shows_correlations_and_the_ones_it_cannot_compute(ds):
+    from scipy import stats
+
+    with pytest.warns(UserWarning, match="no correlation of all:shape with acc_end"):
+        page = Page(render_report(ds, correlate=[("all:barrier_height", "acc_end"),
+                                                 ("all:shape", "acc_end")]))
+    want = stats.spearmanr(ds["barrier_height"].sel(group="all", split="test").values,
+                           ds["accuracy"].sel(group="all", split="test").isel(alpha=-1).values)
+    cells = page.cells()
+    assert f"{want.statistic:+.3f}" in cells and f"{want.pvalue:.3g}" in cells
+    assert any("shape is a verdict" in c for c in cells)
+    assert len(_svgs(page)) == 1 + ds.sizes["group"] + 1        # one scatter

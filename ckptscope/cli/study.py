@@ -95,8 +95,12 @@ def correlate(result, metric, with_, method, bootstrap, seed, confidence, root, 
               help="Expectations to show the check of: a TOML file or GROUP[@SPLIT]:METRIC OP "
                    "VALUE; repeatable.")
 @click.option("--by", default=None, metavar="COORD|ATTR", help=_BY_HELP)
+@click.option("--correlate", "pairs", type=(str, str), multiple=True,
+              metavar="GROUP[@SPLIT]:METRIC OUTCOME",
+              help="Also show this correlation across runs (as `correlate --with OUTCOME`); "
+                   "repeatable.")
 @click.option("--title", default=None)
-def report(results, out, expects, by, title):
+def report(results, out, expects, by, pairs, title):
     """Write a self-contained HTML report of one or more results (exit 0 whatever the check
     says: gate with `ckptscope check`)."""
     from ckptscope.report import report as write_report
@@ -104,5 +108,5 @@ def report(results, out, expects, by, title):
     check_suffix(out, (".html", ".htm"), "--out")
     command = shlex.join(["ckptscope", *sys.argv[1:]]) if sys.argv[1:2] == ["report"] else None
     write_report(_open_all(results), out, expect=list(expects) or None, title=title, by=by,
-                 command=command)
+                 correlate=list(pairs), command=command)
     click.echo(f"wrote {out}")
