@@ -3,7 +3,8 @@ CI artifact.
 
 One file, no scripts, nothing fetched at view time: figures are SVG in ``data:`` URIs, styles
 inline, and a Content-Security-Policy forbids any other source. Per result it shows the check
-outcome (when expectations are given), the :func:`ckptscope.summary.summarize` table, the path
+outcome (when expectations are given), the :func:`ckptscope.summary.summarize` table, the
+correlations asked for (:func:`ckptscope.correlation.correlate`, with their scatter), the path
 figures (all groups together, then each group with every run), the verdict table with the
 tolerances, and the provenance (the result's attributes, checkpoint files and digests, groups,
 splits, and the versions and date of the report). Every string from a result is HTML-escaped.
