@@ -8,6 +8,7 @@ Example:
 
 from ckptscope.adapters import ADAPTERS, Adapter, get_adapter
 from ckptscope.checkpoints import Checkpoint, check_pair, load_checkpoint, save_checkpoint
+from ckptscope.correlation import Correlation, correlate
 from ckptscope.data import DATASETS, Dataset, load_data
 from ckptscope.distance import relative_distance
 from ckptscope.engine import EvalConfig, Evaluator
@@ -15,11 +16,13 @@ from ckptscope.errors import CkptscopeError
 from ckptscope.groups import Group, resolve_groups
 from ckptscope.linear import linear_path, linear_paths
 from ckptscope.points import PointSet, alpha_grid, path_points, path_state, state_at
+from ckptscope.report import report
 from ckptscope.results import merge_results as merge
 from ckptscope.results import open_result, save_result
 from ckptscope.shape import classify
 from ckptscope.trajectories import trajectory
 from ckptscope.matrix_results import open_matrix, save_matrix
+from ckptscope.summary import summarize
 
 __version__ = "0.1.0"
 
@@ -54,4 +57,8 @@ __all__ = [
     "trajectory",
     "open_matrix",
     "save_matrix",
+    "Correlation",
+    "correlate",
+    "report",
+    "summarize",
 ]

@@ -94,7 +94,10 @@ def run_demo(
     end = save_checkpoint(
         out / "final.safetensors",
         module.state_dict(),
-        metadata={**metadata, "epoch": config.epochs},
+        # The last epoch's metrics, as the trainer records them (`correlate --with
+        # final_metrics.test_accuracy` reads them).
+        metadata={**metadata, "epoch": config.epochs,
+                  **({"final_metrics": history[-1]} if history else {})},
     )
     groups = adapter.presets["layers"](list(module.state_dict()))
     ds = linear_path(

@@ -26,7 +26,8 @@ def test_run_sh_passes_and_writes_the_junit_report(tmp_path):
     res = subprocess.run(["bash", str(CI / "run.sh")], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    for name in ("init.safetensors", "final.safetensors", "result.nc", "paths.png", "report.xml"):
+    for name in ("init.safetensors", "final.safetensors", "result.nc", "paths.png", "report.xml",
+                 "report.html"):
         assert (work / name).is_file(), name
     assert not (work / "result.nc.partial").exists()
 
@@ -51,8 +52,11 @@ def test_run_sh_is_strict_bash():
     text = (CI / "run.sh").read_text()
     assert text.startswith("#!/usr/bin/env bash")
     assert "set -euo pipefail" in text
-    for step in ("ckptscope demo", "ckptscope path", "ckptscope check", "--junit"):
+    for step in ("ckptscope demo", "ckptscope path", "ckptscope report", "ckptscope check",
+                 "--junit"):
         assert step in text, step
+    # The report comes before the gate, so a failing check still leaves it for the artifact.
+    assert text.index("ckptscope report") < text.index("ckptscope check")
 
 
 def test_workflow_installs_torch_then_ckptscope_and_runs_the_script():
@@ -60,4 +64,5 @@ def test_workflow_installs_torch_then_ckptscope_and_runs_the_script():
     torch = text.index("pip install torch==2.13.0")
     assert torch < text.index("pip install -e .") < text.index("bash examples/ci/run.sh")
     assert "python-version:" in text and "upload-artifact" in text
+    assert "report.html" in text
     assert "\t" not in text  # YAML forbids tabs for indentation

@@ -22,6 +22,7 @@ from ckptscope.cli.gates import check, compare
 from ckptscope.cli.inspection import distance, inspect, list_
 from ckptscope.cli.output import EXIT_BAD_INPUT
 from ckptscope.cli.paths import demo, merge, path
+from ckptscope.cli.study import correlate, report, summarize
 from ckptscope.cli.trajectories import trajectory
 from ckptscope.errors import CkptscopeError
 
@@ -43,6 +44,8 @@ def _register() -> None:
                     train, sweep, reproduce):
         cli.add_command(command)
     for command in (trajectory, instability):
+        cli.add_command(command)
+    for command in (summarize, correlate, report):  # study: across runs
         cli.add_command(command)
 
 
