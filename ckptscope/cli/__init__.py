@@ -22,6 +22,7 @@ from ckptscope.cli.gates import check, compare
 from ckptscope.cli.inspection import distance, inspect, list_
 from ckptscope.cli.output import EXIT_BAD_INPUT
 from ckptscope.cli.paths import demo, merge, path
+from ckptscope.cli.planes import plane, surface
 from ckptscope.errors import CkptscopeError
 
 __all__ = ["cli", "main", "run"]
@@ -39,7 +40,7 @@ def _register() -> None:
     from ckptscope.train.cli import reproduce, sweep, train
 
     for command in (demo, path, inspect, distance, check, compare, merge, plot, list_,
-                    train, sweep, reproduce):
+                    train, sweep, reproduce, plane, surface):
         cli.add_command(command)
 
 
