@@ -18,6 +18,10 @@ from ckptscope.points import PointSet, alpha_grid, path_points, path_state, stat
 from ckptscope.results import merge_results as merge
 from ckptscope.results import open_result, save_result
 from ckptscope.shape import classify
+from ckptscope.directions import Directions, load_directions, random_directions, save_directions
+from ckptscope.grids import open_grid, save_grid
+from ckptscope.planes import plane
+from ckptscope.surfaces import surface
 
 __version__ = "0.1.0"
 
@@ -49,4 +53,12 @@ __all__ = [
     "save_checkpoint",
     "save_result",
     "state_at",
+    "Directions",
+    "load_directions",
+    "open_grid",
+    "plane",
+    "random_directions",
+    "save_directions",
+    "save_grid",
+    "surface",
 ]

@@ -11,7 +11,7 @@ import ckptscope
 from ckptscope.checkpoints import save_checkpoint
 from ckptscope.errors import CkptscopeError
 from ckptscope.grids import open_grid, save_grid, validate_grid
-from ckptscope.plane import plane
+from ckptscope.planes import plane
 from ckptscope.points import (
     PLANE_ANCHORS,
     axis_grid,

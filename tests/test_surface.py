@@ -16,7 +16,7 @@ from ckptscope.directions import (
 )
 from ckptscope.errors import CkptscopeError
 from ckptscope.points import SURFACE_ANCHORS, grid_points, state_at, surface_weights
-from ckptscope.surface import surface
+from ckptscope.surfaces import surface
 from tests.conftest import SmallConvNet, perturbed
 from tests.reference import reference_points
 

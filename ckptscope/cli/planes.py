@@ -101,7 +101,7 @@ def _finish(ds, o: dict) -> None:
     if o["out"]:
         save_grid(ds, o["out"])
     if o["plot"]:
-        from ckptscope.plane_plots import plot_grid_result
+        from ckptscope.grid_plots import plot_grid_result
 
         save_figure(plot_grid_result(ds, log=o["log"]), Path(o["plot"]))
     click.echo(grid_table(ds))
@@ -148,7 +148,7 @@ def grid_table(ds) -> str:
 def plane(a, b, c, hold, **o):
     """Evaluate the plane through checkpoints A, B and C (A at (0, 0), B at (1, 0), C at (c, 1))."""
     from ckptscope.checkpoints import load_checkpoint
-    from ckptscope.plane import plane as plane_
+    from ckptscope.planes import plane as plane_
 
     _check_outputs(o)
     ck = [load_checkpoint(p) for p in (a, b, c)]
@@ -176,7 +176,7 @@ def plane(a, b, c, hold, **o):
 def surface(center, directions, seed, norm, span, include_1d, save_directions, **o):
     """Evaluate the surface CENTER + x d_x + y d_y around one checkpoint."""
     from ckptscope.checkpoints import load_checkpoint
-    from ckptscope.surface import surface as surface_
+    from ckptscope.surfaces import surface as surface_
 
     _check_outputs(o)
     check_suffix(save_directions, (".safetensors",), "--save-directions")
