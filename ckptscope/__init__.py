@@ -9,18 +9,18 @@ Example:
 from ckptscope.adapters import ADAPTERS, Adapter, get_adapter
 from ckptscope.checkpoints import Checkpoint, check_pair, load_checkpoint, save_checkpoint
 from ckptscope.data import DATASETS, Dataset, load_data
+from ckptscope.directions import Directions, load_directions, random_directions, save_directions
 from ckptscope.distance import relative_distance
 from ckptscope.engine import EvalConfig, Evaluator
 from ckptscope.errors import CkptscopeError
+from ckptscope.grids import open_grid, save_grid
 from ckptscope.groups import Group, resolve_groups
 from ckptscope.linear import linear_path, linear_paths
+from ckptscope.planes import plane
 from ckptscope.points import PointSet, alpha_grid, path_points, path_state, state_at
 from ckptscope.results import merge_results as merge
 from ckptscope.results import open_result, save_result
 from ckptscope.shape import classify
-from ckptscope.directions import Directions, load_directions, random_directions, save_directions
-from ckptscope.grids import open_grid, save_grid
-from ckptscope.planes import plane
 from ckptscope.surfaces import surface
 
 __version__ = "0.1.0"

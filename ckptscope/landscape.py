@@ -10,6 +10,7 @@ the evaluator, evaluate one grid per group, and the provenance of the result.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from ckptscope.adapters import Adapter, module_name
-from ckptscope.checkpoints import Checkpoint
+from ckptscope.checkpoints import Checkpoint, as_checkpoint, check_pair
 from ckptscope.engine import EvalConfig, Evaluator
 from ckptscope.engine.placement import resolve_device
 from ckptscope.errors import CkptscopeError
@@ -34,6 +35,23 @@ _KEYWORDS = ("device", "dtype", "autocast", "bn")  # set by the function's own k
 
 State = Mapping[str, torch.Tensor]
 Model = nn.Module | str | Adapter | None
+
+
+def load_anchors(sources: Mapping[str, object]) -> list[Checkpoint]:
+    """Read each checkpoint (name -> path or state), check every one against the first (keys,
+    shapes, kinds of dtype), and warn about NaN/Inf in any."""
+    checkpoints = [as_checkpoint(source) for source in sources.values()]
+    labels = [ck.path or name for ck, name in zip(checkpoints, sources, strict=True)]
+    for ck, label in zip(checkpoints[1:], labels[1:], strict=True):
+        check_pair(checkpoints[0].state, ck.state, names=(labels[0], label))
+    for ck, label in zip(checkpoints, labels, strict=True):
+        bad = sorted(k for k, v in ck.state.items()
+                     if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+        if bad:
+            warnings.warn(f"checkpoint {label} has NaN/Inf in {len(bad)} tensor(s) "
+                          f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); the grid "
+                          f"will hold NaN there.", stacklevel=3)
+    return checkpoints
 
 
 def settle_config(config: EvalConfig | None, *, bn: str, dtype: str,

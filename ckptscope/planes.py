@@ -19,11 +19,10 @@ import numpy as np
 import torch
 import xarray as xr
 
-from ckptscope.checkpoints import as_checkpoint
 from ckptscope.engine import EvalConfig
 from ckptscope.errors import CkptscopeError
 from ckptscope.grids import build_grid
-from ckptscope.inputs import StateSource, load_pair
+from ckptscope.inputs import StateSource
 from ckptscope.landscape import (
     Model,
     State,
@@ -34,6 +33,7 @@ from ckptscope.landscape import (
     geometry_keys,
     grid_groups,
     inner,
+    load_anchors,
     prepare,
     provenance,
     settle_config,
@@ -129,9 +129,7 @@ def plane(
         raise CkptscopeError(f"hold={hold!r} is not one of {PLANE_HOLDS}.")
     nx, ny = axis_counts(grid)
     config = settle_config(config, bn=bn, dtype=dtype, device=device, caller="plane")
-    ck_a, ck_b = load_pair(a, b)
-    ck_c = as_checkpoint(c)
-    load_pair(ck_a, ck_c)  # C against A: keys, shapes, dtypes; NaN warned
+    ck_a, ck_b, ck_c = load_anchors({"A": a, "B": b, "C": c})
     run_ = prepare(model, data, ck_a, ck_b, adapter_options=adapter_options, split=split,
                    loss=loss, config=config, dtype=dtype)
     groups_ = grid_groups(ck_a, groups, full=full)

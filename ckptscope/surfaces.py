@@ -30,7 +30,7 @@ from ckptscope.directions import save_directions as write_directions
 from ckptscope.engine import EvalConfig
 from ckptscope.errors import CkptscopeError
 from ckptscope.grids import build_grid
-from ckptscope.inputs import StateSource, load_pair
+from ckptscope.inputs import StateSource
 from ckptscope.landscape import (
     Model,
     axis_counts,
@@ -39,6 +39,7 @@ from ckptscope.landscape import (
     evaluate_grid,
     grid_groups,
     inner,
+    load_anchors,
     prepare,
     provenance,
     settle_config,
@@ -113,7 +114,7 @@ def surface(
     if not (isinstance(span, (int, float)) and np.isfinite(span) and span > 0):
         raise CkptscopeError(f"span={span!r} must be a positive number (e.g. 1.0).")
     config = settle_config(config, bn=bn, dtype=dtype, device=device, caller="surface")
-    ck_o, _ = load_pair(center, center)
+    [ck_o] = load_anchors({"CENTER": center})
     evaluation = prepare(model, data, ck_o, ck_o, adapter_options=adapter_options, split=split,
                          loss=loss, config=config, dtype=dtype)
     dirs, others = _directions(directions, ck_o, norm=norm, seed=seed, include_1d=include_1d,
