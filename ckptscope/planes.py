@@ -123,7 +123,7 @@ def plane(
     Example:
         >>> ds = ckptscope.plane("seed0.safetensors", "seed1.safetensors",
         ...                      "seed2.safetensors", grid=21)             # doctest: +SKIP
-        >>> ds.loss.sel(group="all", split="test").plot.contourf()       # doctest: +SKIP
+        >>> ds.loss.sel(run="0", group="all", split="test").plot.contourf()  # doctest: +SKIP
     """
     if hold not in PLANE_HOLDS:
         raise CkptscopeError(f"hold={hold!r} is not one of {PLANE_HOLDS}.")

@@ -201,3 +201,21 @@ def test_plane_from_files_records_paths(tmp_path, triple, spiral_small):
     ds = plane(*paths, module, spiral_small, grid=3, loss="bce")
     assert ds.anchor_path.values[0].tolist() == [str(p) for p in paths]
     assert all(len(s) == 64 for s in ds.anchor_sha256.values[0])
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_plane_conv_net_with_batchnorm_equals_reference(conv_pair, image_data, strategy):
+    """BatchNorm statistics move with the weights; num_batches_tracked (not float) comes from
+    the nearest checkpoint on the whole-model plane and from the held one on a group's."""
+    from ckptscope.engine import EvalConfig
+
+    module, a, b = conv_pair
+    c = perturbed(a, 0.3, 11)
+    x, y = image_data["test"]
+    ds = plane(a, b, c, module, image_data, grid=3, groups=["fc"], hold="c",
+               config=EvalConfig(strategy=strategy))
+    for g, (keys, held) in enumerate(((list(a), None), (["fc.weight", "fc.bias"], "c"))):
+        weights = plane_weights(ds.x.values, ds.y.values, float(ds.c.values[0, g]))
+        want, _ = reference_points(module, {"a": a, "b": b, "c": c}, PLANE_ANCHORS, weights,
+                                   keys, held, x, y)
+        np.testing.assert_allclose(ds.loss.values[0, g, 0].reshape(-1), want, rtol=1e-5)

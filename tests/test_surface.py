@@ -181,3 +181,15 @@ def test_surface_mismatched_direction_checkpoint(mlp_pair, spiral_small):
     b["layers.0.weight"] = torch.zeros(2, 2)
     with pytest.raises(CkptscopeError, match="shapes differ: layers.0.weight"):
         surface(center, module, spiral_small, directions=(a, b), grid=3, loss="bce")
+
+
+def test_surface_conv_net_holds_buffers_at_the_centre(conv_center, image_data):
+    module, center = conv_center
+    x, y = image_data["test"]
+    ds = surface(center, module, image_data, seed=2, grid=3, span=0.3)
+    dirs = random_directions(center, seed=2, module=module)
+    weights = surface_weights(ds.x.values, ds.y.values)
+    anchors = {"center": center, "d1": {**center, **dirs.x}, "d2": {**center, **dirs.y}}
+    want, _ = reference_points(module, anchors, SURFACE_ANCHORS, weights, list(center),
+                               "center", x, y)
+    np.testing.assert_allclose(ds.loss.values[0, 0, 0].reshape(-1), want, rtol=1e-5)
