@@ -69,6 +69,10 @@ def plot_grid(ds: xr.Dataset, *, variable: str = "loss", group: str | None = Non
         ax.contour(x, y, masked, levels=filled.levels, colors="k", linewidths=0.3, alpha=0.4)
     if filled is not None:
         bar = ax.figure.colorbar(filled, ax=ax)
+        if log:  # a contour colour bar under LogNorm labels no level by default
+            ticks = filled.levels[:: max(1, len(filled.levels) // 6)]
+            bar.set_ticks(ticks, labels=[f"{t:.3g}" for t in ticks])
+            bar.minorticks_off()
         bar.set_label(f"{split} {variable}{' (log)' if log else ''}")
     _anchors(ds, ax, run=run, group=group)
     ax.set_xlabel("x")
