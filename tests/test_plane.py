@@ -6,6 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ckptscope
 from ckptscope.checkpoints import save_checkpoint
@@ -219,3 +221,16 @@ def test_plane_conv_net_with_batchnorm_equals_reference(conv_pair, image_data, s
         want, _ = reference_points(module, {"a": a, "b": b, "c": c}, PLANE_ANCHORS, weights,
                                    keys, held, x, y)
         np.testing.assert_allclose(ds.loss.values[0, g, 0].reshape(-1), want, rtol=1e-5)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lo=st.floats(-5, 5), width=st.floats(0.01, 10), n=st.integers(2, 40),
+       keep=st.lists(st.floats(-10, 10), max_size=4))
+def test_axis_grid_invariants(lo, width, n, keep):
+    hi = lo + width
+    grid = axis_grid(lo, hi, n, keep=keep)
+    assert grid[0] == lo and grid[-1] == hi
+    assert np.all(np.diff(grid) > 0)
+    inside = {k for k in keep if lo <= k <= hi}
+    assert inside <= set(grid.tolist())
+    assert n <= len(grid) <= n + len(inside)
