@@ -214,8 +214,8 @@ def test_plane_conv_net_with_batchnorm_equals_reference(conv_pair, image_data, s
     module, a, b = conv_pair
     c = perturbed(a, 0.3, 11)
     x, y = image_data["test"]
-    ds = plane(a, b, c, module, image_data, grid=3, groups=["fc"], hold="c",
-               config=EvalConfig(strategy=strategy))
+    ds = plane(a, b, c, module, image_data, x_range=(-0.5, 1, 3), y_range=(0, 1, 2),
+               groups=["fc"], hold="c", config=EvalConfig(strategy=strategy))
     for g, (keys, held) in enumerate(((list(a), None), (["fc.weight", "fc.bias"], "c"))):
         weights = plane_weights(ds.x.values, ds.y.values, float(ds.c.values[0, g]))
         want, _ = reference_points(module, {"a": a, "b": b, "c": c}, PLANE_ANCHORS, weights,
