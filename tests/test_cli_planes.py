@@ -30,7 +30,8 @@ def three(tmp_path, mlp_pair):
 def test_plane_command_writes_result_and_figure(three, tmp_path, capsys):
     out, fig = tmp_path / "plane.nc", tmp_path / "plane.png"
     code, stdout, err = run(["plane", *map(str, three), "--grid", "4", "--group", "layers.0",
-                             "--out", str(out), "--plot", str(fig)], capsys)
+                             "--out", str(out), "--plot", str(fig), "--plot-group", "layers.0"],
+                            capsys)
     assert code == 0, err
     ds = open_grid(out)
     assert ds.attrs["grid_kind"] == "plane" and list(ds.group.values) == ["all", "layers.0"]
@@ -56,6 +57,8 @@ def test_plane_command_ranges(three, tmp_path, capsys):
     (["--x-range", "1:0:5"], "x range '1:0:5' needs LO < HI"),
     (["--y-range", "0:1"], "y range '0:1' is not LO:HI:N"),
     (["--out", "p.txt"], "--out 'p.txt' should end in .nc"),
+    (["--plot-group", "all"], "--plot-group names the group of the figure; add --plot"),
+    (["--plot", "f.png", "--plot-group", "head"], "--plot-group 'head' is not one of"),
 ])
 def test_plane_command_bad_input(three, capsys, args, match):
     code, _, err = run(["plane", *map(str, three), "--grid", "3", *args], capsys)

@@ -54,7 +54,9 @@ def _evaluation_options(command):
         click.option("--out", type=click.Path(dir_okay=False), default=None,
                      help="Write the result (.nc)."),
         click.option("--plot", type=click.Path(dir_okay=False), default=None,
-                     help="Write a figure (.png, .pdf, .svg) of the first group."),
+                     help="Write a figure (.png, .pdf, .svg) of one group and split."),
+        click.option("--plot-group", default=None, metavar="NAME",
+                     help="The group the figure shows (default: the first, `all`)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -92,6 +94,16 @@ def _common(o: dict, first) -> dict:
 def _check_outputs(o: dict) -> None:
     check_suffix(o["out"], (".nc",), "--out")
     check_suffix(o["plot"], (".png", ".pdf", ".svg"), "--plot")
+    if o["plot_group"] is not None and o["plot"] is None:
+        raise CkptscopeError("--plot-group names the group of the figure; add --plot FILE.")
+
+
+def _check_plot_group(o: dict, groups: dict) -> None:
+    """Refuse a --plot-group that is not a group of this call before any work."""
+    name = o["plot_group"]
+    known = (["all"] if not o["no_full"] else []) + list(groups)
+    if name is not None and name not in known:
+        raise CkptscopeError(f"--plot-group {name!r} is not one of the groups {known}.")
 
 
 def _finish(ds, o: dict) -> None:
@@ -103,7 +115,7 @@ def _finish(ds, o: dict) -> None:
     if o["plot"]:
         from ckptscope.grid_plots import plot_grid_result
 
-        save_figure(plot_grid_result(ds, log=o["log"]), Path(o["plot"]))
+        save_figure(plot_grid_result(ds, group=o["plot_group"], log=o["log"]), Path(o["plot"]))
     click.echo(grid_table(ds))
     for target in (o["out"], o["plot"]):
         if target:
@@ -152,7 +164,9 @@ def plane(a, b, c, hold, **o):
 
     _check_outputs(o)
     ck = [load_checkpoint(p) for p in (a, b, c)]
-    ds = plane_(*ck, o["adapter"], o["data"], hold=hold, **_common(o, ck[0]))
+    common = _common(o, ck[0])
+    _check_plot_group(o, common["groups"])
+    ds = plane_(*ck, o["adapter"], o["data"], hold=hold, **common)
     _finish(ds, o)
 
 
@@ -193,9 +207,11 @@ def surface(center, directions, seed, norm, span, include_1d, save_directions, *
             )
         spec = tuple(load_checkpoint(p) for p in parts)
     ck = load_checkpoint(center)
+    common = _common(o, ck)
+    _check_plot_group(o, common["groups"])
     ds = surface_(ck, o["adapter"], o["data"], directions=spec, norm=norm, seed=seed,
                   span=span, include_1d=include_1d, save_directions=save_directions,
-                  **_common(o, ck))
+                  **common)
     _finish(ds, o)
     if save_directions:
         click.echo(f"wrote {save_directions}")
