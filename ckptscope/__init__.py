@@ -10,11 +10,14 @@ from ckptscope.adapters import ADAPTERS, Adapter, get_adapter
 from ckptscope.checkpoints import Checkpoint, check_pair, load_checkpoint, save_checkpoint
 from ckptscope.correlation import Correlation, correlate
 from ckptscope.data import DATASETS, Dataset, load_data
+from ckptscope.directions import Directions, load_directions, random_directions, save_directions
 from ckptscope.distance import relative_distance
 from ckptscope.engine import EvalConfig, Evaluator
 from ckptscope.errors import CkptscopeError
+from ckptscope.grids import open_grid, save_grid
 from ckptscope.groups import Group, resolve_groups
 from ckptscope.linear import linear_path, linear_paths
+from ckptscope.planes import plane
 from ckptscope.points import PointSet, alpha_grid, path_points, path_state, state_at
 from ckptscope.report import report
 from ckptscope.results import merge_results as merge
@@ -23,6 +26,7 @@ from ckptscope.shape import classify
 from ckptscope.trajectories import trajectory
 from ckptscope.matrix_results import open_matrix, save_matrix
 from ckptscope.summary import summarize
+from ckptscope.surfaces import surface
 
 __version__ = "0.1.0"
 
@@ -61,4 +65,12 @@ __all__ = [
     "correlate",
     "report",
     "summarize",
+    "Directions",
+    "load_directions",
+    "open_grid",
+    "plane",
+    "random_directions",
+    "save_directions",
+    "save_grid",
+    "surface",
 ]

@@ -315,3 +315,92 @@ def stack_points(values: Sequence[torch.Tensor], at: Stacking) -> torch.Tensor:
         rows = torch.as_tensor(at.exact == j, device=first.device).view(view)
         out = torch.where(rows, values[j].unsqueeze(0), out)
     return out
+
+
+# --- grids over two coordinates: planes and surfaces ----------------------------------------
+PLANE_ANCHORS = ("a", "b", "c")  # (0, 0), (1, 0), (c, 1) in the plane's coordinates
+SURFACE_ANCHORS = ("center", "d1", "d2")  # theta = center + x d1 + y d2
+
+
+def axis_grid(lo: float, hi: float, n: int, *, keep: Sequence[float] = (),
+              name: str = "x") -> np.ndarray:
+    """``n`` values evenly spaced on [lo, hi], both ends included, holding every value of
+    ``keep`` that falls inside (the anchors' coordinates), so a grid point at an anchor is
+    that anchor exactly.
+
+    A kept value replaces the grid value nearest to it (the grid keeps its ``n`` points and its
+    ends, the spacing moves by less than half a step there); where that value is an end or
+    already kept, the kept value is inserted instead (one point more).
+
+    Raises:
+        CkptscopeError: ``lo``/``hi`` not finite, ``lo >= hi`` or ``n < 2``.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
+        raise CkptscopeError(f"the {name} grid needs an int count of at least 2 points, got {n!r}.")
+    if not (np.isfinite(lo) and np.isfinite(hi)) or not lo < hi:
+        raise CkptscopeError(
+            f"the {name} range [{lo}, {hi}] is not finite and increasing; give LO < HI "
+            f"(e.g. -0.25:1.25:21)."
+        )
+    grid = np.linspace(float(lo), float(hi), int(n)).tolist()
+    kept = {grid[0], grid[-1]}
+    for value in sorted({float(v) for v in keep}):
+        if not lo <= value <= hi or value in kept:
+            continue
+        if value not in grid:
+            i = int(np.argmin(np.abs(np.asarray(grid) - value)))
+            if grid[i] in kept:
+                grid = sorted([*grid, value])
+            else:
+                grid[i] = value  # the nearest: it stays between its neighbours
+        kept.add(value)
+    return np.asarray(grid, dtype=np.float64)
+
+
+def parse_axis_range(text: str, *, name: str = "x") -> tuple[float, float, int]:
+    """Parse ``LO:HI:N`` into ``(lo, hi, n)``."""
+    parts = text.split(":")
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        lo, hi, n = float(parts[0]), float(parts[1]), int(parts[2])
+    except ValueError:
+        raise CkptscopeError(
+            f"{name} range {text!r} is not LO:HI:N (e.g. -0.25:1.25:21)."
+        ) from None
+    if n < 2 or not lo < hi:
+        raise CkptscopeError(f"{name} range {text!r} needs LO < HI and N >= 2.")
+    return lo, hi, n
+
+
+def plane_weights(x: np.ndarray, y: np.ndarray, c: float) -> np.ndarray:
+    """(len(y) * len(x), 3) the weights over anchors (a, b, c) of the plane's points, rows in
+    (y, x) order: theta(x, y) = A + x (B - A) + y V with V = (C - A) - c (B - A), i.e.
+    w = (1 - x - y + c y, x - c y, y). The points at (0, 0), (1, 0) and (c, 1) are the unit
+    vectors exactly (rounding would otherwise leave 1e-17 of the other anchors)."""
+    xx, yy = np.meshgrid(np.asarray(x, np.float64), np.asarray(y, np.float64))
+    xx, yy = xx.reshape(-1), yy.reshape(-1)
+    w = np.stack([1.0 - xx - yy + c * yy, xx - c * yy, yy], axis=1)
+    for j, (ax, ay) in enumerate(((0.0, 0.0), (1.0, 0.0), (c, 1.0))):
+        hit = (xx == ax) & (yy == ay)
+        w[hit] = np.eye(3)[j]
+    return w
+
+
+def surface_weights(x: np.ndarray, y: np.ndarray, *, affine: bool = False) -> np.ndarray:
+    """(len(y) * len(x), 3) the weights over (center, d1, d2), rows in (y, x) order:
+    ``(1, x, y)`` for direction states (theta = center + x d1 + y d2), or, ``affine``, over
+    (center, A, B) ``(1 - x - y, x, y)``, whose (0, 0), (1, 0), (0, 1) are the anchors."""
+    xx, yy = np.meshgrid(np.asarray(x, np.float64), np.asarray(y, np.float64))
+    xx, yy = xx.reshape(-1), yy.reshape(-1)
+    first = 1.0 - xx - yy if affine else np.ones_like(xx)
+    return np.stack([first, xx, yy], axis=1)
+
+
+def grid_points(weights: np.ndarray, anchors: Sequence[str], moving: Sequence[str], *,
+                hold: str, every: Collection[str], nearest: bool = True) -> PointSet:
+    """A point set over ``anchors``: the group's keys ``moving`` move, the rest stays at anchor
+    ``hold``. When ``moving`` holds every key and ``nearest``, nothing is held: the non-float
+    tensors come from each point's nearest anchor, as on the whole-model path."""
+    whole = nearest and set(every) <= set(moving)
+    return PointSet(tuple(anchors), weights, tuple(moving), None if whole else hold)

@@ -180,6 +180,11 @@ def validate_result(ds: xr.Dataset, *, source: str = "the result") -> xr.Dataset
             f"`ckptscope path` (or ckptscope.save_result)."
         )
 
+    if "x" in ds.dims and "y" in ds.dims and "alpha" not in ds.dims:  # ckptscope.grids
+        raise CkptscopeError(
+            f"{source} is a {str(ds.attrs.get('grid_kind', 'plane or surface'))[:20]} grid "
+            f"result, not a path result; open it with ckptscope.open_grid."
+        )
     variables = ds.variables  # Variables, not DataArrays: no coordinate gathering per lookup
     for name in ("loss", "accuracy", "distance"):
         if name not in ds.data_vars:

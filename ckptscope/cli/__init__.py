@@ -24,6 +24,7 @@ from ckptscope.cli.output import EXIT_BAD_INPUT
 from ckptscope.cli.paths import demo, merge, path
 from ckptscope.cli.study import correlate, report, summarize
 from ckptscope.cli.trajectories import trajectory
+from ckptscope.cli.planes import plane, surface
 from ckptscope.errors import CkptscopeError
 
 __all__ = ["cli", "main", "run"]
@@ -41,7 +42,7 @@ def _register() -> None:
     from ckptscope.train.cli import instability, reproduce, sweep, train
 
     for command in (demo, path, inspect, distance, check, compare, merge, plot, list_,
-                    train, sweep, reproduce):
+                    train, sweep, reproduce, plane, surface):
         cli.add_command(command)
     for command in (trajectory, instability):
         cli.add_command(command)

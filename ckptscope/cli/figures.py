@@ -25,7 +25,30 @@ def plot(result, out, variable, layout, title):
     from ckptscope.results import open_result
 
     check_suffix(out, (".png", ".pdf", ".svg"), "--out")
+    if _is_grid_file(result):  # a plane or a surface: contours, loss and accuracy
+        from ckptscope.grids import open_grid
+        from ckptscope.grid_plots import plot_grid_result
+
+        variables = ("loss", "accuracy") if variable == "both" else (variable,)
+        save_figure(plot_grid_result(open_grid(result), variables=variables, title=title),
+                    Path(out))
+        click.echo(f"wrote {out}")
+        return
     ds = open_result(result)
     variables = ("loss", "accuracy") if variable == "both" else (variable,)
     save_figure(plot_result(ds, variables=variables, layout=layout, title=title), Path(out))
     click.echo(f"wrote {out}")
+
+
+def _is_grid_file(path: str) -> bool:
+    """Whether ``path`` holds a grid result (x and y dims, no alpha); unreadable files are
+    left to ``open_result``'s error."""
+    import xarray as xr
+
+    from ckptscope.grids import is_grid
+
+    try:
+        with xr.open_dataset(path, engine="scipy") as ds:
+            return is_grid(ds)
+    except Exception:  # open_result names what is wrong with the file
+        return False
