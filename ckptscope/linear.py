@@ -290,6 +290,7 @@ class _Run:
     groups: list[Group]
     evaluator: Evaluator
     mine: np.ndarray  # (group, alpha): the points this rank evaluates
+    identity: str  # model_identity of the module as built
 
 
 def _pair(label: str, start: StateSource, end: StateSource, model: Model, data: object,
@@ -303,9 +304,11 @@ def _pair(label: str, start: StateSource, end: StateSource, model: Model, data: 
                          loaded=shared.inputs)
     groups = _groups(a, question)
     loss = question.loss or (adapter.loss(options) if adapter else "cross_entropy")
+    identity = model_identity(module, loss)  # before the evaluator may cast it (own_module)
     evaluator = _evaluator(model, module, adapter, options, inputs, loss, question, shared)
     mine = distributed.owned(len(groups), len(question.grid), question.rank, question.size)
-    run = _Run(label, a, b, module, adapter, options, inputs, loss, groups, evaluator, mine)
+    run = _Run(label, a, b, module, adapter, options, inputs, loss, groups, evaluator, mine,
+               identity)
     shape = (1, len(groups), len(inputs.splits), len(question.grid))
     curves = np.zeros(shape), np.zeros(shape)  # loss, accuracy
     total, done = int(mine.sum()), 0
@@ -342,8 +345,11 @@ def _evaluator(model: Model, module: nn.Module, adapter: Adapter | None, options
         adapter.name, json.dumps(options, sort_keys=True, default=str))
     key = (built, inputs.key, loss if isinstance(loss, str) else id(loss))
     if key not in shared.evaluators:
+        # A module an adapter built is ckptscope's: the evaluator runs it instead of a copy
+        # (one copy of the weights in memory, not two); a user's module is copied.
         shared.evaluators[key] = Evaluator(module, inputs.splits, loss=loss,
-                                           config=question.config, bn_data=inputs.bn_data)
+                                           config=question.config, bn_data=inputs.bn_data,
+                                           own_module=adapter is not None)
     return shared.evaluators[key]
 
 
@@ -455,7 +461,7 @@ def _result(run: _Run, question: _Question, curves: tuple[np.ndarray, np.ndarray
             "batch_size": int(run.evaluator.batch_size()),
             "adapter": run.adapter.name if run.adapter else module_name(run.module),
             "adapter_options": json.dumps(run.options, sort_keys=True),
-            "model_identity": model_identity(run.module, loss),
+            "model_identity": run.identity,
             "data": inputs.label,
             "data_seed": int(inputs.seed),
             "loss_function": loss if isinstance(loss, str) else getattr(loss, "__name__", "custom"),
