@@ -293,11 +293,11 @@ def write_point(
 UPCAST_BLOCK = 1 << 22  # elements of a source upcast at once: 16 MiB in float32
 
 
-def _row_blocks(t: torch.Tensor) -> list[slice]:
-    """Slices along dim 0 that cut ``t`` into blocks of about :data:`UPCAST_BLOCK` elements
-    (one block for a 0-d or small tensor)."""
+def _row_blocks(t: torch.Tensor) -> list:
+    """Indices along dim 0 that cut ``t`` into blocks of about :data:`UPCAST_BLOCK` elements
+    (``...``, the whole tensor, for a 0-d or small one)."""
     if t.dim() == 0 or t.numel() <= UPCAST_BLOCK:
-        return [slice(None)]
+        return [...]
     rows = max(1, UPCAST_BLOCK // max(1, t[0].numel()))
     return [slice(lo, lo + rows) for lo in range(0, t.shape[0], rows)]
 
