@@ -25,9 +25,9 @@ import xarray as xr
 from torch import nn
 
 from ckptscope import distributed
-from ckptscope.adapters import Adapter, module_name
+from ckptscope.adapters import Adapter, module_name, registered
 from ckptscope.cache import ChunkCache, chunk_size, chunks, open_cache
-from ckptscope.checkpoints import Checkpoint
+from ckptscope.checkpoints import Checkpoint, check_pair
 from ckptscope.distance import distance_table
 from ckptscope.engine import EvalConfig, Evaluator
 from ckptscope.engine.placement import resolve_device
@@ -39,6 +39,7 @@ from ckptscope.inputs import (
     StateSource,
     check_model,
     check_stored,
+    choose_adapter,
     load_inputs,
     load_pair,
     resolve_model,
@@ -242,11 +243,15 @@ class _Question:
 
 class _Shared:
     """What one call builds once for all its pairs: the data per spec and seed, an evaluator
-    per (model, data, loss)."""
+    per (model, data, loss), an adapter's module per (adapter, options) with its state layout
+    as built (meta tensors) and its identity per loss."""
 
     def __init__(self):
         self.inputs: dict[tuple, Inputs] = {}
         self.evaluators: dict[tuple, Evaluator] = {}
+        self.built: dict[tuple, tuple[nn.Module, dict[str, torch.Tensor]]] = {}
+        self.identities: dict[tuple, str] = {}
+        self.owned: set[int] = set()  # ids of the modules an evaluator took as its own
 
 
 def _question(*, groups, alphas, full, hold, loss, bn, split, device, dtype, adapter_options,
@@ -298,13 +303,16 @@ def _pair(label: str, start: StateSource, end: StateSource, model: Model, data: 
           progress: Callable[[int, int], None] | None) -> xr.Dataset:
     """One pair through the pipeline."""
     a, b = load_pair(start, end)
-    module, adapter, options = resolve_model(model, a, b, question.adapter_options)
-    check_model(module, adapter, a)
+    module, adapter, options = _model(model, a, b, question, shared)
     inputs = load_inputs(data, a, adapter, split=question.split, config=question.config,
                          loaded=shared.inputs)
     groups = _groups(a, question)
     loss = question.loss or (adapter.loss(options) if adapter else "cross_entropy")
-    identity = model_identity(module, loss)  # before the evaluator may cast it (own_module)
+    # Before the evaluator may cast the module it owns; once per module and loss in a call.
+    ident_key = (id(module), loss if isinstance(loss, str) else id(loss))
+    if ident_key not in shared.identities:
+        shared.identities[ident_key] = model_identity(module, loss)
+    identity = shared.identities[ident_key]
     evaluator = _evaluator(model, module, adapter, options, inputs, loss, question, shared)
     mine = distributed.owned(len(groups), len(question.grid), question.rank, question.size)
     run = _Run(label, a, b, module, adapter, options, inputs, loss, groups, evaluator, mine,
@@ -329,6 +337,33 @@ def _pair(label: str, start: StateSource, end: StateSource, model: Model, data: 
     return _result(run, question, curves, moved, [n for n in notes if n])
 
 
+def _model(model: Model, a: Checkpoint, b: Checkpoint, question: _Question, shared: _Shared
+           ) -> tuple[nn.Module, Adapter | None, dict]:
+    """The pair's module, checked against its start checkpoint: the user's, or the one its
+    adapter builds. An adapter's module is built once per call: a later pair with the same
+    adapter and options reuses it (a big model is not built again beside the first), checked
+    against the layout it was built with."""
+    if isinstance(model, nn.Module):
+        check_model(model, None, a)
+        return model, None, {}
+    adapter, options, source = choose_adapter(model, a, b, question.adapter_options)
+    key = (adapter.name, json.dumps(options, sort_keys=True, default=str))
+    if key not in shared.built:
+        module, adapter, options = resolve_model(model, a, b, question.adapter_options)
+        check_model(module, adapter, a)
+        layout = {k: torch.empty(v.shape, dtype=v.dtype, device="meta")
+                  for k, v in module.state_dict().items()}
+        shared.built[key] = module, layout
+        return module, adapter, options
+    module, layout = shared.built[key]
+    where = f"the checkpoint {a.path or 'start'}"
+    adapter.check(options, like=a.state if registered(adapter) else None, where=where,
+                  source=source)
+    check_pair(layout, a.state, names=(f"the model ({adapter.name})", where),
+               fix="pick the adapter and options the checkpoint was saved from")
+    return module, adapter, options
+
+
 def _groups(a: Checkpoint, question: _Question) -> list[Group]:
     """Each group's keys in the checkpoint, ``all`` first."""
     resolved = resolve_groups(list(a.state), normalise_groups(question.groups),
@@ -345,11 +380,14 @@ def _evaluator(model: Model, module: nn.Module, adapter: Adapter | None, options
         adapter.name, json.dumps(options, sort_keys=True, default=str))
     key = (built, inputs.key, loss if isinstance(loss, str) else id(loss))
     if key not in shared.evaluators:
-        # A module an adapter built is ckptscope's: the evaluator runs it instead of a copy
-        # (one copy of the weights in memory, not two); a user's module is copied.
+        # A module an adapter built is ckptscope's: the first evaluator runs it instead of a
+        # copy (one copy of the weights in memory, not two); a user's module is copied.
+        own = adapter is not None and id(module) not in shared.owned
         shared.evaluators[key] = Evaluator(module, inputs.splits, loss=loss,
                                            config=question.config, bn_data=inputs.bn_data,
-                                           own_module=adapter is not None)
+                                           own_module=own)
+        if own:
+            shared.owned.add(id(module))
     return shared.evaluators[key]
 
 

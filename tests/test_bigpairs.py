@@ -267,3 +267,38 @@ def test_distances_of_half_precision_pair_equal_the_upcast_pair(mlp_pair, monkey
     blocked = distance_table(ha, hb)
     for name in ("relative", "l2", "cosine"):
         np.testing.assert_allclose(blocked[name], want[name], rtol=1e-12)
+
+
+def _counting_adapter(builds: list):
+    from ckptscope.adapters import Adapter
+
+    def build():
+        builds.append(1)
+        return SmallConvNet()
+
+    return Adapter(name="small-conv", build=build)
+
+
+@pytest.mark.parametrize("bn", ["interpolate", "batch"])
+def test_linear_paths_builds_an_adapters_module_once(conv_pair, image_data, bn):
+    _, a, b = conv_pair
+    c = perturbed(b, 0.2, 9)
+    builds: list = []
+    adapter = _counting_adapter(builds)
+    pairs = {"ab": (a, b), "ac": (a, c)}
+    ds = ckptscope.linear_paths(pairs, adapter, image_data, alphas=3, bn=bn,
+                                groups={"fc": "fc"})
+    assert len(builds) == 1
+    for label, (start, end) in pairs.items():
+        one = ckptscope.linear_path(start, end, adapter, image_data, alphas=3, bn=bn,
+                                    groups={"fc": "fc"})
+        np.testing.assert_array_equal(ds.loss.sel(run=label).values, one.loss.values[0])
+        assert one.attrs["model_identity"] == ds.attrs["model_identity"]
+
+
+def test_linear_paths_checks_a_later_pair_against_the_built_layout(conv_pair, image_data):
+    _, a, b = conv_pair
+    short = {k: v for k, v in a.items() if k != "fc.bias"}
+    adapter = _counting_adapter([])
+    with pytest.raises(CkptscopeError, match=r"only in the model \(small-conv\): fc\.bias"):
+        ckptscope.linear_paths([(a, b), (short, short)], adapter, image_data, alphas=2)
