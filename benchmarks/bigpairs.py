@@ -174,6 +174,23 @@ def machine() -> dict:
     }
 
 
+def report(paths: list[Path]) -> str:
+    """The measurements in ``paths`` (JSON lines) as a markdown table."""
+    rows = [json.loads(line) for path in paths for line in open(path) if line.strip()]
+    lines = ["| code | files | model | peak anon MiB | × one fp32 state | peak RSS MiB (mapped "
+             "files included) | × state | s |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['label']} | {r['files']} | {r['model']} | failed: "
+                         f"{r['error'][:80]} | | | | |")
+            continue
+        lines.append(
+            f"| {r['label']} | {r['files']} | {r['model']} | {r['peak_anon_mib']:,.0f} | "
+            f"{r['peak_anon_states']:.2f} | {r['peak_rss_mib']:,.0f} | "
+            f"{r['peak_rss_states']:.2f} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", nargs=2, metavar=("START", "END"))
@@ -186,7 +203,12 @@ def main() -> None:
                         help="the ckptscope checkout the children import (default: this one)")
     parser.add_argument("--label", default="", help="a name for this set of measurements")
     parser.add_argument("--out", type=Path, help="append the measurements (JSON lines) here")
+    parser.add_argument("--report", type=Path, nargs="+", help="print these JSON-lines files "
+                        "as a markdown table, and measure nothing")
     args = parser.parse_args()
+    if args.report:
+        print(report(args.report))
+        return
     if args.child:
         print(json.dumps(child(*args.child, args.model[0], args.dtype)))
         return

@@ -11,6 +11,7 @@ it replaces is not read at all.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Mapping
@@ -223,3 +224,35 @@ def preset_adapter(spec: str | Adapter | None, ckpt: Checkpoint) -> Adapter:
     if spec is None:
         raise CkptscopeError("--preset needs an adapter: pass --adapter NAME.")
     return get_adapter(spec)
+
+
+def pair_model(model: nn.Module | str | Adapter | None, a: Checkpoint, b: Checkpoint,
+               adapter_options: Mapping[str, object] | None, *,
+               built: dict[tuple, tuple[nn.Module, dict[str, torch.Tensor]]]
+               ) -> tuple[nn.Module, Adapter | None, dict]:
+    """:func:`resolve_model` then :func:`check_model`, building an adapter's module once per
+    call of :func:`ckptscope.linear_paths`: a later pair with the same adapter and options
+    reuses it (a big model is not built again beside the first), checked against the state
+    layout it was built with (the evaluator that owns it may have cast it since).
+
+    Args:
+        built: (adapter name, options as JSON) -> (module, layout: meta tensors); filled here.
+    """
+    if isinstance(model, nn.Module):
+        check_model(model, None, a)
+        return model, None, {}
+    adapter, options, source = choose_adapter(model, a, b, adapter_options)
+    key = (adapter.name, json.dumps(options, sort_keys=True, default=str))
+    if key not in built:
+        module, adapter, options = resolve_model(model, a, b, adapter_options)
+        check_model(module, adapter, a)
+        built[key] = module, {k: torch.empty(v.shape, dtype=v.dtype, device="meta")
+                              for k, v in module.state_dict().items()}
+        return module, adapter, options
+    module, layout = built[key]
+    where = f"the checkpoint {_label(a, 'start')}"
+    adapter.check(options, like=a.state if registered(adapter) else None, where=where,
+                  source=source)
+    check_pair(layout, a.state, names=(f"the model ({adapter.name})", where),
+               fix="pick the adapter and options the checkpoint was saved from")
+    return module, adapter, options

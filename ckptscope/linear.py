@@ -25,9 +25,9 @@ import xarray as xr
 from torch import nn
 
 from ckptscope import distributed
-from ckptscope.adapters import Adapter, module_name, registered
+from ckptscope.adapters import Adapter, module_name
 from ckptscope.cache import ChunkCache, chunk_size, chunks, open_cache
-from ckptscope.checkpoints import Checkpoint, check_pair
+from ckptscope.checkpoints import Checkpoint
 from ckptscope.distance import distance_table
 from ckptscope.engine import EvalConfig, Evaluator
 from ckptscope.engine.placement import resolve_device
@@ -37,12 +37,10 @@ from ckptscope.identity import model_identity
 from ckptscope.inputs import (
     Inputs,
     StateSource,
-    check_model,
     check_stored,
-    choose_adapter,
     load_inputs,
     load_pair,
-    resolve_model,
+    pair_model,
 )
 from ckptscope.points import HOLDS, PointSet, alpha_grid, path_points
 from ckptscope.results import RunInfo, build_result, merge_results
@@ -303,7 +301,8 @@ def _pair(label: str, start: StateSource, end: StateSource, model: Model, data: 
           progress: Callable[[int, int], None] | None) -> xr.Dataset:
     """One pair through the pipeline."""
     a, b = load_pair(start, end)
-    module, adapter, options = _model(model, a, b, question, shared)
+    module, adapter, options = pair_model(model, a, b, question.adapter_options,
+                                          built=shared.built)
     inputs = load_inputs(data, a, adapter, split=question.split, config=question.config,
                          loaded=shared.inputs)
     groups = _groups(a, question)
@@ -335,33 +334,6 @@ def _pair(label: str, start: StateSource, end: StateSource, model: Model, data: 
                            module=evaluator.module, full=question.full)
     notes = (*a.notes, *b.notes, *(cache.notes(total) if cache else (off,)))
     return _result(run, question, curves, moved, [n for n in notes if n])
-
-
-def _model(model: Model, a: Checkpoint, b: Checkpoint, question: _Question, shared: _Shared
-           ) -> tuple[nn.Module, Adapter | None, dict]:
-    """The pair's module, checked against its start checkpoint: the user's, or the one its
-    adapter builds. An adapter's module is built once per call: a later pair with the same
-    adapter and options reuses it (a big model is not built again beside the first), checked
-    against the layout it was built with."""
-    if isinstance(model, nn.Module):
-        check_model(model, None, a)
-        return model, None, {}
-    adapter, options, source = choose_adapter(model, a, b, question.adapter_options)
-    key = (adapter.name, json.dumps(options, sort_keys=True, default=str))
-    if key not in shared.built:
-        module, adapter, options = resolve_model(model, a, b, question.adapter_options)
-        check_model(module, adapter, a)
-        layout = {k: torch.empty(v.shape, dtype=v.dtype, device="meta")
-                  for k, v in module.state_dict().items()}
-        shared.built[key] = module, layout
-        return module, adapter, options
-    module, layout = shared.built[key]
-    where = f"the checkpoint {a.path or 'start'}"
-    adapter.check(options, like=a.state if registered(adapter) else None, where=where,
-                  source=source)
-    check_pair(layout, a.state, names=(f"the model ({adapter.name})", where),
-               fix="pick the adapter and options the checkpoint was saved from")
-    return module, adapter, options
 
 
 def _groups(a: Checkpoint, question: _Question) -> list[Group]:
