@@ -18,7 +18,7 @@ from ckptscope.identity import parameter_keys, unique_keys
 
 # Elements of one tensor upcast to float64 at a time: a big tensor (an embedding, a memory-
 # mapped checkpoint's) costs three blocks of temporaries, not three float64 copies of itself.
-MOMENT_BLOCK = 1 << 22
+MOMENT_BLOCK = 1 << 20  # 8 MiB per float64 block
 
 
 def _moments(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], key: str):
