@@ -11,6 +11,10 @@ on a group path (eq. 2) only the group's tensors move and every other tensor sta
   anchors whose weight is not 0 (so a NaN in an anchor that does not contribute stays out).
 - A point whose weights are a unit vector is that anchor's tensors, copied: the ends of a path
   are its checkpoints bit for bit, and a NaN in one end does not reach the other.
+- A point is computed in the evaluation dtype (float32, or float64), whatever the anchors'
+  dtype: an anchor held in float16 / bfloat16 (a checkpoint as stored) is upcast one tensor at
+  a time, so ``lerp(float32(a), float32(b), alpha)``, never a bf16 lerp (:func:`work_dtype`,
+  :func:`write_tensor`).
 - Non-float tensors (``num_batches_tracked``, a bool pruning mask) never interpolate. On a point
   set that holds nothing (the whole model: its group holds every tensor) they come from the
   nearest anchor, the one with the largest weight (ties to the later anchor, the end), so the

@@ -102,6 +102,12 @@ def test_write_point_mixed_dtypes_equals_combine(dtype):
             expected = combine([v.float() for v in values], w)
             assert t.dtype == torch.float32
             assert torch.equal(t, expected), (w, i)
+    for w in ([0.6, 0.4], [-0.5, 1.5]):  # the two-anchor line: lerp
+        targets = [torch.full(s, float("nan")) for s in shapes]
+        write_point(targets, anchors[:2], np.array(w))
+        for i, t in enumerate(targets):
+            expected = combine([src[i].float() for src in anchors[:2]], w)
+            assert torch.equal(t, expected), (w, i)
 
 
 def test_write_tensor_in_blocks_equals_whole(monkeypatch):
@@ -302,3 +308,18 @@ def test_linear_paths_checks_a_later_pair_against_the_built_layout(conv_pair, im
     adapter = _counting_adapter([])
     with pytest.raises(CkptscopeError, match=r"only in the model \(small-conv\): fc\.bias"):
         ckptscope.linear_paths([(a, b), (short, short)], adapter, image_data, alphas=2)
+
+
+def test_half_precision_pair_in_float64_equals_the_float64_upcast(mlp_pair, spiral_small):
+    module, a, b = mlp_pair
+    ha, hb = _half(a, torch.bfloat16), _half(b, torch.bfloat16)
+    wide = [{k: v.double() if v.is_floating_point() else v for k, v in s.items()}
+            for s in (ha, hb)]
+    config = EvalConfig(strategy="loop", dtype=torch.float64)
+    alphas = np.linspace(0, 1, 5)
+    got = run_path(Evaluator(module, spiral_small, loss="bce", config=config), ha, hb,
+                   list(a), alphas)
+    want = run_path(Evaluator(module, spiral_small, loss="bce", config=config), *wide,
+                    list(a), alphas)
+    for split in got:
+        np.testing.assert_array_equal(got[split][0], want[split][0])

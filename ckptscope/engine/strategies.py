@@ -7,7 +7,8 @@ split -> (loss sum, correct sum), (n,) float64 each.
 
 - :func:`loop`: one forward pass per point. The moving tensors are written in place into the
   module's own parameters (:func:`ckptscope.points.write_point`: no ``load_state_dict``, no
-  allocation per point), and the outputs of several points go through one loss call per batch
+  allocation per point where the anchors are in the module's dtype; a half-precision anchor is
+  upcast a block at a time), and the outputs of several points go through one loss call per batch
   (:class:`~ckptscope.engine.deferred.Deferred`). On a CPU this wins: a batched pass of a small
   net does no more useful work per flop than a plain one.
 - :func:`vmap`: ``torch.func.functional_call`` under ``torch.vmap`` over a chunk of points, with
