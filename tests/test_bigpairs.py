@@ -323,3 +323,24 @@ def test_half_precision_pair_in_float64_equals_the_float64_upcast(mlp_pair, spir
                     list(a), alphas)
     for split in got:
         np.testing.assert_array_equal(got[split][0], want[split][0])
+
+
+def test_cli_path_on_bf16_files_matches_their_float32_upcast(tmp_path, mlp_pair, capsys):
+    from ckptscope.checkpoints import save_checkpoint
+    from ckptscope.cli import main
+    from ckptscope.results import open_result
+
+    _, a, b = mlp_pair
+    meta = {"adapter": "mlp", "data": "spiral:120,90"}
+    files = {}
+    for name, convert in (("half", lambda s: _half(s, torch.bfloat16)),
+                          ("wide", lambda s: _upcast(_half(s, torch.bfloat16)))):
+        files[name] = [save_checkpoint(tmp_path / f"{name}-{end}.safetensors", convert(s),
+                                       metadata=meta) for end, s in (("a", a), ("b", b))]
+        code = main(["path", *map(str, files[name]), "--preset", "layers", "--alphas", "5",
+                     "--dtype", "float32", "--out", str(tmp_path / f"{name}.nc")])
+        assert code == 0, capsys.readouterr().err
+    half, wide = open_result(tmp_path / "half.nc"), open_result(tmp_path / "wide.nc")
+    np.testing.assert_array_equal(half.loss.values, wide.loss.values)
+    np.testing.assert_array_equal(half.distance.values, wide.distance.values)
+    assert "bfloat16" in half.attrs["notes"] and "bfloat16" not in wide.attrs["notes"]
