@@ -1,6 +1,7 @@
 """Read and write checkpoints (weights only) and validate a pair of them.
 
-Safetensors files are memory-mapped; torch files are read with ``weights_only=True`` so a
+Safetensors files and zip-format torch files are memory-mapped (the tensors are the file's
+pages, in the stored dtype, not copies); torch files are read with ``weights_only=True`` so a
 checkpoint can never run code. Wrappers (``{"state_dict": ...}``, ``{"model": ...}``, a
 Lightning checkpoint) are unwrapped, and the prefixes every key has from DataParallel / DDP
 (``module.``), ``torch.compile`` (``_orig_mod.``) and Lightning (``model.``) are stripped
@@ -31,6 +32,8 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar")
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 META_PREFIX = PREFIX
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Floating dtypes kept as stored; others (float8) are upcast to float32 when read.
+_KEPT = (*_LOW_PRECISION, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -38,13 +41,16 @@ class Checkpoint:
     """A state dict read from disk, with where it came from.
 
     Attributes:
-        state: key -> tensor, floating tensors in float32 (fp16/bf16 upcast), on the CPU.
+        state: key -> tensor, on the CPU, as stored: read from safetensors, memory-mapped
+            (no copy); float16 / bfloat16 / float32 / float64 kept in their dtype (the engine
+            upcasts per tensor as it computes each point), other floating dtypes upcast to
+            float32.
         path: the file it was read from ("" for an in-memory state).
         sha256: hex digest of the file's bytes ("" for an in-memory state).
         metadata: the ckptscope metadata it carries (adapter, data, ...), prefix removed: inert,
             bounded strings, read only through :mod:`ckptscope.metadata`.
-        notes: one-line remarks made while reading (upcasts, unwrapped prefixes), and while
-            matching its keys to a pair's (:mod:`ckptscope.keys`).
+        notes: one-line remarks made while reading (half-precision tensors kept, upcasts,
+            unwrapped prefixes), and while matching its keys to a pair's (:mod:`ckptscope.keys`).
         stripped: the prefixes stripped from every key, outermost first (``("module.",)``);
             :mod:`ckptscope.keys` puts one back when the model's own keys have it.
     """
@@ -122,7 +128,16 @@ def _read_torch(path: Path, kind: str) -> object:
             f"truncated: save it again."
         )
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        # A zip-format file is memory-mapped (private pages: a write never reaches the file),
+        # so its tensors are read as they are used instead of all at once.
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=True,
+                              mmap=kind == "torch-zip")
+        except RuntimeError:
+            if kind != "torch-zip":
+                raise
+            # Some zip files cannot be mapped (written by other tools): read them whole.
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         reason = str(err).splitlines()[0]
         raise CkptscopeError(
@@ -195,8 +210,16 @@ def strip_wrappers(
 def _normalise(
     state: dict[str, torch.Tensor], source: str
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Refuse complex tensors; keep the others as stored (no copy).
+
+    float16 and bfloat16 tensors stay in their dtype (memory-mapped when read from
+    safetensors): the engine upcasts them one tensor at a time as it computes each point
+    (:func:`ckptscope.points.write_point`), so a pair never exists as whole float32 copies.
+    Floating dtypes the engine does not interpolate from (float8) are upcast to float32 here.
+    """
     out: dict[str, torch.Tensor] = {}
-    upcast = []
+    held: list[str] = []
+    upcast: list[str] = []
     for key, value in state.items():
         if value.is_complex():
             raise CkptscopeError(
@@ -204,14 +227,19 @@ def _normalise(
                 f"weights only."
             )
         if value.dtype in _LOW_PRECISION:
+            held.append(str(value.dtype).replace("torch.", ""))
+        elif value.is_floating_point() and value.dtype not in _KEPT:
             upcast.append(str(value.dtype).replace("torch.", ""))
-            value = value.float()
-        elif value.is_floating_point() and value.dtype != torch.float64:
             value = value.float()
         out[key] = value
     notes = []
+    if held:
+        notes.append(
+            f"kept {len(held)} {'/'.join(sorted(set(held)))} tensor(s) in their dtype; each is "
+            f"upcast to the evaluation dtype (float32) one tensor at a time as points are computed"
+        )
     if upcast:
-        notes.append(f"upcast {len(upcast)} {sorted(set(upcast))[0]} tensor(s) to float32")
+        notes.append(f"upcast {len(upcast)} {'/'.join(sorted(set(upcast)))} tensor(s) to float32")
     return out, notes
 
 
@@ -223,7 +251,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
             ``torch.save``; the format is told from the file's first bytes, not its name.
 
     Returns:
-        The checkpoint, floating tensors upcast to float32 (float64 kept).
+        The checkpoint: tensors as stored (memory-mapped for safetensors), float16 and
+        bfloat16 kept, with a note (see :class:`Checkpoint`).
 
     Raises:
         CkptscopeError: the file is missing, empty, truncated, corrupt, not a checkpoint, or

@@ -1,7 +1,7 @@
 """Distances in weight space (the paper's appendix E, eq. 4).
 
 d(theta_b, theta_a) = ||theta_b - theta_a||_F / ||theta_a||_F over a group's parameters,
-in float64. Buffers (BatchNorm running statistics, ``num_batches_tracked``) are not parameters
+in float64, from the tensors as stored (a block of each upcast at a time). Buffers (BatchNorm running statistics, ``num_batches_tracked``) are not parameters
 and are left out; tied tensors (two keys, one storage) count once.
 """
 
@@ -16,11 +16,23 @@ from torch import nn
 from ckptscope.identity import parameter_keys, state_aliases, unique, unique_keys
 
 
+# Elements of one tensor upcast to float64 at a time: a big tensor (an embedding, a memory-
+# mapped checkpoint's) costs three blocks of temporaries, not three float64 copies of itself.
+MOMENT_BLOCK = 1 << 20  # 8 MiB per float64 block
+
+
 def _moments(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], key: str):
-    """(||b - a||², ||a||², ||b||², <a, b>) of one tensor, in float64, in one pass over it."""
-    x, y = a[key].double().reshape(-1), b[key].double().reshape(-1)
-    d = y - x
-    return float(d @ d), float(x @ x), float(y @ y), float(x @ y)
+    """(||b - a||², ||a||², ||b||², <a, b>) of one tensor, in float64, in one pass over it
+    (a block of :data:`MOMENT_BLOCK` elements at a time; the tensors stay in their dtype)."""
+    x_all, y_all = a[key].reshape(-1), b[key].reshape(-1)
+    sums = [0.0, 0.0, 0.0, 0.0]
+    for lo in range(0, max(1, x_all.numel()), MOMENT_BLOCK):
+        x = x_all[lo : lo + MOMENT_BLOCK].double()
+        y = y_all[lo : lo + MOMENT_BLOCK].double()
+        d = y - x
+        for i, value in enumerate((d @ d, x @ x, y @ y, x @ y)):
+            sums[i] += float(value)
+    return tuple(sums)
 
 
 def _summed(moments: Iterable[tuple[float, float, float, float]]) -> tuple[float, ...]:

@@ -72,7 +72,8 @@ def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
     for key in sorted(tensors):
         t = tensors[key].detach().cpu().contiguous()
         digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():  # the tensor's own bytes (a memory-mapped file's pages), not a copy
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 

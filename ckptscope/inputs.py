@@ -11,6 +11,7 @@ it replaces is not read at all.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -237,3 +238,28 @@ def preset_adapter(spec: str | Adapter | None, ckpt: Checkpoint) -> Adapter:
     if spec is None:
         raise CkptscopeError("--preset needs an adapter: pass --adapter NAME.")
     return get_adapter(spec)
+
+
+def pair_model(model: nn.Module | str | Adapter | None, a: Checkpoint, b: Checkpoint,
+               adapter_options: Mapping[str, object] | None, *,
+               built: dict[tuple, nn.Module]) -> tuple[nn.Module, Adapter | None, dict]:
+    """:func:`resolve_model`, building an adapter's module once per call of
+    :func:`ckptscope.linear_paths`: a later pair with the same adapter and options reuses it (a
+    big model is not built again beside the first). The caller then matches the pair to it
+    (:func:`match_model`), which refuses a pair the module does not fit.
+
+    Args:
+        built: (adapter name, options as JSON) -> module; filled here.
+    """
+    if isinstance(model, nn.Module):
+        return resolve_model(model, a, b, adapter_options)
+    adapter, options, source = choose_adapter(model, a, b, adapter_options)
+    key = (adapter.name, json.dumps(options, sort_keys=True, default=str))
+    if key not in built:
+        module, adapter, options = resolve_model(model, a, b, adapter_options)
+        built[key] = module
+        return module, adapter, options
+    where = f"the checkpoint {_label(a, 'start')}"
+    adapter.check(options, like=a.state if registered(adapter) else None, where=where,
+                  source=source)
+    return built[key], adapter, options

@@ -42,7 +42,7 @@ from ckptscope.inputs import (
     load_inputs,
     load_pair,
     match_model,
-    resolve_model,
+    pair_model,
 )
 from ckptscope.points import HOLDS, PointSet, alpha_grid, path_points
 from ckptscope.results import RunInfo, build_result, merge_results
@@ -253,11 +253,15 @@ class _Question:
 
 class _Shared:
     """What one call builds once for all its pairs: the data per spec and seed, an evaluator
-    per (model, data, loss)."""
+    per (model, data, loss), an adapter's module per (adapter, options) with its state layout
+    as built (meta tensors) and its identity per loss."""
 
     def __init__(self):
         self.inputs: dict[tuple, Inputs] = {}
         self.evaluators: dict[tuple, Evaluator] = {}
+        self.built: dict[tuple, nn.Module] = {}
+        self.identities: dict[tuple, str] = {}
+        self.owned: set[int] = set()  # ids of the modules an evaluator took as its own
 
 
 def _question(*, groups, alphas, full, hold, loss, bn, split, device, dtype, adapter_options,
@@ -303,6 +307,7 @@ class _Run:
     groups: list[Group]
     evaluator: Evaluator
     mine: np.ndarray  # (group, alpha): the points this rank evaluates
+    identity: str  # model_identity of the module as built
 
 
 def _pair(label: str, start: StateSource, end: StateSource, model: Model, data: object,
@@ -310,15 +315,22 @@ def _pair(label: str, start: StateSource, end: StateSource, model: Model, data: 
           progress: Callable[[int, int], None] | None) -> xr.Dataset:
     """One pair through the pipeline."""
     a, b = load_pair(start, end, strip_prefix=question.strip_prefix)
-    module, adapter, options = resolve_model(model, a, b, question.adapter_options)
+    module, adapter, options = pair_model(model, a, b, question.adapter_options,
+                                          built=shared.built)
     a, b = match_model(a, b, module, adapter)
     inputs = load_inputs(data, a, adapter, split=question.split, config=question.config,
                          loaded=shared.inputs)
     groups = _groups(a, question)
     loss = question.loss or (adapter.loss(options) if adapter else "cross_entropy")
+    # Before the evaluator may cast the module it owns; once per module and loss in a call.
+    ident_key = (id(module), loss if isinstance(loss, str) else id(loss))
+    if ident_key not in shared.identities:
+        shared.identities[ident_key] = model_identity(module, loss)
+    identity = shared.identities[ident_key]
     evaluator = _evaluator(model, module, adapter, options, inputs, loss, question, shared)
     mine = distributed.owned(len(groups), len(question.grid), question.rank, question.size)
-    run = _Run(label, a, b, module, adapter, options, inputs, loss, groups, evaluator, mine)
+    run = _Run(label, a, b, module, adapter, options, inputs, loss, groups, evaluator, mine,
+               identity)
     shape = (1, len(groups), len(inputs.splits), len(question.grid))
     curves = np.zeros(shape), np.zeros(shape)  # loss, accuracy
     total, done = int(mine.sum()), 0
@@ -356,8 +368,14 @@ def _evaluator(model: Model, module: nn.Module, adapter: Adapter | None, options
         adapter.name, json.dumps(options, sort_keys=True, default=str))
     key = (built, inputs.key, loss if isinstance(loss, str) else id(loss))
     if key not in shared.evaluators:
+        # A module an adapter built is ckptscope's: the first evaluator runs it instead of a
+        # copy (one copy of the weights in memory, not two); a user's module is copied.
+        own = adapter is not None and id(module) not in shared.owned
         shared.evaluators[key] = Evaluator(module, inputs.splits, loss=loss,
-                                           config=question.config, bn_data=inputs.bn_data)
+                                           config=question.config, bn_data=inputs.bn_data,
+                                           own_module=own)
+        if own:
+            shared.owned.add(id(module))
     return shared.evaluators[key]
 
 
@@ -469,7 +487,7 @@ def _result(run: _Run, question: _Question, curves: tuple[np.ndarray, np.ndarray
             "batch_size": int(run.evaluator.batch_size()),
             "adapter": run.adapter.name if run.adapter else module_name(run.module),
             "adapter_options": json.dumps(run.options, sort_keys=True),
-            "model_identity": model_identity(run.module, loss),
+            "model_identity": run.identity,
             "data": inputs.label,
             "data_seed": int(inputs.seed),
             "loss_function": loss if isinstance(loss, str) else getattr(loss, "__name__", "custom"),

@@ -11,6 +11,10 @@ on a group path (eq. 2) only the group's tensors move and every other tensor sta
   anchors whose weight is not 0 (so a NaN in an anchor that does not contribute stays out).
 - A point whose weights are a unit vector is that anchor's tensors, copied: the ends of a path
   are its checkpoints bit for bit, and a NaN in one end does not reach the other.
+- A point is computed in the evaluation dtype (float32, or float64), whatever the anchors'
+  dtype: an anchor held in float16 / bfloat16 (a checkpoint as stored) is upcast one tensor at
+  a time, so ``lerp(float32(a), float32(b), alpha)``, never a bf16 lerp (:func:`work_dtype`,
+  :func:`write_tensor`).
 - Non-float tensors (``num_batches_tracked``, a bool pruning mask) never interpolate. On a point
   set that holds nothing (the whole model: its group holds every tensor) they come from the
   nearest anchor, the one with the largest weight (ties to the later anchor, the end), so the
@@ -188,22 +192,33 @@ def _line_alpha(w: Sequence[float]) -> float | None:
     return None
 
 
+def work_dtype(values: Sequence[torch.Tensor]) -> torch.dtype:
+    """The dtype a point is computed in from its anchors' ``values``: float32, or float64 when
+    an anchor is float64. Half-precision anchors (float16, bfloat16) are upcast."""
+    dtype = torch.float32
+    for value in values:
+        dtype = torch.promote_types(dtype, value.dtype)
+    return dtype
+
+
 def combine(values: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """One tensor at one point: ``values[i]`` is its value at anchor i, ``weights`` (k,).
 
     The slow, obvious form, which :func:`write_point` and :func:`stack_points` reproduce:
     an anchor itself for a unit vector, ``torch.lerp`` on the two-anchor line, else the sum over
-    the anchors whose weight is not 0.
+    the anchors whose weight is not 0; in :func:`work_dtype` (half-precision anchors are upcast
+    to float32 first, the whole tensor at once).
     """
+    dtype = work_dtype(values)
     w = np.asarray(weights, dtype=np.float64).tolist()
     if (j := _exact(w)) >= 0:
-        return values[j]
+        return values[j].to(dtype)
     if (alpha := _line_alpha(w)) is not None:
-        return torch.lerp(values[0], values[1], alpha)
-    out = torch.zeros_like(values[0])
+        return torch.lerp(values[0].to(dtype), values[1].to(dtype), alpha)
+    out = torch.zeros(values[0].shape, dtype=dtype, device=values[0].device)
     for value, wi in zip(values, w, strict=True):
         if wi != 0:
-            out = torch.add(out, value, alpha=wi)
+            out = torch.add(out, value.to(dtype), alpha=wi)
     return out
 
 
@@ -245,14 +260,27 @@ def write_point(
     """Write one point into ``targets`` in place (the loop's form of :func:`combine`).
 
     Args:
-        targets: the tensors to write.
-        sources: per anchor, its values in the order of ``targets``.
+        targets: the tensors to write (the module's own, in the evaluation dtype).
+        sources: per anchor, its values in the order of ``targets``, in any floating dtype
+            (a checkpoint's float16 / bfloat16 tensors as stored, memory-mapped).
         weights: (k,) the point's weights.
 
-    ``torch._foreach_copy_`` for an anchor; ``_foreach_copy_`` then ``_foreach_lerp_`` on the
-    two-anchor line; a scaled copy and ``_foreach_add_`` otherwise. No allocation.
+    Where every anchor's tensor has its target's dtype: ``torch._foreach_copy_`` for an anchor;
+    ``_foreach_copy_`` then ``_foreach_lerp_`` on the two-anchor line; a scaled copy and
+    ``_foreach_add_`` otherwise. No allocation. The other tensors one at a time, in the
+    target's dtype (:func:`write_tensor`): a checkpoint held in half precision is upcast one
+    block of a tensor at a time, never as a whole state.
     """
     w = weights.tolist() if isinstance(weights, np.ndarray) else [float(x) for x in weights]
+    mixed = [i for i, t in enumerate(targets) if any(src[i].dtype != t.dtype for src in sources)]
+    if mixed:
+        for i in mixed:
+            write_tensor(targets[i], [src[i] for src in sources], w)
+        same = sorted(set(range(len(targets))) - set(mixed))
+        targets = [targets[i] for i in same]
+        sources = [[src[i] for i in same] for src in sources]
+        if not targets:
+            return
     if (j := _exact(w)) >= 0:
         torch._foreach_copy_(targets, sources[j])
         return
@@ -264,6 +292,41 @@ def write_point(
     for source, wi in zip(sources, w, strict=True):
         if wi != 0:
             torch._foreach_add_(targets, source, alpha=wi)
+
+
+UPCAST_BLOCK = 1 << 22  # elements of a source upcast at once: 16 MiB in float32
+
+
+def _row_blocks(t: torch.Tensor) -> list:
+    """Indices along dim 0 that cut ``t`` into blocks of about :data:`UPCAST_BLOCK` elements
+    (``...``, the whole tensor, for a 0-d or small one)."""
+    if t.dim() == 0 or t.numel() <= UPCAST_BLOCK:
+        return [...]
+    rows = max(1, UPCAST_BLOCK // max(1, t[0].numel()))
+    return [slice(lo, lo + rows) for lo in range(0, t.shape[0], rows)]
+
+
+def write_tensor(target: torch.Tensor, values: Sequence[torch.Tensor],
+                 weights: Sequence[float]) -> None:
+    """Write one tensor at one point into ``target`` in place, computed in ``target``'s dtype
+    (:func:`combine`'s arithmetic): ``values[i]`` is its value at anchor i, in any floating
+    dtype; a value of another dtype is upcast a block of rows at a time, so the temporary
+    memory is at most :data:`UPCAST_BLOCK` elements per anchor."""
+    w = [float(x) for x in weights]
+    if (j := _exact(w)) >= 0:
+        target.copy_(values[j])  # converts as it copies
+        return
+    alpha = _line_alpha(w)
+    for rows in _row_blocks(target):
+        out, parts = target[rows], [v[rows] for v in values]
+        if alpha is not None:
+            out.copy_(parts[0])
+            out.lerp_(parts[1].to(out.dtype), alpha)
+            continue
+        out.zero_()
+        for part, wi in zip(parts, w, strict=True):
+            if wi != 0:
+                out.add_(part.to(out.dtype), alpha=wi)
 
 
 @dataclass(frozen=True)
@@ -294,7 +357,10 @@ def stacking(weights: np.ndarray, *, dtype: torch.dtype, device: torch.device) -
 
 def stack_points(values: Sequence[torch.Tensor], at: Stacking) -> torch.Tensor:
     """``(c, *shape)``: one tensor at the chunk's points, stacked (the vectorised form of
-    :func:`combine`); ``values[i]`` is its value at anchor i."""
+    :func:`combine`), in the chunk's dtype; ``values[i]`` is its value at anchor i (a value
+    in another dtype, a half-precision anchor's, is upcast first)."""
+    dtype = at.weights.dtype  # anchors held in half precision are upcast, one tensor here
+    values = [v if v.dtype == dtype else v.to(dtype) for v in values]
     first = values[0]
     view = (-1, *([1] * first.dim()))
     if at.alphas is not None:  # the line: at alpha = 0 and 1 the end itself

@@ -111,7 +111,8 @@ def demo(out, seed, epochs):
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i].")
 @click.option("--dtype", type=click.Choice(["float32", "float64", "bf16", "fp16"]),
               default="float32", show_default=True,
-              help="bf16/fp16: forward passes under autocast, weights in float32.")
+              help="Weights and points in float32 or float64 (fp16/bf16 files upcast per "
+                   "tensor); bf16/fp16: forward passes under autocast, weights in float32.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None)
 @click.option("--strategy", type=click.Choice(["auto", "loop", "vmap"]), default="auto",
               show_default=True, help="Evaluator strategy.")

@@ -33,12 +33,16 @@ class Context:
 
     Args:
         module: the architecture; its own weights are ignored (a private copy is used, and the
-            probe pass runs at its weights).
+            probe pass runs at its weights). A module on the meta device costs nothing to pass:
+            its copy is allocated on the device, zero-filled for the probe pass.
         data: split -> (inputs, targets), moved to the device once (kept on the CPU and
             streamed batch by batch when they do not fit the memory budget).
         loss: a loss name from :mod:`ckptscope.losses` or a callable of that form.
         config: device, dtype, batch size, strategy, memory budget, BatchNorm policy.
         bn_data: training inputs for ``config.bn == "recompute"``.
+        own_module: ``True``: ``module`` was built for this evaluator (by an adapter), which
+            takes it as its own (moved and cast in place, its weights overwritten) instead of
+            copying it: one copy of the weights in memory instead of two.
 
     Attributes:
         module: the private copy, on the device, in eval mode.
@@ -51,12 +55,12 @@ class Context:
     """
 
     def __init__(self, module: nn.Module, data: Data, *, loss: str | LossFn, config: EvalConfig,
-                 bn_data: torch.Tensor | None = None):
+                 bn_data: torch.Tensor | None = None, own_module: bool = False):
         self.config = config
         self.loss_fn = get_loss(loss)
         ignore_as_strided_fallback()  # before any forward pass (see there)
         dev, dtype = config.device, config.dtype
-        self.module = copy.deepcopy(module).to(device=dev, dtype=dtype).eval()
+        self.module = working_module(module, dev, dtype, copy_module=not own_module)
         self.channels_last = False  # the layout is chosen at the end of __init__
         self.batchnorms = [m for m in self.module.modules() if isinstance(m, _BatchNorm)]
         if config.bn == "batch":
@@ -159,11 +163,19 @@ class Context:
 
     # --- tensors -----------------------------------------------------------------------------
     def place(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The tensors of ``state`` that the module holds, on the device in its dtype (floating
-        ones; others keep theirs)."""
+        """The tensors of ``state`` that the module holds, on the device.
+
+        Nothing is copied on the CPU: an anchor stays as the checkpoint holds it (memory-mapped,
+        half precision kept), and each point is computed from it one tensor at a time in the
+        module's dtype (:func:`ckptscope.points.write_point`). On another device a floating
+        tensor keeps its dtype when it is no wider than the evaluation dtype (a bfloat16
+        checkpoint takes half the device memory of a float32 copy) and is cast to it otherwise.
+        """
         dev, dtype = self.config.device, self.config.dtype
+        wide = torch.finfo(dtype).bits
         return {
-            k: v.to(device=dev, dtype=dtype if v.is_floating_point() else v.dtype)
+            k: v.to(device=dev, dtype=dtype if v.is_floating_point() and dev.type != "cpu"
+                    and torch.finfo(v.dtype).bits > wide else v.dtype)
             for k, v in state.items()
             if k in self.slots
         }
@@ -260,3 +272,37 @@ class Context:
 
     def note_oom(self, change: str) -> None:
         self.sizes.note_oom(change, self.config.device)
+
+
+def working_module(module: nn.Module, device: torch.device, dtype: torch.dtype, *,
+                   copy_module: bool = True) -> nn.Module:
+    """The module an evaluator runs: ``module`` (or a copy) on ``device``, floating tensors in
+    ``dtype``, in eval mode.
+
+    A module on the meta device is allocated on ``device`` (``to_empty``) and zero-filled:
+    the anchors overwrite every tensor a state dict holds. A buffer a state dict does not hold
+    (``persistent=False``: a causal mask, rotary frequencies) would have no value, so such a
+    module is refused.
+    """
+    tensors = [*module.parameters(), *module.buffers()]
+    if any(t.is_meta for t in tensors):
+        lost = sorted(
+            f"{prefix}.{name}" if prefix else name
+            for prefix, m in module.named_modules()
+            for name in m._non_persistent_buffers_set
+            if getattr(m, name, None) is not None  # to_empty would drop it, on any device
+        )
+        if lost:
+            raise CkptscopeError(
+                f"{type(module).__name__} is on the meta device, but its buffers "
+                f"{', '.join(lost[:5])} are not saved in a state dict, so their values would be "
+                f"lost; build the module on the CPU, or pass an adapter that builds it."
+            )
+        module = copy.deepcopy(module) if copy_module else module  # free on the meta device
+        module = module.to_empty(device=device)
+        with torch.no_grad():
+            for t in [*module.parameters(), *module.buffers()]:
+                t.zero_()
+    elif copy_module:
+        module = copy.deepcopy(module)
+    return module.to(device=device, dtype=dtype).eval()

@@ -33,8 +33,9 @@ class Evaluator:
     """Holds one model and the evaluation data on the device, and evaluates point sets.
 
     Args:
-        module, data, loss, config, bn_data: as :class:`ckptscope.engine.context.Context` takes
-            them (the model is copied to the device; the data is moved there once, or streamed).
+        module, data, loss, config, bn_data, own_module: as
+            :class:`ckptscope.engine.context.Context` takes them (the model is copied to the
+            device unless it is the evaluator's own; the data is moved there once, or streamed).
 
     Example:
         >>> ev = Evaluator(module, {"test": (x, y)}, loss="cross_entropy",
@@ -45,9 +46,11 @@ class Evaluator:
     """
 
     def __init__(self, module: nn.Module, data: Data, *, loss: str | LossFn,
-                 config: EvalConfig, bn_data: torch.Tensor | None = None):
+                 config: EvalConfig, bn_data: torch.Tensor | None = None,
+                 own_module: bool = False):
         self.config = config
-        self.context = Context(module, data, loss=loss, config=config, bn_data=bn_data)
+        self.context = Context(module, data, loss=loss, config=config, bn_data=bn_data,
+                               own_module=own_module)
         self._traced: fx.GraphModule | bool | None = None  # traced on the first group
         self._splits: dict[frozenset, SplitForward | None] = {}
 
@@ -101,7 +104,9 @@ class Evaluator:
 
         Args:
             anchors: name -> state (keys as ``module.state_dict()``), moved to the device for
-                this call.
+                this call (on the CPU used as they are: a memory-mapped checkpoint is not
+                copied, and half-precision tensors are upcast one at a time as points are
+                computed).
             requests: the point sets (:class:`ckptscope.points.PointSet`).
             progress: called with the number of points just finished.
             done: called as ``done(i, curves)`` as request ``i`` finishes.

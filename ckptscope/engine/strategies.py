@@ -7,7 +7,8 @@ split -> (loss sum, correct sum), (n,) float64 each.
 
 - :func:`loop`: one forward pass per point. The moving tensors are written in place into the
   module's own parameters (:func:`ckptscope.points.write_point`: no ``load_state_dict``, no
-  allocation per point), and the outputs of several points go through one loss call per batch
+  allocation per point where the anchors are in the module's dtype; a half-precision anchor is
+  upcast a block at a time), and the outputs of several points go through one loss call per batch
   (:class:`~ckptscope.engine.deferred.Deferred`). On a CPU this wins: a batched pass of a small
   net does no more useful work per flop than a plain one.
 - :func:`vmap`: ``torch.func.functional_call`` under ``torch.vmap`` over a chunk of points, with
@@ -112,7 +113,8 @@ def vmap(ctx: Context, jobs: Sequence[Job], progress: Progress | None, finish: F
     Every tensor that moves in any of the jobs is stacked per point: the point's value on the
     points of jobs that move it, the value of the point's rest anchor on the others. A chunk
     holds what the memory budget allows of those stacks plus the activations, and never spans
-    two rest anchors (the tensors no job moves are passed once per chunk).
+    two rest anchors (the tensors no job moves are the module's own, loaded from the chunk's
+    rest anchor in the evaluation dtype).
     """
     from torch.func import functional_call
     from torch.func import vmap as vectorise
@@ -122,7 +124,6 @@ def vmap(ctx: Context, jobs: Sequence[Job], progress: Progress | None, finish: F
     name = aliases(ctx.slots, sources[0])
     moves = [{name[k]: k for k in job.moving} for job in jobs]  # name -> the job's own key
     union = list(dict.fromkeys(c for m in moves for c in m))
-    fixed = {}  # per rest anchor: the tensors no job moves
     owner = np.concatenate([np.full(len(job), j) for j, job in enumerate(jobs)])
     weights = np.concatenate([job.weights for job in jobs])
     rest = np.concatenate([job.rest for job in jobs])
@@ -130,15 +131,17 @@ def vmap(ctx: Context, jobs: Sequence[Job], progress: Progress | None, finish: F
     ends = np.cumsum([len(job) for job in jobs])  # job j: points up to ends[j]
     chunk = ctx.chunk_size(union, len(weights))
     ignore_as_strided_fallback()
+    # The tensors no job moves are the module's own (ctx.load of the chunk's rest anchor,
+    # in the evaluation dtype), not passed: an anchor may be held in half precision.
     batched = vectorise(
-        lambda held, moving, x: functional_call(ctx.module, (held, moving), (x,)),
-        in_dims=(None, 0, None),
+        lambda moving, x: functional_call(ctx.module, moving, (x,)),
+        in_dims=(0, None),
     )
     dev, dtype = ctx.config.device, ctx.config.dtype
 
     def stacked(lo: int, hi: int) -> dict[str, torch.Tensor]:
         at = stacking(weights[lo:hi], dtype=dtype, device=dev)
-        held, mine = sources[rest[lo]], owner[lo:hi]
+        held, mine = ctx.slots, owner[lo:hi]  # the rest anchor, loaded (in the eval dtype)
         moving = {}
         for c in union:
             rows = [j for j, m in enumerate(moves) if c in m]
@@ -156,16 +159,14 @@ def vmap(ctx: Context, jobs: Sequence[Job], progress: Progress | None, finish: F
         hi = min(lo + chunk, len(weights))
         hi = lo + int(np.argmax(np.append(rest[lo:hi] != rest[lo], True)))  # one rest anchor
         r = int(rest[lo])
-        if r != loaded:  # for any state the module holds outside what is passed
+        if r != loaded:  # the tensors that are not passed: the rest anchor's
             ctx.load(sources[r])
             loaded = r
-        if r not in fixed:
-            fixed[r] = {k: v for k, v in sources[r].items() if name[k] == k and k not in union}
         try:
             moving = stacked(lo, hi)
             sums = {
                 split: ctx.accumulate(
-                    lambda x, moving=moving, r=r: batched(fixed[r], moving, x), split, hi - lo
+                    lambda x, moving=moving: batched(moving, x), split, hi - lo
                 )
                 for split in ctx.data
             }
