@@ -116,13 +116,20 @@ def resolve_model(
     return adapter.make(options, like=like, where=where, source=source), adapter, options
 
 
-def match_model(a: Checkpoint, b: Checkpoint, module: nn.Module, adapter: Adapter | None
+def match_model(a: Checkpoint, b: Checkpoint, module: nn.Module, adapter: Adapter | None,
+                *, layout: Mapping[str, torch.Tensor] | None = None
                 ) -> tuple[Checkpoint, Checkpoint]:
     """Match the pair's keys to the model (:func:`ckptscope.keys.match_keys`), then refuse a
-    pair whose keys, shapes or kinds of dtype differ, or that the model does not fit."""
+    pair whose keys, shapes or kinds of dtype differ, or that the model does not fit (its
+    ``layout`` as built, when given: see :func:`pair_model`)."""
     a, b = match_keys(a, b, module=module)
     check_pair(a.state, b.state, names=(a.path or "start", b.path or "end"))
-    check_model(module, adapter, a)
+    if layout is None:
+        check_model(module, adapter, a)
+    else:
+        check_pair(layout, a.state, names=(f"the model ({adapter.name})",
+                                           f"the checkpoint {_label(a, 'start')}"),
+                   fix="pick the adapter and options the checkpoint was saved from")
     return a, b
 
 
@@ -242,24 +249,34 @@ def preset_adapter(spec: str | Adapter | None, ckpt: Checkpoint) -> Adapter:
 
 def pair_model(model: nn.Module | str | Adapter | None, a: Checkpoint, b: Checkpoint,
                adapter_options: Mapping[str, object] | None, *,
-               built: dict[tuple, nn.Module]) -> tuple[nn.Module, Adapter | None, dict]:
+               built: dict[tuple, tuple[nn.Module, dict[str, torch.Tensor]]]
+               ) -> tuple[nn.Module, Adapter | None, dict, dict[str, torch.Tensor] | None]:
     """:func:`resolve_model`, building an adapter's module once per call of
     :func:`ckptscope.linear_paths`: a later pair with the same adapter and options reuses it (a
     big model is not built again beside the first). The caller then matches the pair to it
     (:func:`match_model`), which refuses a pair the module does not fit.
 
     Args:
-        built: (adapter name, options as JSON) -> module; filled here.
+        built: (adapter name, options as JSON) -> (module, layout: its state as meta tensors
+            when it was built); filled here.
+
+    Returns:
+        (module, adapter or None, options, layout): ``layout`` is ``None`` for a module built
+        or given now, else the reused module's layout as built, to check the pair against (the
+        evaluator that owns the module may have changed it since: ``bn="batch"`` drops the
+        running statistics).
     """
     if isinstance(model, nn.Module):
-        return resolve_model(model, a, b, adapter_options)
+        return (*resolve_model(model, a, b, adapter_options), None)
     adapter, options, source = choose_adapter(model, a, b, adapter_options)
     key = (adapter.name, json.dumps(options, sort_keys=True, default=str))
     if key not in built:
         module, adapter, options = resolve_model(model, a, b, adapter_options)
-        built[key] = module
-        return module, adapter, options
+        built[key] = module, {k: torch.empty(v.shape, dtype=v.dtype, device="meta")
+                              for k, v in module.state_dict().items()}
+        return module, adapter, options, None
     where = f"the checkpoint {_label(a, 'start')}"
     adapter.check(options, like=a.state if registered(adapter) else None, where=where,
                   source=source)
-    return built[key], adapter, options
+    module, layout = built[key]
+    return module, adapter, options, layout

@@ -259,7 +259,7 @@ class _Shared:
     def __init__(self):
         self.inputs: dict[tuple, Inputs] = {}
         self.evaluators: dict[tuple, Evaluator] = {}
-        self.built: dict[tuple, nn.Module] = {}
+        self.built: dict[tuple, tuple[nn.Module, dict[str, torch.Tensor]]] = {}
         self.identities: dict[tuple, str] = {}
         self.owned: set[int] = set()  # ids of the modules an evaluator took as its own
 
@@ -315,9 +315,9 @@ def _pair(label: str, start: StateSource, end: StateSource, model: Model, data: 
           progress: Callable[[int, int], None] | None) -> xr.Dataset:
     """One pair through the pipeline."""
     a, b = load_pair(start, end, strip_prefix=question.strip_prefix)
-    module, adapter, options = pair_model(model, a, b, question.adapter_options,
-                                          built=shared.built)
-    a, b = match_model(a, b, module, adapter)
+    module, adapter, options, layout = pair_model(model, a, b, question.adapter_options,
+                                                  built=shared.built)
+    a, b = match_model(a, b, module, adapter, layout=layout)
     inputs = load_inputs(data, a, adapter, split=question.split, config=question.config,
                          loaded=shared.inputs)
     groups = _groups(a, question)
