@@ -342,8 +342,9 @@ def _evaluator(model: Model, module: nn.Module, adapter: Adapter | None, options
         adapter.name, json.dumps(options, sort_keys=True, default=str))
     key = (built, inputs.key, loss if isinstance(loss, str) else id(loss))
     if key not in shared.evaluators:
-        shared.evaluators[key] = Evaluator(module, inputs.splits, loss=loss,
-                                           config=question.config, bn_data=inputs.bn_data)
+        shared.evaluators[key] = Evaluator(
+            module, inputs.splits, loss=loss, config=question.config, bn_data=inputs.bn_data,
+            model_name=adapter.name if adapter else module_name(module), data_name=inputs.label)
     return shared.evaluators[key]
 
 

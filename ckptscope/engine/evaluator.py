@@ -18,6 +18,7 @@ from torch import fx, nn
 from ckptscope.engine import strategies
 from ckptscope.engine.config import EvalConfig
 from ckptscope.engine.context import Context, Data
+from ckptscope.engine.failures import from_user_code
 from ckptscope.engine.hoist import SplitForward, split_forward, trace
 from ckptscope.engine.strategies import Job, Progress
 from ckptscope.errors import CkptscopeError
@@ -35,6 +36,8 @@ class Evaluator:
     Args:
         module, data, loss, config, bn_data: as :class:`ckptscope.engine.context.Context` takes
             them (the model is copied to the device; the data is moved there once, or streamed).
+        model_name, data_name: what to call the model and the data when they fail
+            (:mod:`ckptscope.engine.failures`); by default the model's class, and no data name.
 
     Example:
         >>> ev = Evaluator(module, {"test": (x, y)}, loss="cross_entropy",
@@ -45,9 +48,11 @@ class Evaluator:
     """
 
     def __init__(self, module: nn.Module, data: Data, *, loss: str | LossFn,
-                 config: EvalConfig, bn_data: torch.Tensor | None = None):
+                 config: EvalConfig, bn_data: torch.Tensor | None = None,
+                 model_name: str | None = None, data_name: str | None = None):
         self.config = config
-        self.context = Context(module, data, loss=loss, config=config, bn_data=bn_data)
+        self.context = Context(module, data, loss=loss, config=config, bn_data=bn_data,
+                               model_name=model_name, data_name=data_name)
         self._traced: fx.GraphModule | bool | None = None  # traced on the first group
         self._splits: dict[frozenset, SplitForward | None] = {}
 
@@ -114,6 +119,10 @@ class Evaluator:
         Under the ``vmap`` strategy the others share vectorised passes: their points are
         stacked into chunks as large as the memory budget holds, so a small group does not
         leave the device idle.
+
+        Raises:
+            CkptscopeError: the model or the loss raised (one line naming the model, the data
+                and the error's first line; the original is its ``__cause__``).
         """
         ctx = self.context
         results: list = [None] * len(requests)
@@ -157,13 +166,20 @@ class Evaluator:
             else:
                 job.split = split
                 alone.append(job)
-        with ctx.autocast():
-            # First: in a sweep these are the whole model and the first layers.
-            for _, shared in groupby(together, key=lambda job: job.anchors):
-                strategies.vmap(ctx, list(shared), progress, finish)
-            for job in alone:
-                run = strategies.hoisted if job.split else strategies.loop
-                run(ctx, [job], progress, finish)
+        try:
+            with ctx.autocast():
+                # First: in a sweep these are the whole model and the first layers.
+                for _, shared in groupby(together, key=lambda job: job.anchors):
+                    strategies.vmap(ctx, list(shared), progress, finish)
+                for job in alone:
+                    run = strategies.hoisted if job.split else strategies.loop
+                    run(ctx, [job], progress, finish)
+        except Exception as err:
+            # The model called outside Context.forward (vectorised, split for hoisting, the
+            # BatchNorm re-estimation): the batch in flight was noted on the way in.
+            if not from_user_code(err):
+                raise
+            raise ctx.where.model_failed(err) from err
         return results
 
     def _split_for(self, job: Job) -> SplitForward | None:
