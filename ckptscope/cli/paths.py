@@ -98,6 +98,9 @@ def demo(out, seed, epochs):
               help="The evaluation data (default: from the metadata or the adapter).")
 @click.option("--split", type=click.Choice(["test", "train", "both"]), default="test",
               show_default=True)
+@click.option("--loss", default=None, metavar="NAME|pkg.module:attr",
+              help="The loss: cross_entropy, bce, or your own callable (default: the "
+                   "adapter's).")
 @click.option("--hold", type=click.Choice(["end", "start"]), default="end", show_default=True,
               help="Where the tensors outside a group stay.")
 @click.option("--no-full", is_flag=True, help="Leave out the whole-model path.")
@@ -128,12 +131,13 @@ def demo(out, seed, epochs):
               help="Write a figure (.png, .pdf, .svg).")
 def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adapter,
          adapter_opts, data, split, hold, no_full, device, dtype, batch_size, strategy,
-         channels_last, bn, bn_batches, data_size, seed, tolerances, out, plot):
+         channels_last, bn, bn_batches, data_size, seed, tolerances, out, plot, loss):
     """Evaluate loss and accuracy on the straight line from START to END."""
     from ckptscope.cache import remove_partial
     from ckptscope.checkpoints import load_checkpoint
     from ckptscope.engine import EvalConfig
     from ckptscope.linear import linear_paths
+    from ckptscope.losses import resolve_loss
     from ckptscope.points import parse_alpha_range
     from ckptscope.results import save_result
     from ckptscope.shape import summary
@@ -143,6 +147,7 @@ def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adap
     check_suffix(out, (".nc",), "--out")
     check_suffix(plot, (".png", ".pdf", ".svg"), "--plot")
     grid = parse_alpha_range(alpha_range) if alpha_range else (alphas or 51)
+    loss = resolve_loss(loss)  # imported here, from the command line only, before any work
     runs = {label: (load_checkpoint(a), load_checkpoint(b))
             for label, (a, b) in _pairs(start, end, pairs, run_dirs).items()}
     first = next(iter(runs.values()))[0]
@@ -151,7 +156,7 @@ def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adap
             for label in runs}
     ds = linear_paths(
         runs, adapter, data, groups=specs, alphas=grid, full=not no_full, hold=hold,
-        device=device, split=split,
+        device=device, split=split, loss=loss,
         adapter_options=key_values(adapter_opts, "--adapter-opt"), dtype=dtype, bn=bn,
         config=EvalConfig(batch_size=batch_size, strategy=strategy, channels_last=channels_last,
                           bn_batches=bn_batches, data_size=data_size, seed=seed),

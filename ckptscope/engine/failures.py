@@ -17,7 +17,7 @@ import torch
 from ckptscope.engine.placement import first_line
 from ckptscope.errors import CkptscopeError
 
-_DEBUG_HINT = "rerun with --debug (Python: the error's __cause__) for the traceback"
+_DEBUG_HINT = "rerun with --debug for the traceback"
 
 
 def from_user_code(err: BaseException) -> bool:
