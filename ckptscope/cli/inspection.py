@@ -91,6 +91,10 @@ def list_():
         click.echo(f"  {name:<10} {adapter.description}")
         if adapter.presets:
             click.echo(f"  {'':<10} presets: {', '.join(sorted(adapter.presets))}")
+    from ckptscope.adapters import FAMILIES
+
+    for name in FAMILIES:
+        click.echo(f"  {name + ':NAME':<10} {FAMILIES.get(name).description}")
     click.echo("datasets (--data NAME[:ARG], or pkg.module:attr):")
     for name in DATASETS:
         click.echo(f"  {name:<14} {DATASETS.get(name).description}")
