@@ -60,10 +60,14 @@ def demo(out, seed, epochs):
     from ckptscope.shape import summary
 
     total = epochs if epochs is not None else DEMO_TRAIN.epochs
-    bar = ProgressBar("training  ")
+    bar, evaluating = ProgressBar("training"), ProgressBar("evaluating")
     click.echo(f"training the spiral MLP (2x50 ReLU, Adam 5e-4) for {total} epochs ...", err=True)
-    result = run_demo(out, seed=seed, epochs=epochs, on_epoch=lambda r: bar(r["epoch"], total),
-                      progress=ProgressBar("evaluating"))
+    try:
+        result = run_demo(out, seed=seed, epochs=epochs,
+                          on_epoch=lambda r: bar(r["epoch"], total), progress=evaluating)
+    finally:
+        bar.close()
+        evaluating.close()
     figure = Path(out) / "paths.png"
     save_figure(result.figure, figure)
     if result.history:
@@ -154,16 +158,21 @@ def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adap
     specs = group_specs(adapter, presets, groups, first)
     bars = {label: ProgressBar(f"run {label}" if len(runs) > 1 else "evaluating")
             for label in runs}
-    ds = linear_paths(
-        runs, adapter, data, groups=specs, alphas=grid, full=not no_full, hold=hold,
-        device=device, split=split, loss=loss,
-        adapter_options=key_values(adapter_opts, "--adapter-opt"), dtype=dtype, bn=bn,
-        config=EvalConfig(batch_size=batch_size, strategy=strategy, channels_last=channels_last,
-                          bn_batches=bn_batches, data_size=data_size, seed=seed),
-        tolerances=parse_tolerances(tolerances),
-        progress=lambda label, done, total: bars[label](done, total),
-        resume_dir=_partial_dir(out),
-    )
+    try:
+        ds = linear_paths(
+            runs, adapter, data, groups=specs, alphas=grid, full=not no_full, hold=hold,
+            device=device, split=split, loss=loss,
+            adapter_options=key_values(adapter_opts, "--adapter-opt"), dtype=dtype, bn=bn,
+            config=EvalConfig(batch_size=batch_size, strategy=strategy,
+                              channels_last=channels_last, bn_batches=bn_batches,
+                              data_size=data_size, seed=seed),
+            tolerances=parse_tolerances(tolerances),
+            progress=lambda label, done, total: bars[label](done, total),
+            resume_dir=_partial_dir(out),
+        )
+    finally:  # an error's line starts on a line of its own
+        for bar in bars.values():
+            bar.close()
     from ckptscope.distributed import is_main
 
     if not is_main():  # under torchrun, rank 0 writes and prints
