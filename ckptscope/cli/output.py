@@ -10,6 +10,7 @@ wrapped), the same whatever the terminal, for scripts and tests to parse.
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from io import StringIO
 from pathlib import Path
@@ -126,7 +127,10 @@ def table(headers: list[str], cells: list[list[str]], *, terminal: bool | None =
     for row in cells:
         grid.add_row(*row)
     out.print(grid, crop=False, soft_wrap=False)
-    return "\n".join(line.rstrip() for line in out.file.getvalue().splitlines())
+    lines = [line.rstrip() for line in out.file.getvalue().splitlines()]
+    if not terminal and len(lines) > 1:  # the rule under each column's text, not its padding
+        lines[1] = re.sub(r"-(?= )", " ", lines[1])
+    return "\n".join(lines)
 
 
 def path_table(rows: list[dict]) -> str:
