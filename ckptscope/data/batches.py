@@ -102,7 +102,7 @@ def _pair(batch: object, i: int, *, source: str) -> tuple[torch.Tensor, torch.Te
             f"{source}: batch {i} is a mapping with keys {sorted(map(str, batch))[:6]}; "
             f"ckptscope calls the model with one input tensor and scores its outputs against "
             f"the targets position by position: yield (inputs, targets) pairs instead (for a "
-            f"causal LM: (ids[:, :-1], ids[:, 1:])), or use --data tokens:FILE.npy."
+            f"causal LM: (ids[:, :-1], ids[:, 1:]))."
         )
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
         what = (f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list))
