@@ -94,7 +94,11 @@ def list_():
     from ckptscope.adapters import FAMILIES
 
     for name in FAMILIES:
-        click.echo(f"  {name + ':NAME':<10} {FAMILIES.get(name).description}")
+        family = FAMILIES.get(name)
+        click.echo(f"  {name + ':NAME':<10} {family.description}")
+        presets = family.make("NAME").presets  # builds nothing, imports nothing
+        if presets:
+            click.echo(f"  {'':<10} presets: {', '.join(sorted(presets))}")
     click.echo("datasets (--data NAME[:ARG], or pkg.module:attr):")
     for name in DATASETS:
         click.echo(f"  {name:<14} {DATASETS.get(name).description}")
