@@ -67,7 +67,8 @@ def pair():
 @pytest.fixture
 def data():
     g = torch.Generator().manual_seed(1)
-    return {"test": (torch.randn(24, 1, 6, 6, generator=g), torch.randint(0, 5, (24,), generator=g))}
+    x, y = torch.randn(24, 1, 6, 6, generator=g), torch.randint(0, 5, (24,), generator=g)
+    return {"test": (x, y)}
 
 
 def _reference(state, data):
@@ -130,7 +131,8 @@ def test_timm_bad_names_and_options(fake_timm, spec, options, match):
         get_adapter(spec).make(options)
 
 
-@pytest.mark.parametrize("spec", ["timm:../evil", "timm:a/b", "timm:", "timm:x y", "timm:" + "a" * 129])
+@pytest.mark.parametrize("spec", ["timm:../evil", "timm:a/b", "timm:", "timm:x y",
+                                  "timm:" + "a" * 129])
 def test_timm_name_is_validated(spec):
     with pytest.raises(CkptscopeError, match="takes a name of up to 128 letters"):
         get_adapter(spec)

@@ -184,8 +184,9 @@ def test_loss_error_is_one_line_naming_loss_and_shapes(user_code, data, strategy
 
 def test_builtin_loss_on_wrong_target_shape_is_one_line(data):
     bad = {"test": (data["test"][0], torch.zeros(40, 2, dtype=torch.long))}
-    with pytest.raises(CkptscopeError, match=r"the loss 'cross_entropy' failed on outputs of "
-                                             r"shape \(\d+, 40, 3\) and targets of shape \(40, 2\)"):
+    match = (r"the loss 'cross_entropy' failed on outputs of shape \(\d+, 40, 3\) and targets of "
+             r"shape \(40, 2\)")
+    with pytest.raises(CkptscopeError, match=match):
         _evaluate(nn.Linear(2, 3), bad)
 
 

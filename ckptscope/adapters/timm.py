@@ -131,7 +131,8 @@ def block_groups(keys: Sequence[str]) -> dict[str, str]:
 
 @functools.lru_cache(maxsize=None)
 def timm_adapter(name: str) -> Adapter:
-    """The adapter ``timm:NAME`` (one object per name: see :func:`ckptscope.adapters.registered`)."""
+    """The adapter ``timm:NAME``, one object per name (:func:`ckptscope.adapters.registered`
+    recognises it by identity)."""
 
     def build(**options: object) -> nn.Module:
         return create(name, **options)
