@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -331,3 +332,24 @@ def test_cli_debug_from_environment_and_for_plain_bad_input(pair, capsys, monkey
     assert code == 2 and "Traceback" not in err and err.count("\n") == 1
     code, _, err = run(["--debug", "path", "nope.safetensors", "x.safetensors"], capsys)
     assert code == 2 and "Traceback" in err
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), RuntimeError("cb")])
+def test_callback_errors_pass_through_untouched(data, strategy, error):
+    """An error of the caller's ``done`` or ``progress`` (a cache on a full disk) is not the
+    model's: it reaches the caller as it was raised, and vmap does not fall back for it."""
+    ev = Evaluator(nn.Linear(2, 3), data, loss="cross_entropy",
+                   config=EvalConfig(strategy=strategy))
+    state = {k: v.clone() for k, v in ev.slots.items()}
+    points = path_points(alpha_grid(3), list(state), every=state)
+
+    def fail(*args):
+        raise error
+
+    for where in ("done", "progress"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "cannot be vectorised" fallback
+            with pytest.raises(type(error)) as info:
+                ev.evaluate({"start": state, "end": state}, [points], **{where: fail})
+        assert info.value is error

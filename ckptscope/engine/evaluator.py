@@ -126,6 +126,8 @@ class Evaluator:
         """
         ctx = self.context
         results: list = [None] * len(requests)
+        # The callbacks' errors (a full disk under a cache's store) are theirs, not the model's.
+        progress, done = _callback(progress), _callback(done)
 
         def finish(i: int, sums) -> None:
             results[i] = {
@@ -174,6 +176,8 @@ class Evaluator:
                 for job in alone:
                     run = strategies.hoisted if job.split else strategies.loop
                     run(ctx, [job], progress, finish)
+        except _CallbackError as err:
+            raise err.error from None
         except Exception as err:
             # The model called outside Context.forward (vectorised, split for hoisting, the
             # BatchNorm re-estimation): the batch in flight was noted on the way in.
@@ -212,6 +216,30 @@ class Evaluator:
         sources = [self.context.slots]
         job = Job(0, ("held",), sources, np.ones((1, 1)), tuple(moving), np.zeros(1, np.intp))
         return self._split_for(job)
+
+
+class _CallbackError(Exception):
+    """An error of a caller's callback (``progress``, ``done``), carried out of the strategies
+    untouched: neither their fallbacks (which catch ``RuntimeError``) nor the model's error
+    message apply to it."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _callback(fn: Callable | None) -> Callable | None:
+    """``fn``, whose errors travel as :class:`_CallbackError`."""
+    if fn is None:
+        return None
+
+    def call(*args):
+        try:
+            return fn(*args)
+        except Exception as err:
+            raise _CallbackError(err) from err
+
+    return call
 
 
 def _settle_rests(jobs: Sequence[Job], slots: Mapping[str, torch.Tensor]) -> None:
