@@ -20,7 +20,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ckptscope.adapters import ADAPTERS, Adapter, get_adapter, module_name, registered
+from ckptscope.adapters import (
+    ADAPTERS,
+    FAMILIES,
+    Adapter,
+    get_adapter,
+    module_name,
+    registered,
+)
 from ckptscope.checkpoints import Checkpoint, as_checkpoint, check_pair
 from ckptscope.data import DATASETS, as_splits, load_data, select_splits
 from ckptscope.data.transforms import subset
@@ -78,7 +85,8 @@ def choose_adapter(
     label = _label(named, "start") if named is not None else ""
     if model is None:
         if named is not None:
-            model = stored_adapter(named.metadata, source=label, known=ADAPTERS)
+            model = stored_adapter(named.metadata, source=label, known=ADAPTERS,
+                                   families=FAMILIES)
         if model is None:
             raise CkptscopeError(
                 "no model given and the checkpoints name no adapter in their metadata; pass "
@@ -241,7 +249,8 @@ def check_stored(start, end, model, data, options: Mapping[str, object]) -> None
 def preset_adapter(spec: str | Adapter | None, ckpt: Checkpoint) -> Adapter:
     """The adapter whose group presets to use: ``spec``, else the built-in one ``ckpt``'s
     metadata names (nothing is imported for a file)."""
-    spec = spec or stored_adapter(ckpt.metadata, source=_label(ckpt, "start"), known=ADAPTERS)
+    spec = spec or stored_adapter(ckpt.metadata, source=_label(ckpt, "start"), known=ADAPTERS,
+                                  families=FAMILIES)
     if spec is None:
         raise CkptscopeError("--preset needs an adapter: pass --adapter NAME.")
     return get_adapter(spec)

@@ -44,6 +44,7 @@ from ckptscope.inputs import (
     match_model,
     pair_model,
 )
+from ckptscope.losses import resolve_loss
 from ckptscope.points import HOLDS, PointSet, alpha_grid, path_points
 from ckptscope.results import RunInfo, build_result, merge_results
 from ckptscope.shape import (
@@ -109,8 +110,10 @@ def linear_path(
         hold: the endpoint the rest of the model sits at on a group path: "end" or "start".
             The whole-model path holds nothing: its non-float tensors come from the nearer
             end (docs/semantics.md).
-        loss: ``cross_entropy``, ``bce`` or a callable (see :mod:`ckptscope.losses`);
-            ``None``: the adapter's, else ``cross_entropy``.
+        loss: ``cross_entropy``, ``bce``, ``pkg.module:attr`` or a callable (see
+            :mod:`ckptscope.losses`); ``None``: the adapter's, else ``cross_entropy``. An error
+            the model or the loss raises is one :class:`CkptscopeError` naming the model, the
+            data and the error (the original is its ``__cause__``).
         bn: BatchNorm running statistics: "interpolate" (they move with their group, as in the
             paper), "recompute" (re-estimated at every alpha on ``config.bn_batches`` batches of
             the training split) or "batch" (each evaluation batch's own statistics).
@@ -274,6 +277,7 @@ def _question(*, groups, alphas, full, hold, loss, bn, split, device, dtype, ada
         raise CkptscopeError(f"hold={hold!r} is not one of {HOLDS}.")
     check_tolerances(**dict(tolerances or {}))  # before the work, not after it
     prefixes = prefixes_given(strip_prefix)
+    loss = resolve_loss(loss)  # the user's: a name, pkg.module:attr (imported) or a callable
     grid = alpha_grid(alphas)
     endpoint_indices(grid)  # the shape verdicts need two points in [0, 1]: refused before work
     config = config or EvalConfig()
@@ -371,9 +375,10 @@ def _evaluator(model: Model, module: nn.Module, adapter: Adapter | None, options
         # A module an adapter built is ckptscope's: the first evaluator runs it instead of a
         # copy (one copy of the weights in memory, not two); a user's module is copied.
         own = adapter is not None and id(module) not in shared.owned
-        shared.evaluators[key] = Evaluator(module, inputs.splits, loss=loss,
-                                           config=question.config, bn_data=inputs.bn_data,
-                                           own_module=own)
+        shared.evaluators[key] = Evaluator(
+            module, inputs.splits, loss=loss, config=question.config, bn_data=inputs.bn_data,
+            own_module=own, model_name=adapter.name if adapter else module_name(module),
+            data_name=inputs.label)
         if own:
             shared.owned.add(id(module))
     return shared.evaluators[key]

@@ -58,7 +58,42 @@ def get_loss(loss: str | LossFn) -> LossFn:
     try:
         return LOSSES[loss]
     except KeyError:
-        raise CkptscopeError(f"unknown loss {loss!r}; known: {sorted(LOSSES)}.") from None
+        raise CkptscopeError(
+            f"unknown loss {loss!r}; known: {', '.join(sorted(LOSSES))}, or pkg.module:attr for "
+            f"your own (Python: a callable)."
+        ) from None
+
+
+def resolve_loss(spec: str | LossFn | None) -> str | LossFn | None:
+    """A loss the user named: a built-in name (kept as the name), ``pkg.module:attr`` (imported:
+    the callable), a callable, or ``None`` (the adapter's).
+
+    Only for what the user passes (``--loss``, ``loss=``): a name read from a file never reaches
+    here, so nothing is imported because a file says so.
+
+    Raises:
+        CkptscopeError: an unknown name (the known ones listed), a spec that does not import, or
+            an attribute that is not callable.
+    """
+    from ckptscope.registry import import_object, is_import_spec
+
+    if spec is None or callable(spec):
+        return spec
+    if not isinstance(spec, str):
+        raise CkptscopeError(
+            f"loss {spec!r} is a {type(spec).__name__}; give a name ({', '.join(sorted(LOSSES))}),"
+            f" pkg.module:attr or a callable."
+        )
+    if spec in LOSSES or not is_import_spec(spec):
+        get_loss(spec)  # an unknown name: refused with the known ones
+        return spec
+    fn = import_object(spec, what="loss")
+    if not callable(fn):
+        raise CkptscopeError(
+            f"loss {spec!r} is a {type(fn).__name__}, not a callable (outputs, targets) -> "
+            f"(loss_sum, correct)."
+        )
+    return fn
 
 
 def target_dtype(loss: str | LossFn) -> torch.dtype | None:

@@ -22,6 +22,7 @@ checked against the checkpoint's own shapes on the meta device before a module i
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Collection, Mapping
 
 from ckptscope.errors import CkptscopeError
@@ -36,6 +37,8 @@ MAX_KEY_CHARS = 128
 MAX_DEPTH = 8
 INT64 = (-(2**63), 2**63 - 1)
 _SHOWN = 120  # characters of a value quoted in an error message
+# The NAME of a FAMILY:NAME adapter (timm:resnet18): a name, never a path or code.
+FAMILY_ARG = re.compile(r"[A-Za-z0-9_.]{1,128}")
 
 
 class _NotData(ValueError):
@@ -253,19 +256,25 @@ def _refuse(value: str, *, what: str, source: str, known: Collection[str], flag:
 
 
 def stored_adapter(metadata: Mapping[str, str], *, source: str,
-                   known: Collection[str]) -> str | None:
+                   known: Collection[str], families: Collection[str] = ()) -> str | None:
     """Return the adapter the metadata names if it is a registry entry; ``None`` if none.
 
     Args:
         metadata: a checkpoint's fields.
         source: the file, for the message.
         known: the registered adapter names (``ckptscope.ADAPTERS``).
+        families: the registered adapter families (``ckptscope.adapters.FAMILIES``): a
+            ``FAMILY:NAME`` entry with NAME of ``[A-Za-z0-9_.]+`` is a registry entry too (it
+            picks an architecture of a library; it names no code to import).
 
     Raises:
         CkptscopeError: the name is an import spec or unknown; nothing is imported.
     """
     value = metadata.get("adapter") or None
     if value is None or value in known:
+        return value
+    family, sep, arg = value.partition(":")
+    if sep and family in families and FAMILY_ARG.fullmatch(arg):
         return value
     raise _refuse(value, what="adapter", source=source, known=known, flag="--adapter",
                   keyword="model")

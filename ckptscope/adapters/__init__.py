@@ -2,7 +2,10 @@
 
 An :class:`Adapter` is plain data. Register one with ``@ADAPTERS.register(name)`` or refer to
 your own as ``pkg.module:attr``, where ``attr`` is an :class:`Adapter`, or a callable returning an
-``nn.Module`` (cross-entropy loss, no presets). See ``docs/adapters.md``.
+``nn.Module`` (cross-entropy loss, no presets). A *family* (:data:`FAMILIES`) is a parameterised
+registry entry ``FAMILY:NAME`` (``timm:resnet18``): its NAME is validated as
+``[A-Za-z0-9_.]+`` and picks an architecture inside a library, never code to import. See
+``docs/adapters.md``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from torch import nn
 
 from ckptscope.errors import CkptscopeError
 from ckptscope.keys import check_model_keys, complete, model_tensors
+from ckptscope.metadata import FAMILY_ARG
 from ckptscope.registry import Registry, import_object, is_import_spec
 
 Preset = Callable[[Sequence[str]], dict[str, str]]
@@ -130,10 +134,50 @@ def _shown(options: Mapping[str, object]) -> str:
 ADAPTERS: Registry[Adapter] = Registry("adapter")
 
 
+@dataclass(frozen=True)
+class AdapterFamily:
+    """Adapters named ``FAMILY:NAME``, one per architecture name of a library.
+
+    Attributes:
+        name: the family (``timm``), the part before the colon.
+        make: ``make(NAME) -> Adapter`` for a validated NAME; the same object for the same NAME
+            (cache it), so that :func:`registered` recognises it.
+        description: one line for listings.
+    """
+
+    name: str
+    make: Callable[[str], Adapter]
+    description: str = ""
+
+
+FAMILIES: Registry[AdapterFamily] = Registry("adapter family")
+
+
+def family_adapter(spec: str) -> Adapter | None:
+    """The adapter of a ``FAMILY:NAME`` spec whose FAMILY is registered; ``None`` for any other
+    spec.
+
+    Raises:
+        CkptscopeError: NAME is not ``[A-Za-z0-9_.]+``.
+    """
+    family, sep, arg = spec.partition(":")
+    if not sep or family not in FAMILIES:
+        return None
+    if not FAMILY_ARG.fullmatch(arg):
+        raise CkptscopeError(
+            f"adapter {spec[:80]!r}: {family}:NAME takes a name of up to 128 letters, digits, "
+            f"'_' and '.' (e.g. {family}:resnet18)."
+        )
+    return FAMILIES.get(family).make(arg)
+
+
 def get_adapter(spec: str | Adapter) -> Adapter:
-    """Return a registered adapter by name, or import one from ``pkg.module:attr``."""
+    """Return a registered adapter by name, a family's (``timm:NAME``), or import one from
+    ``pkg.module:attr``."""
     if isinstance(spec, Adapter):
         return spec
+    if (member := family_adapter(spec)) is not None:
+        return member
     if spec in ADAPTERS or not is_import_spec(spec):
         return ADAPTERS.get(spec)
     obj = import_object(spec, what="adapter")
@@ -147,8 +191,14 @@ def get_adapter(spec: str | Adapter) -> Adapter:
 
 
 def registered(adapter: Adapter) -> bool:
-    """True for an adapter of the registry (a built-in, or one your code registered)."""
-    return adapter.name in ADAPTERS and ADAPTERS.get(adapter.name) is adapter
+    """True for an adapter of the registry (a built-in, or one your code registered), or of a
+    registered family (``timm:NAME``)."""
+    if adapter.name in ADAPTERS:
+        return ADAPTERS.get(adapter.name) is adapter
+    try:
+        return family_adapter(adapter.name) is adapter
+    except CkptscopeError:
+        return False
 
 
 def module_name(model: nn.Module) -> str:
@@ -158,3 +208,4 @@ def module_name(model: nn.Module) -> str:
 
 # Register the built-in adapters.
 from ckptscope.adapters import mlp, resnet, vgg  # noqa: E402,F401
+from ckptscope.adapters import timm as _timm_family  # noqa: E402,F401  (timm imported on use)

@@ -1,8 +1,9 @@
 """The ``ckptscope`` command: thin click shells over the library.
 
 Each command parses its options, makes one library call, writes and prints. Bad input is one
-line on stderr (``error: ...``) and exit status 2, without a traceback; ``check`` and
-``compare`` exit 1 when an expectation fails.
+line on stderr (``error: ...``) and exit status 2, without a traceback (``ckptscope --debug``
+or ``CKPTSCOPE_DEBUG=1`` prints the traceback instead); ``check`` and ``compare`` exit 1 when an
+expectation fails.
 
 The commands live by family: :mod:`~ckptscope.cli.paths` (demo, path, merge),
 :mod:`~ckptscope.cli.inspection` (inspect, distance, list), :mod:`~ckptscope.cli.gates` (check,
@@ -13,6 +14,9 @@ they read their options is :mod:`~ckptscope.cli.options`.
 
 from __future__ import annotations
 
+import os
+import sys
+import traceback
 import warnings
 
 import click
@@ -32,8 +36,14 @@ __all__ = ["cli", "main", "run"]
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ckptscope")
-def cli():
+@click.option("--debug", is_flag=True,
+              help="On an error, print the full traceback instead of one line (also "
+                   "CKPTSCOPE_DEBUG=1).")
+@click.pass_obj
+def cli(state, debug):
     """The loss landscape on the straight line between two checkpoints."""
+    if isinstance(state, dict):  # main()'s: read back when a command fails
+        state["debug"] = state["debug"] or debug
 
 
 def _register() -> None:
@@ -58,13 +68,29 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     click.echo(f"warning: {message}", err=True)
 
 
+def _debug_env() -> bool:
+    return os.environ.get("CKPTSCOPE_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _print_traceback(err: BaseException) -> None:
+    """The error's traceback on stderr, with what it replaced (``raise ... from None`` hides
+    the original error from a traceback; a debugging user wants it)."""
+    err.__suppress_context__ = False
+    traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; bad input is one line on stderr and exit status 2."""
+    """Run the CLI; bad input is one line on stderr and exit status 2 (with ``--debug`` or
+    ``CKPTSCOPE_DEBUG=1``, the traceback instead)."""
     warnings.showwarning = _show_warning
+    state = {"debug": _debug_env()}  # the group's --debug flag is written here
     try:
-        cli.main(args=argv, prog_name="ckptscope", standalone_mode=False)
+        cli.main(args=argv, prog_name="ckptscope", standalone_mode=False, obj=state)
     except CkptscopeError as err:
-        click.echo(f"error: {err}", err=True)
+        if state["debug"]:
+            _print_traceback(err)
+        else:
+            click.echo(f"error: {err}", err=True)
         return EXIT_BAD_INPUT
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
@@ -76,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("interrupted", err=True)
         return 130
     except OSError as err:
+        if state["debug"]:
+            _print_traceback(err)
+            return EXIT_BAD_INPUT
         where = f" ({err.filename})" if err.filename else ""
         click.echo(f"error: {err.strerror or err}{where}; check the path, its permissions and "
                    f"the free space on its disk.", err=True)

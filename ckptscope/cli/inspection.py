@@ -122,6 +122,14 @@ def list_():
         click.echo(f"  {name:<10} {adapter.description}")
         if adapter.presets:
             click.echo(f"  {'':<10} presets: {', '.join(sorted(adapter.presets))}")
+    from ckptscope.adapters import FAMILIES
+
+    for name in FAMILIES:
+        family = FAMILIES.get(name)
+        click.echo(f"  {name + ':NAME':<10} {family.description}")
+        presets = family.make("NAME").presets  # builds nothing, imports nothing
+        if presets:
+            click.echo(f"  {'':<10} presets: {', '.join(sorted(presets))}")
     click.echo("datasets (--data NAME[:ARG], or pkg.module:attr):")
     for name in DATASETS:
         click.echo(f"  {name:<14} {DATASETS.get(name).description}")

@@ -1,9 +1,18 @@
-"""What the commands show and write: progress bars, tables, figures and check verdicts."""
+"""What the commands show and write: progress bars, tables, figures and check verdicts.
+
+Progress bars and tables are drawn by ``rich`` (imported here, on use: ``import ckptscope``
+never imports it). Progress goes to stderr, with the rate and the time left, and only when
+stderr is a terminal. Tables fit the terminal's width when stdout is one; otherwise they are
+plain text (left-aligned columns two spaces apart under a rule of dashes, no colour, never
+wrapped), the same whatever the terminal, for scripts and tests to parse.
+"""
 
 from __future__ import annotations
 
+import functools
+import re
 import sys
-import time
+from io import StringIO
 from pathlib import Path
 
 import click
@@ -14,36 +23,113 @@ from ckptscope.files import replacing, write_text
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 
 
+def progress_columns():
+    """The columns of every progress bar: label, bar, done/total, rate, elapsed, time left."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        """Items per second (points, steps), from rich's running estimate."""
+
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("-/s" if speed is None else f"{speed:.3g}/s", style="progress.data.speed")
+
+    return (TextColumn("{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
+            RateColumn(),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+
+
+def stderr_progress(*columns, enabled: bool | None = None):
+    """A ``rich.progress.Progress`` on stderr, or ``None`` when stderr is not a terminal (or
+    ``enabled`` is false)."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    console = Console(stderr=True)
+    if not (console.is_terminal if enabled is None else enabled):
+        return None
+    return Progress(*(columns or progress_columns()), console=console, auto_refresh=False,
+                    redirect_stdout=False, redirect_stderr=False)
+
+
 class ProgressBar:
-    """A one-line progress bar on stderr; silent when stderr is not a terminal."""
+    """A progress bar on stderr (``rich``), with rate and time left; silent when stderr is not
+    a terminal. Called as ``bar(done, total)``; it ends when ``done`` reaches ``total``, or at
+    :meth:`close`."""
 
     def __init__(self, label: str, *, enabled: bool | None = None):
         self.label = label
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.start = time.monotonic()
+        self.progress = stderr_progress(enabled=enabled)
+        self.task = None
 
     def __call__(self, done: int, total: int) -> None:
-        if not self.enabled:
+        if self.progress is None:
             return
-        width = 30
-        filled = int(width * done / max(total, 1))
-        elapsed = time.monotonic() - self.start
-        eta = elapsed / done * (total - done) if done else 0.0
-        sys.stderr.write(
-            f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
-            f"{done}/{total} {elapsed:5.1f}s eta {eta:5.1f}s"
-        )
+        if self.task is None:
+            self.progress.start()
+            self.task = self.progress.add_task(self.label, total=total)
+        self.progress.update(self.task, completed=done, total=total, refresh=True)
         if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+            self.close()
+
+    def close(self) -> None:
+        """Stop drawing (the bar's last state stays on screen); safe to call twice."""
+        if self.progress is not None and self.task is not None:
+            self.progress.stop()
+        self.progress = None
 
 
-def table(headers: list[str], cells: list[list[str]]) -> str:
-    """Left-aligned columns under a header and a rule of dashes."""
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+@functools.lru_cache(maxsize=1)
+def _plain_box():
+    """A rich box that draws nothing but a rule of dashes under the header: with one space of
+    padding and a space between columns, columns are two spaces apart."""
+    from rich.box import Box
+
+    return Box("    \n    \n -  \n    \n    \n    \n    \n    \n", ascii=True)
+
+
+def table(headers: list[str], cells: list[list[str]], *, terminal: bool | None = None) -> str:
+    """Columns under a header, rendered by ``rich``.
+
+    Args:
+        headers, cells: the header and the rows, text.
+        terminal: fit the terminal's width, with a bold header (``None``: when stdout is a
+            terminal). Otherwise plain text: left-aligned columns two spaces apart under a rule
+            of dashes, never wrapped, no trailing spaces.
+    """
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    terminal = sys.stdout.isatty() if terminal is None else terminal
+    if terminal:
+        width = Console().width
+        out = Console(file=StringIO(), width=width, force_terminal=True, markup=False,
+                      highlight=False, emoji=False)
+        grid = Table(box=box.SIMPLE_HEAD, header_style="bold", pad_edge=False, show_edge=False,
+                     padding=(0, 1, 0, 0))  # columns two spaces apart, as in plain text
+        for h in headers:
+            grid.add_column(h, overflow="fold")
+    else:
+        out = Console(file=StringIO(), width=1 << 20, color_system=None, force_terminal=False,
+                      no_color=True, markup=False, highlight=False, emoji=False)
+        grid = Table(box=_plain_box(), show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+        for h in headers:
+            grid.add_column(h, no_wrap=True, overflow="ignore")
+    for row in cells:
+        grid.add_row(*row)
+    out.print(grid, crop=False, soft_wrap=False)
+    lines = [line.rstrip() for line in out.file.getvalue().splitlines()]
+    if not terminal and len(lines) > 1:  # the rule under each column's text, not its padding
+        lines[1] = re.sub(r"-(?= )", " ", lines[1])
     return "\n".join(lines)
 
 

@@ -67,10 +67,14 @@ def demo(out, seed, epochs):
     from ckptscope.shape import summary
 
     total = epochs if epochs is not None else DEMO_TRAIN.epochs
-    bar = ProgressBar("training  ")
+    bar, evaluating = ProgressBar("training"), ProgressBar("evaluating")
     click.echo(f"training the spiral MLP (2x50 ReLU, Adam 5e-4) for {total} epochs ...", err=True)
-    result = run_demo(out, seed=seed, epochs=epochs, on_epoch=lambda r: bar(r["epoch"], total),
-                      progress=ProgressBar("evaluating"))
+    try:
+        result = run_demo(out, seed=seed, epochs=epochs,
+                          on_epoch=lambda r: bar(r["epoch"], total), progress=evaluating)
+    finally:
+        bar.close()
+        evaluating.close()
     figure = Path(out) / "paths.png"
     save_figure(result.figure, figure)
     if result.history:
@@ -105,6 +109,9 @@ def demo(out, seed, epochs):
               help="The evaluation data (default: from the metadata or the adapter).")
 @click.option("--split", type=click.Choice(["test", "train", "both"]), default="test",
               show_default=True)
+@click.option("--loss", default=None, metavar="NAME|pkg.module:attr",
+              help="The loss: cross_entropy, bce, or your own callable (default: the "
+                   "adapter's).")
 @click.option("--hold", type=click.Choice(["end", "start"]), default="end", show_default=True,
               help="Where the tensors outside a group stay.")
 @click.option("--no-full", is_flag=True, help="Leave out the whole-model path.")
@@ -137,12 +144,14 @@ def demo(out, seed, epochs):
 @strip_prefix_option
 def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adapter,
          adapter_opts, data, split, hold, no_full, device, dtype, batch_size, strategy,
-         channels_last, bn, bn_batches, data_size, seed, tolerances, out, plot, strip_prefixes):
+         channels_last, bn, bn_batches, data_size, seed, tolerances, out, plot, loss,
+         strip_prefixes):
     """Evaluate loss and accuracy on the straight line from START to END."""
     from ckptscope.cache import remove_partial
     from ckptscope.checkpoints import load_checkpoint
     from ckptscope.engine import EvalConfig
     from ckptscope.linear import linear_paths
+    from ckptscope.losses import resolve_loss
     from ckptscope.points import parse_alpha_range
     from ckptscope.results import save_result
     from ckptscope.shape import summary
@@ -152,6 +161,7 @@ def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adap
     check_suffix(out, (".nc",), "--out")
     check_suffix(plot, (".png", ".pdf", ".svg"), "--plot")
     grid = parse_alpha_range(alpha_range) if alpha_range else (alphas or 51)
+    loss = resolve_loss(loss)  # imported here, from the command line only, before any work
     from ckptscope.distributed import is_main
     from ckptscope.keys import match_keys
 
@@ -166,17 +176,22 @@ def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adap
     specs = group_specs(adapter, presets, groups, first)
     bars = {label: ProgressBar(f"run {label}" if len(runs) > 1 else "evaluating")
             for label in runs}
-    ds = linear_paths(
-        runs, adapter, data, groups=specs, alphas=grid, full=not no_full, hold=hold,
-        device=device, split=split,
-        adapter_options=key_values(adapter_opts, "--adapter-opt"), dtype=dtype, bn=bn,
-        config=EvalConfig(batch_size=batch_size, strategy=strategy, channels_last=channels_last,
-                          bn_batches=bn_batches, data_size=data_size, seed=seed),
-        tolerances=parse_tolerances(tolerances),
-        progress=lambda label, done, total: bars[label](done, total),
-        resume_dir=_partial_dir(out),
-        strip_prefix=strip_prefixes,
-    )
+    try:
+        ds = linear_paths(
+            runs, adapter, data, groups=specs, alphas=grid, full=not no_full, hold=hold,
+            device=device, split=split, loss=loss,
+            adapter_options=key_values(adapter_opts, "--adapter-opt"), dtype=dtype, bn=bn,
+            config=EvalConfig(batch_size=batch_size, strategy=strategy,
+                              channels_last=channels_last, bn_batches=bn_batches,
+                              data_size=data_size, seed=seed),
+            tolerances=parse_tolerances(tolerances),
+            progress=lambda label, done, total: bars[label](done, total),
+            resume_dir=_partial_dir(out),
+            strip_prefix=strip_prefixes,
+        )
+    finally:  # an error's line starts on a line of its own
+        for bar in bars.values():
+            bar.close()
     if not is_main():  # under torchrun, rank 0 writes and prints
         return
     notes.result(ds)  # those made while matching the keys to the model

@@ -12,6 +12,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ckptscope.engine.config import EvalConfig
 from ckptscope.engine.deferred import Deferred, total
+from ckptscope.engine.failures import Where, from_user_code, loss_name
 from ckptscope.engine.placement import (
     as_input,
     autocast,
@@ -43,6 +44,8 @@ class Context:
         own_module: ``True``: ``module`` was built for this evaluator (by an adapter), which
             takes it as its own (moved and cast in place, its weights overwritten) instead of
             copying it: one copy of the weights in memory instead of two.
+        model_name: what to call the model in messages (an adapter name); ``None``: its class.
+        data_name: what to call the data in messages (a dataset spec), if known.
 
     Attributes:
         module: the private copy, on the device, in eval mode.
@@ -52,12 +55,18 @@ class Context:
         sizes: the probe's measurements, the batch size, the budget.
         channels_last: whether the model and its 4-D inputs run in channels-last layout.
         hoisted: point sets evaluated with hoisting (a diagnostic).
+        where: the model, the data and the batch in flight, for errors of the user's code
+            (:mod:`ckptscope.engine.failures`).
+        loss_fn: the loss, checked: what it raises becomes one line naming the model and the
+            data, and its results must be ``(k,)`` each.
     """
 
     def __init__(self, module: nn.Module, data: Data, *, loss: str | LossFn, config: EvalConfig,
-                 bn_data: torch.Tensor | None = None, own_module: bool = False):
+                 bn_data: torch.Tensor | None = None, own_module: bool = False,
+                 model_name: str | None = None, data_name: str | None = None):
         self.config = config
-        self.loss_fn = get_loss(loss)
+        self.where = Where(model_name or type(module).__name__, data_name)
+        self._loss, self._loss_name = get_loss(loss), loss_name(loss)
         ignore_as_strided_fallback()  # before any forward pass (see there)
         dev, dtype = config.device, config.dtype
         self.module = working_module(module, dev, dtype, copy_module=not own_module)
@@ -199,14 +208,36 @@ class Context:
         return autocast(self.config.device, self.config.autocast)
 
     def forward(self, x: torch.Tensor, split: str) -> torch.Tensor:
-        """The module on ``x``; an error of the model becomes one line naming the data."""
+        """The module on ``x``; an error of the model becomes one line naming the model and the
+        data (:meth:`ckptscope.engine.failures.Where.model_failed`)."""
         try:
             return self.module(x)
-        except (RuntimeError, ValueError, TypeError, IndexError) as err:
-            raise CkptscopeError(
-                f"the model failed on the {split!r} inputs of shape {tuple(x.shape)} "
-                f"({first_line(err)}); check that the data fits the adapter (--data / --adapter)."
-            ) from None
+        except Exception as err:
+            if not from_user_code(err):
+                raise
+            self.where.at(split, x)
+            raise self.where.model_failed(err) from err
+
+    def loss_fn(self, outputs: torch.Tensor, targets: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss's ``(loss_sum, correct)`` for ``outputs: (k, B, ...)``, each ``(k,)``; an
+        error of the loss, or a result of another form, becomes one line naming the loss, the
+        shapes, the model and the data."""
+        try:
+            result = self._loss(outputs, targets)
+        except Exception as err:
+            if not from_user_code(err):
+                raise
+            raise self.where.loss_failed(err, self._loss_name, outputs, targets) from err
+        k = outputs.shape[0] if isinstance(outputs, torch.Tensor) and outputs.dim() else 1
+        if not (isinstance(result, (tuple, list)) and len(result) == 2):
+            raise self.where.loss_returned(self._loss_name, f"a {type(result).__name__}", k)
+        for part in result:
+            if not isinstance(part, torch.Tensor) or tuple(part.shape) != (k,):
+                what = (f"a tensor of shape {tuple(part.shape)}"
+                        if isinstance(part, torch.Tensor) else f"a {type(part).__name__}")
+                raise self.where.loss_returned(self._loss_name, what, k)
+        return result
 
     def batches(self, split: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The split's (inputs, targets) batches at the current batch size: views, made once
@@ -233,11 +264,15 @@ class Context:
         size and starts the split again (the curves do not depend on it there).
         """
         dev = self.config.device
+        where = self.where
         while True:
             batch = self.sizes.batch
             try:
-                return [fn(self.input(x), y.to(dev, non_blocking=True))
-                        for x, y in self.batches(split)]
+                out = []
+                for x, y in self.batches(split):
+                    where.at(split, x)  # for an error of the model's, whichever path calls it
+                    out.append(fn(self.input(x), y.to(dev, non_blocking=True)))
+                return out
             except torch.OutOfMemoryError:
                 if self.config.bn != "interpolate":
                     raise CkptscopeError(
@@ -266,6 +301,7 @@ class Context:
             m.momentum = None  # a cumulative average over the batches
             m.train()
         for lo, hi in self.sizes.spans(len(self.bn_data))[: self.config.bn_batches]:
+            self.where.at("train", self.bn_data[lo:hi])
             self.module(self.input(self.bn_data[lo:hi]))
         for m in self.batchnorms:
             m.eval()

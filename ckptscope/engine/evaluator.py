@@ -18,6 +18,7 @@ from torch import fx, nn
 from ckptscope.engine import strategies
 from ckptscope.engine.config import EvalConfig
 from ckptscope.engine.context import Context, Data
+from ckptscope.engine.failures import from_user_code
 from ckptscope.engine.hoist import SplitForward, split_forward, trace
 from ckptscope.engine.strategies import Job, Progress
 from ckptscope.errors import CkptscopeError
@@ -36,6 +37,8 @@ class Evaluator:
         module, data, loss, config, bn_data, own_module: as
             :class:`ckptscope.engine.context.Context` takes them (the model is copied to the
             device unless it is the evaluator's own; the data is moved there once, or streamed).
+        model_name, data_name: what to call the model and the data when they fail
+            (:mod:`ckptscope.engine.failures`); by default the model's class, and no data name.
 
     Example:
         >>> ev = Evaluator(module, {"test": (x, y)}, loss="cross_entropy",
@@ -47,10 +50,12 @@ class Evaluator:
 
     def __init__(self, module: nn.Module, data: Data, *, loss: str | LossFn,
                  config: EvalConfig, bn_data: torch.Tensor | None = None,
-                 own_module: bool = False):
+                 own_module: bool = False, model_name: str | None = None,
+                 data_name: str | None = None):
         self.config = config
         self.context = Context(module, data, loss=loss, config=config, bn_data=bn_data,
-                               own_module=own_module)
+                               own_module=own_module, model_name=model_name,
+                               data_name=data_name)
         self._traced: fx.GraphModule | bool | None = None  # traced on the first group
         self._splits: dict[frozenset, SplitForward | None] = {}
 
@@ -119,9 +124,15 @@ class Evaluator:
         Under the ``vmap`` strategy the others share vectorised passes: their points are
         stacked into chunks as large as the memory budget holds, so a small group does not
         leave the device idle.
+
+        Raises:
+            CkptscopeError: the model or the loss raised (one line naming the model, the data
+                and the error's first line; the original is its ``__cause__``).
         """
         ctx = self.context
         results: list = [None] * len(requests)
+        # The callbacks' errors (a full disk under a cache's store) are theirs, not the model's.
+        progress, done = _callback(progress), _callback(done)
 
         def finish(i: int, sums) -> None:
             results[i] = {
@@ -162,13 +173,22 @@ class Evaluator:
             else:
                 job.split = split
                 alone.append(job)
-        with ctx.autocast():
-            # First: in a sweep these are the whole model and the first layers.
-            for _, shared in groupby(together, key=lambda job: job.anchors):
-                strategies.vmap(ctx, list(shared), progress, finish)
-            for job in alone:
-                run = strategies.hoisted if job.split else strategies.loop
-                run(ctx, [job], progress, finish)
+        try:
+            with ctx.autocast():
+                # First: in a sweep these are the whole model and the first layers.
+                for _, shared in groupby(together, key=lambda job: job.anchors):
+                    strategies.vmap(ctx, list(shared), progress, finish)
+                for job in alone:
+                    run = strategies.hoisted if job.split else strategies.loop
+                    run(ctx, [job], progress, finish)
+        except _CallbackError as err:
+            raise err.error from None
+        except Exception as err:
+            # The model called outside Context.forward (vectorised, split for hoisting, the
+            # BatchNorm re-estimation): the batch in flight was noted on the way in.
+            if not from_user_code(err):
+                raise
+            raise ctx.where.model_failed(err) from err
         return results
 
     def _split_for(self, job: Job) -> SplitForward | None:
@@ -201,6 +221,30 @@ class Evaluator:
         sources = [self.context.slots]
         job = Job(0, ("held",), sources, np.ones((1, 1)), tuple(moving), np.zeros(1, np.intp))
         return self._split_for(job)
+
+
+class _CallbackError(Exception):
+    """An error of a caller's callback (``progress``, ``done``), carried out of the strategies
+    untouched: neither their fallbacks (which catch ``RuntimeError``) nor the model's error
+    message apply to it."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _callback(fn: Callable | None) -> Callable | None:
+    """``fn``, whose errors travel as :class:`_CallbackError`."""
+    if fn is None:
+        return None
+
+    def call(*args):
+        try:
+            return fn(*args)
+        except Exception as err:
+            raise _CallbackError(err) from err
+
+    return call
 
 
 def _settle_rests(jobs: Sequence[Job], slots: Mapping[str, torch.Tensor]) -> None:

@@ -183,13 +183,15 @@ def vmap(ctx: Context, jobs: Sequence[Job], progress: Progress | None, finish: F
         except RuntimeError as err:  # e.g. an in-place op that writes a moving tensor
             if lo > 0:  # it passed one chunk: not a vmap limitation
                 raise
+            # One point at a time; a model that fails there too fails with its own message,
+            # without the warning that would blame vmap.
+            loop(ctx, jobs, progress, finish)
             warnings.warn(
                 f"{type(ctx.module).__name__} cannot be vectorised over points "
-                f"({first_line(err, 160)}); these are evaluated one point at a time (strategy "
+                f"({first_line(err, 160)}); these were evaluated one point at a time (strategy "
                 f"loop).",
                 stacklevel=4,
             )
-            loop(ctx, jobs, progress, finish)
             return
         for split, (loss, correct) in sums.items():
             out[split][0][lo:hi] = loss.cpu().numpy()
@@ -317,6 +319,7 @@ def _hoisted(ctx: Context, job: Job, progress: Progress) -> dict:
         else:  # batches outermost: (loss, correct) sums over the points per batch
             per_batch = []
             for x, y in ctx.batches(name):
+                ctx.where.at(name, x)
                 y = y.to(dev, non_blocking=True)
                 frontier = split.prefix(ctx.input(x))
                 if vectorised:
@@ -342,6 +345,7 @@ def frontiers(ctx: Context, split: SplitForward, name: str) -> list | None:
     cached, limit = [], ctx.sizes.budget // 2
     batches = ctx.batches(name)
     for i, (x, y) in enumerate(batches):
+        ctx.where.at(name, x)
         frontier = split.prefix(ctx.input(x))
         if i == 0:
             per_batch = nbytes([t for t in frontier if isinstance(t, torch.Tensor)])

@@ -4,7 +4,6 @@ CLI with ``cli.add_command``). Each parses, makes one library call, writes and p
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -15,36 +14,55 @@ from ckptscope.files import replacing, write_text
 
 
 class EpochBar:
-    """A one-line bar on stderr with the running loss and accuracy; silent off a terminal."""
+    """Training progress on stderr (``rich``): one bar per run over its epochs, with the rate,
+    the time left and the latest step's or epoch's numbers; silent off a terminal.
+
+    Attributes:
+        label: put before the epoch count; a new label (the sweep's ``seed 3: ``) starts a new
+            bar below the finished ones.
+    """
 
     def __init__(self, epochs: int, *, label: str = "", enabled: bool | None = None):
+        from rich.progress import TextColumn
+
+        from ckptscope.cli.output import progress_columns, stderr_progress
+
         self.epochs, self.label = epochs, label
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.epoch, self.start = 0, time.monotonic()
+        self.epoch = 0
+        self.progress = stderr_progress(*progress_columns(), TextColumn("{task.fields[detail]}"),
+                                        enabled=enabled)
+        self.task, self._task_label = None, None
+
+    def _show(self, detail: str) -> None:
+        if self.progress is None:
+            return
+        if self.task is None or self._task_label != self.label:
+            if self.task is None:
+                self.progress.start()
+            self.task = self.progress.add_task(self.label.strip() or "training",
+                                               total=self.epochs, detail="")
+            self._task_label = self.label
+        self.progress.update(self.task, completed=self.epoch, detail=detail, refresh=True)
 
     def step(self, step: int, steps: int, loss: float, accuracy: float) -> None:
-        if self.enabled:
-            done = int(20 * step / max(steps, 1))
-            sys.stderr.write(
-                f"\r{self.label}epoch {self.epoch + 1}/{self.epochs} [{'#' * done}"
-                f"{'.' * (20 - done)}] {step}/{steps} loss {loss:.4f} acc {accuracy:.4f} "
-                f"{time.monotonic() - self.start:6.1f}s")
-            sys.stderr.flush()
+        self._show(f"epoch {self.epoch + 1}: step {step}/{steps} loss {loss:.4f} "
+                   f"acc {accuracy:.4f}")
 
     def end_epoch(self, record: dict) -> None:
         if "phase" in record:  # random-label pre-training
-            if self.enabled:
-                sys.stderr.write(f"\r{self.label}random labels epoch {record['epoch']}: "
-                                 f"acc {record['accuracy']:.4f}\x1b[K")
+            self._show(f"random labels epoch {record['epoch']}: acc {record['accuracy']:.4f}")
             return
         self.epoch = record["epoch"]
-        if self.enabled:
-            from ckptscope.train.run import format_record
+        detail = f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}"
+        if "test_loss" in record:
+            detail += f"  test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f}"
+        self._show(detail)
 
-            sys.stderr.write(f"\r{self.label}{format_record(record, self.epochs)}\x1b[K")
-            if self.epoch == self.epochs:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
+    def close(self) -> None:
+        """Stop drawing; the bars stay on screen. Safe to call twice."""
+        if self.progress is not None and self.task is not None:
+            self.progress.stop()
+        self.progress = None
 
 
 def _recipe(name: str, sets: tuple[str, ...]):
@@ -129,10 +147,13 @@ def train(recipe_name, seed, sets, data_dir, device, out, save_every, checkpoint
         raise CkptscopeError("give --recipe NAME and --out DIR (or --list / --show NAME).")
     recipe = _recipe(recipe_name, sets)
     bar = EpochBar(recipe.epochs)
-    result = run(recipe, seed=seed, out=out, data_dir=data_dir, device=device, amp=amp,
-                 compile=compile_, channels_last=channels_last, save_every=save_every,
-                 checkpoint_every=checkpoint_every, resume=resume, on_epoch=bar.end_epoch,
-                 on_step=bar.step, spawn_from=spawn_from)
+    try:
+        result = run(recipe, seed=seed, out=out, data_dir=data_dir, device=device, amp=amp,
+                     compile=compile_, channels_last=channels_last, save_every=save_every,
+                     checkpoint_every=checkpoint_every, resume=resume, on_epoch=bar.end_epoch,
+                     on_step=bar.step, spawn_from=spawn_from)
+    finally:
+        bar.close()
     click.echo(_summary_line(recipe.name, seed, result))
     click.echo(f"wrote {result.init}, {result.final}, {Path(out) / 'metrics.jsonl'}")
 
@@ -167,11 +188,14 @@ def sweep(recipe_name, seeds, out, sets, data_dir, device, groups, presets, alph
             bar_seed["seed"], bar.label = seed, f"seed {seed}: "
         bar.end_epoch(record)
 
-    result = run_sweep(recipe, seeds=seed_list, out=out, data_dir=data_dir, device=device,
-                       presets=presets, groups=list(groups), alphas=alphas,
-                       train_options={"amp": amp},
-                       on_run=lambda s, r: click.echo(_summary_line(recipe.name, s, r)),
-                       on_epoch=on_epoch)
+    try:
+        result = run_sweep(recipe, seeds=seed_list, out=out, data_dir=data_dir, device=device,
+                           presets=presets, groups=list(groups), alphas=alphas,
+                           train_options={"amp": amp},
+                           on_run=lambda s, r: click.echo(_summary_line(recipe.name, s, r)),
+                           on_epoch=on_epoch)
+    finally:
+        bar.close()
     rows = summary(result.result)
     for r in rows:
         click.echo(f"{r['run']:>8}  {r['group']:<12} {r['split']:<5} L(0) {r['loss_start']:.4g}"
