@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ckptscope.engine.config import EvalConfig
-from ckptscope.engine.deferred import Deferred, total
+from ckptscope.engine.deferred import Deferred, totals
 from ckptscope.engine.placement import (
     as_input,
     autocast,
@@ -23,7 +23,8 @@ from ckptscope.engine.placement import (
 from ckptscope.engine.sizing import Sizes, nbytes, probe, streams
 from ckptscope.errors import CkptscopeError
 from ckptscope.identity import aliases, named_tensors
-from ckptscope.losses import LossFn, get_loss, target_dtype
+from ckptscope.losses import LossFn, get_loss, target_dtype, with_count
+from ckptscope.outputs import logits_of
 
 Data = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -53,7 +54,7 @@ class Context:
     def __init__(self, module: nn.Module, data: Data, *, loss: str | LossFn, config: EvalConfig,
                  bn_data: torch.Tensor | None = None):
         self.config = config
-        self.loss_fn = get_loss(loss)
+        self.loss_fn = with_count(get_loss(loss))  # (loss_sum, correct, count), (k,) each
         ignore_as_strided_fallback()  # before any forward pass (see there)
         dev, dtype = config.device, config.dtype
         self.module = copy.deepcopy(module).to(device=dev, dtype=dtype).eval()
@@ -187,9 +188,10 @@ class Context:
         return autocast(self.config.device, self.config.autocast)
 
     def forward(self, x: torch.Tensor, split: str) -> torch.Tensor:
-        """The module on ``x``; an error of the model becomes one line naming the data."""
+        """The module's logits on ``x`` (:func:`ckptscope.outputs.logits_of`); an error of the
+        model becomes one line naming the data."""
         try:
-            return self.module(x)
+            return logits_of(self.module(x))
         except (RuntimeError, ValueError, TypeError, IndexError) as err:
             raise CkptscopeError(
                 f"the model failed on the {split!r} inputs of shape {tuple(x.shape)} "
@@ -239,13 +241,13 @@ class Context:
                 self.note_oom(f"batch size {batch} -> {self.sizes.batch}")
 
     def accumulate(self, outputs_fn: Callable, split: str, k: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sum loss and correctness over the split's batches; ``outputs_fn(x) -> (k, B, ...)``.
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sum loss, correctness and count over the split's batches; ``outputs_fn(x) -> (k, B,
+        ...)``.
 
         Returns float64 tensors (k,) on the device: the caller moves them off it once.
         """
-        parts = self.over_batches(lambda x, y: self.loss_fn(outputs_fn(x), y), split, k)
-        return total([loss for loss, _ in parts]), total([correct for _, correct in parts])
+        return totals(self.over_batches(lambda x, y: self.loss_fn(outputs_fn(x), y), split, k))
 
     def recompute_bn(self) -> None:
         """Re-estimate every BatchNorm's running statistics at the current weights."""

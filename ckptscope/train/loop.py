@@ -139,7 +139,8 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         with autocast(x.device, amp):
             out = module(xb)
-        batch_loss, batch_correct = loss_fn(out.float().unsqueeze(0), yb)
+        # Class labels: the sums cover the batch's examples (a count, if returned, is len(idx)).
+        batch_loss, batch_correct = loss_fn(out.float().unsqueeze(0), yb)[:2]
         (batch_loss[0] / len(idx)).backward()
         optimizer.step()
         loss_sum += batch_loss[0].detach()
@@ -167,7 +168,8 @@ def evaluate(module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn: Ca
                 xb = xb.contiguous(memory_format=memory_format)
             with autocast(x.device, amp):
                 out = module(xb)
-            batch_loss, batch_correct = loss_fn(out.float().unsqueeze(0), y[lo: lo + batch_size])
+            batch_loss, batch_correct = loss_fn(out.float().unsqueeze(0),
+                                                y[lo: lo + batch_size])[:2]
             loss_sum += float(batch_loss[0])
             correct += float(batch_correct[0])
     module.train(was_training)
