@@ -3,6 +3,7 @@
 Safetensors files are memory-mapped; torch files are read with ``weights_only=True`` so a
 checkpoint can never run code. Wrappers (``{"state_dict": ...}``, ``{"model": ...}``) and the
 ``module.`` / ``_orig_mod.`` prefixes of DataParallel and ``torch.compile`` are unwrapped.
+Folders and shard sets (``save_pretrained``'s) are read through :mod:`ckptscope.shards`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ckptscope import shards
 from ckptscope.errors import CkptscopeError
 from ckptscope.files import replacing, write_error
 from ckptscope.metadata import PREFIX, check_fields, read_metadata
@@ -79,10 +81,6 @@ def _check_path(path: Path) -> None:
         raise CkptscopeError(f"checkpoint {str(path)!r} is a dangling symlink; point it at a file.")
     if not path.exists():
         raise CkptscopeError(f"checkpoint {str(path)!r} does not exist; check the path.")
-    if path.is_dir():
-        raise CkptscopeError(
-            f"checkpoint {str(path)!r} is a directory; pass a .safetensors or torch file in it."
-        )
     if path.stat().st_size == 0:
         raise CkptscopeError(
             f"checkpoint {str(path)!r} is empty (0 bytes); it was not saved fully."
@@ -189,36 +187,64 @@ def _normalise(
     return out, notes
 
 
+def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """(state, ckptscope metadata, notes) of one checkpoint file, told by its first bytes."""
+    _check_path(path)
+    kind = _sniff(path)
+    if kind == "safetensors":
+        state, metadata = _read_safetensors(path)
+        return state, metadata, []
+    if kind in ("torch-zip", "torch-legacy"):
+        state, notes = unwrap_state(_read_torch(path, kind), source=repr(str(path)))
+        return state, {}, notes
+    raise CkptscopeError(
+        f"{str(path)!r} is neither a safetensors file nor a torch checkpoint (it starts with "
+        f"{path.read_bytes()[:8]!r}); pass a file written by safetensors or torch.save."
+    )
+
+
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read a checkpoint file (safetensors or torch) as weights only.
+    """Read a checkpoint file (safetensors or torch), folder or shard index as weights only.
 
     Args:
         path: a ``.safetensors`` file, or a torch file (``.pt``, ``.pth``, ``.bin``) saved with
-            ``torch.save``; the format is told from the file's first bytes, not its name.
+            ``torch.save``; the format is told from the file's first bytes, not its name. Or a
+            folder (``save_pretrained``'s: ``model.safetensors``, shards and their
+            ``model.safetensors.index.json``, or ``pytorch_model.bin``) or a
+            ``*.safetensors.index.json`` file (:mod:`ckptscope.shards`).
 
     Returns:
-        The checkpoint, floating tensors upcast to float32 (float64 kept).
+        The checkpoint, floating tensors upcast to float32 (float64 kept). Its ``sha256`` is the
+        file's; for shards, :func:`ckptscope.shards.shards_sha256` (a digest over the shards'
+        digests, as ``sha256sum model-*.safetensors | sha256sum`` prints it).
 
     Raises:
         CkptscopeError: the file is missing, empty, truncated, corrupt, not a checkpoint, or
-            holds objects whose unpickling could run code.
+            holds objects whose unpickling could run code; a shard index is invalid or does not
+            match its shards.
     """
     path = Path(path)
-    _check_path(path)
-    kind = _sniff(path)
-    metadata: dict[str, str] = {}
-    if kind == "safetensors":
-        state, metadata = _read_safetensors(path)
-        notes: list[str] = []
-    elif kind in ("torch-zip", "torch-legacy"):
-        state, notes = unwrap_state(_read_torch(path, kind), source=repr(str(path)))
-    else:
-        raise CkptscopeError(
-            f"{str(path)!r} is neither a safetensors file nor a torch checkpoint (it starts with "
-            f"{path.read_bytes()[:8]!r}); pass a file written by safetensors or torch.save."
-        )
+    if path.is_dir() or (shards.is_index(path) and path.is_file()):
+        return _load_folder(path)
+    state, metadata, notes = _read_file(path)
     state, more = _normalise(state, repr(str(path)))
     return Checkpoint(state, str(path), file_sha256(path), metadata, tuple(notes + more))
+
+
+def _load_folder(path: Path) -> Checkpoint:
+    """A checkpoint folder or shard index (:func:`load_checkpoint`)."""
+    folder = path if path.is_dir() else path.parent
+    file, index = shards.checkpoint_files(path) if path.is_dir() else (path, True)
+    if index:
+        state, metadata, notes, files = shards.read_shards(file, _read_file)
+        notes = [f"read {len(files)} shard(s) listed in {file.name}", *notes]
+    else:
+        (state, metadata, notes), files = _read_file(file), [file]
+    for key, value in shards.model_folder_metadata(folder).items():
+        metadata.setdefault(key, value)  # what the files themselves carry wins
+    state, more = _normalise(state, repr(str(path)))
+    sha256 = shards.shards_sha256(files, file_sha256)
+    return Checkpoint(state, str(path), sha256, metadata, tuple(notes + more))
 
 
 def as_checkpoint(
