@@ -156,3 +156,4 @@ def module_name(model: nn.Module) -> str:
 
 # Register the built-in adapters.
 from ckptscope.adapters import mlp, resnet, vgg  # noqa: E402,F401
+from ckptscope.adapters import huggingface  # noqa: E402,F401  (transformers only when used)

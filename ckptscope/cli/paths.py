@@ -96,6 +96,8 @@ def demo(out, seed, epochs):
               help="An adapter option, e.g. widths=[2,50,50,1]; repeatable.")
 @click.option("--data", default=None, metavar="NAME[:ARG]|pkg.module:attr",
               help="The evaluation data (default: from the metadata or the adapter).")
+@click.option("--seq-len", type=click.IntRange(min=1), default=None, metavar="T",
+              help="Tokens per window when --data tokens:/text: is a stream.")
 @click.option("--split", type=click.Choice(["test", "train", "both"]), default="test",
               show_default=True)
 @click.option("--hold", type=click.Choice(["end", "start"]), default="end", show_default=True,
@@ -128,10 +130,11 @@ def demo(out, seed, epochs):
               help="Write a figure (.png, .pdf, .svg).")
 def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adapter,
          adapter_opts, data, split, hold, no_full, device, dtype, batch_size, strategy,
-         channels_last, bn, bn_batches, data_size, seed, tolerances, out, plot):
+         channels_last, bn, bn_batches, data_size, seed, tolerances, out, plot, seq_len):
     """Evaluate loss and accuracy on the straight line from START to END."""
     from ckptscope.cache import remove_partial
     from ckptscope.checkpoints import load_checkpoint
+    from ckptscope.data.tokens import with_seq_len
     from ckptscope.engine import EvalConfig
     from ckptscope.linear import linear_paths
     from ckptscope.points import parse_alpha_range
@@ -143,6 +146,7 @@ def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adap
     check_suffix(out, (".nc",), "--out")
     check_suffix(plot, (".png", ".pdf", ".svg"), "--plot")
     grid = parse_alpha_range(alpha_range) if alpha_range else (alphas or 51)
+    data = with_seq_len(data, seq_len)
     runs = {label: (load_checkpoint(a), load_checkpoint(b))
             for label, (a, b) in _pairs(start, end, pairs, run_dirs).items()}
     first = next(iter(runs.values()))[0]
