@@ -110,7 +110,10 @@ class Adapter:
         check_pair(skeleton.state_dict(), like,
                    names=(f"the model ({self.name}, options {_shown(options)}{origin})", where),
                    fix=fix)
-        held = sum(t.numel() for t in (*skeleton.parameters(), *skeleton.buffers()))
+        # What a checkpoint holds: the state dict, a tied tensor once (non-persistent buffers,
+        # such as BERT's position_ids, are rebuilt by the module, never read from a file).
+        kept = {id(t): t for t in skeleton.state_dict(keep_vars=True).values()}
+        held = sum(t.numel() for t in kept.values())
         total = sum(t.numel() for t in like.values())
         if source and held > total:
             raise CkptscopeError(
