@@ -243,3 +243,37 @@ def test_bad_config_one_line_errors(gpt2_pair, tmp_path, capsys, change, match):
                           f"tokens:{root / 'heldout.npy'}", "--alphas", "2"], capsys)
     assert code == 2
     assert match in err and err.count("\n") == 1
+
+
+def test_vmap_strategy_with_eager_attention_equals_the_loop(gpt2_pair):
+    from ckptscope.engine import EvalConfig
+
+    root = gpt2_pair
+    data = f"tokens:{root / 'heldout.npy'}"
+    options = {"model_dir": str(root / "init"), "attn_implementation": "eager"}
+    runs = [linear_path(root / "init", root / "final", data=data, alphas=ALPHAS,
+                        groups=["transformer.h.1."], adapter_options=options,
+                        config=EvalConfig(strategy=strategy, batch_size=4))
+            for strategy in ("loop", "vmap")]
+    np.testing.assert_allclose(runs[0].loss.values, runs[1].loss.values, rtol=1e-6)
+    assert runs[1].attrs["strategy"] == "vmap"
+
+
+def test_import_ckptscope_and_reading_a_folder_leave_transformers_out(gpt2_pair):
+    import subprocess
+    import sys
+
+    code = ("import sys, ckptscope; from ckptscope.checkpoints import load_checkpoint; "
+            f"load_checkpoint({str(gpt2_pair / 'init')!r}); "
+            "assert 'transformers' not in sys.modules, 'imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_missing_transformers_is_one_line_naming_the_extra(gpt2_pair, monkeypatch):
+    import sys
+
+    from ckptscope.adapters import get_adapter
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import fails as if not installed
+    with pytest.raises(CkptscopeError, match=r"needs transformers.*pip install -e '\.\[hf\]'"):
+        get_adapter("huggingface").build(model_dir=str(gpt2_pair / "init"))

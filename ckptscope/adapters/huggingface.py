@@ -79,7 +79,8 @@ def architecture_of(config: Mapping[str, object], *, source: str) -> str:
             and isinstance(architectures[0], str)):
         raise CkptscopeError(
             f"{source} names architectures {architectures!r}, not exactly one model class; pass "
-            f"--adapter-opt architecture=CLASS (e.g. GPT2LMHeadModel)."
+            f"--adapter-opt model_dir=FOLDER --adapter-opt architecture=CLASS (e.g. "
+            f"GPT2LMHeadModel)."
         )
     return architectures[0]
 
@@ -110,7 +111,8 @@ def drop_tied_aliases(module: nn.Module, state: dict, prefix: str, local_metadat
             state.pop(prefix + name, None)
 
 
-def build(model_dir: str, architecture: str | None = None) -> nn.Module:
+def build(model_dir: str, architecture: str | None = None,
+          attn_implementation: str | None = None) -> nn.Module:
     """A ``transformers`` model for a ``save_pretrained`` folder, randomly initialised, in eval
     mode (the engine writes the checkpoints' weights into it).
 
@@ -118,6 +120,10 @@ def build(model_dir: str, architecture: str | None = None) -> nn.Module:
         model_dir: the folder holding ``config.json``.
         architecture: the model class, instead of ``config.json``'s ``architectures`` (e.g.
             ``GPT2LMHeadModel``); a class of the ``transformers`` package only.
+        attn_implementation: ``eager``, ``sdpa``, ...; ``None``: transformers' default.
+            ``eager`` is plain matrix products, which ``torch.vmap`` batches (``--strategy
+            vmap``); the CPU's fused ``sdpa`` kernel has no batching rule yet and runs point
+            by point there.
     """
     source = repr(str(Path(model_dir) / "config.json"))
     if architecture is None:
@@ -137,7 +143,12 @@ def build(model_dir: str, architecture: str | None = None) -> nn.Module:
         ) from None
     if hasattr(config, "use_cache"):
         config.use_cache = False  # logits only: no key/value cache to build and return
-    module = cls(config)
+    extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    try:
+        module = cls._from_config(config, **extra)  # what AutoModel*.from_config does
+    except (ValueError, ImportError) as err:  # an attention implementation it does not have
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise CkptscopeError(f"cannot build {architecture} from {source} ({reason}).") from None
     module.eval()
     module._register_state_dict_hook(drop_tied_aliases)
     return module

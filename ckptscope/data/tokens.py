@@ -16,6 +16,7 @@ Every set is one split, ``test``. Arrays are read with ``allow_pickle=False``.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,8 @@ def parse_arg(arg: str | None, name: str) -> tuple[Path, dict[str, str]]:
     if not arg:
         raise CkptscopeError(f"dataset {name!r} needs a file: --data {name}:FILE.")
     parts = arg.split(",")
-    cut = next((i for i, p in enumerate(parts) if i and p.partition("=")[0] in _OPTIONS),
+    # Options start at the first ",key=" (a key of letters and '_'): a path may hold commas.
+    cut = next((i for i, p in enumerate(parts) if i and re.fullmatch(r"[a-z_]+=.*", p)),
                len(parts))
     options = {}
     for part in parts[cut:]:
