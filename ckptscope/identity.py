@@ -28,9 +28,9 @@ come from. It is a sha256 over a canonical JSON form of:
   torch's CPU capability and thread count.
 
 Library code (``torch``, ``numpy``, the standard library, ``transformers``) is named, not
-digested: its version is in the key. A value that cannot be identified (an object whose ``repr`` is only an
-address, a lock, a file) is listed in :attr:`Fingerprint.unknown`; callers then refuse to
-reuse anything rather than risk another model's curve.
+digested: its version is in the key. A value that cannot be identified (an object whose
+``repr`` is only an address, a lock, a file) is listed in :attr:`Fingerprint.unknown`; callers
+then refuse to reuse anything rather than risk another model's curve.
 """
 
 from __future__ import annotations

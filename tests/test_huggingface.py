@@ -124,8 +124,9 @@ def test_linear_path_sharded_folder_equals_the_single_file(gpt2_pair):
 
 
 def test_blocks_preset_names_each_transformer_block():
-    gpt2 = ["transformer.wte.weight", "transformer.h.0.ln_1.weight", "transformer.h.1.mlp.c_fc.bias",
-            "transformer.h.10.attn.c_attn.weight", "lm_head.weight"]
+    gpt2 = ["transformer.wte.weight", "transformer.h.0.ln_1.weight",
+            "transformer.h.1.mlp.c_fc.bias", "transformer.h.10.attn.c_attn.weight",
+            "lm_head.weight"]
     assert blocks(gpt2) == {"transformer.h.0": r"transformer\.h\.0\.",
                             "transformer.h.1": r"transformer\.h\.1\.",
                             "transformer.h.10": r"transformer\.h\.10\."}
