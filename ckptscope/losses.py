@@ -43,9 +43,9 @@ def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> Sums:
     flat = outputs.reshape(-1, classes)
     units = targets.reshape(-1)
     losses = F.cross_entropy(flat, units.repeat(k), reduction="none", ignore_index=IGNORE_INDEX)
-    counted = units != IGNORE_INDEX
-    correct = ((outputs.argmax(-1).view(k, -1) == units) & counted).sum(-1)
-    count = counted.sum().expand(k)
+    # An argmax is never -100, so ignored targets are never hits: no mask needed for them.
+    correct = (outputs.argmax(-1).view(k, -1) == units).sum(-1)
+    count = (units != IGNORE_INDEX).sum().expand(k)
     return losses.view(k, -1).sum(-1), correct, count
 
 
