@@ -3,6 +3,7 @@ means over counted targets), through every strategy, held against plain loops.""
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -208,3 +209,18 @@ def test_hoisted_suffix_of_a_model_returning_a_dataclass(strategy):
     assert ev.hoisted == 1  # the suffix's output went through logits_of
     want = reference(a, b, x, y, ALPHAS, moving=lambda k: k.startswith("head."))
     np.testing.assert_allclose(curves["eval"][0], want[:, 0], rtol=1e-6)
+
+
+def test_token_level_chunks_pass_the_cache_check_and_resume(tmp_path):
+    """The cache's plausibility check counts tokens, not examples, for a token-level loss: a
+    rerun reuses every chunk (none is discarded as 'not a whole number')."""
+    a, b = _states()
+    x, y = _tokens()
+    first = linear_path(a, b, Tokens(), (x, y), alphas=ALPHAS, resume_dir=tmp_path / "partial")
+    assert any((tmp_path / "partial").iterdir())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a discarded chunk warns
+        again = linear_path(a, b, Tokens(), (x, y), alphas=ALPHAS,
+                            resume_dir=tmp_path / "partial")
+    assert f"resumed {len(ALPHAS)} of {len(ALPHAS)} points" in again.attrs["notes"]
+    np.testing.assert_array_equal(first.loss.values, again.loss.values)
