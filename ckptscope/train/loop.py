@@ -108,7 +108,8 @@ def train_epoch(
         module: trained in place (left in train mode).
         x, y: the training split, on the module's device; ``y`` in the loss's dtype.
         optimizer: stepped once per batch.
-        loss_fn: ``loss_fn(outputs: (1, B, ...), targets: (B, ...)) -> (loss_sum, correct)``.
+        loss_fn: ``loss_fn(outputs: (1, B, ...), targets: (B, ...)) -> (loss_sum, correct[,
+            count])``; class labels only here (the count, if any, is B).
         batch_size: examples per step; the last batch may be smaller.
         order: a CPU generator; one ``randperm`` is drawn from it per epoch.
         augment, augment_generator: the batch augmentations and their CPU generator.
