@@ -317,7 +317,7 @@ def _hoisted(ctx: Context, job: Job, progress: Progress) -> dict:
                 frontier = split.prefix(ctx.input(x))
                 if vectorised:
                     per_batch.append(joined([suffix_sums(weights_at(c), [(frontier, y)])
-                                          for c in steps]))
+                                             for c in steps]))
                     continue
                 deferred = ctx.deferred(name, n, len(y))
                 run = deferred.batch_fn(lambda frontier: logits_of(split.suffix(*frontier)))
