@@ -17,7 +17,8 @@ A file is read only if it is a regular file no larger than a chunk can be (check
 descriptor before a byte is read; no compression, no pickle), its header parses as exactly
 those tensors with those dtypes and shapes, and then only if its key, digest, alpha indices
 and values match and its values are possible: accuracy in [0, 1] or NaN (for a built-in loss a
-whole number of examples), loss real, NaN or +Inf, and not negative for the built-in losses.
+whole number of the units it counts: examples, or targets other than -100), loss real, NaN or
++Inf, and not negative for the built-in losses.
 A file that fails is deleted and its points recomputed, with one warning per call; files of an
 earlier format (``.npz``) are deleted unread.
 """
@@ -38,6 +39,7 @@ from safetensors.numpy import save as safetensors_bytes
 
 from ckptscope.files import remove_stale_temporaries, replacing
 from ckptscope.identity import curve_fingerprint
+from ckptscope.losses import counted_units
 
 CHUNK = 8  # grid points per file of a whole-model path: a kill loses at most this many
 GROUP_CHUNKS = 4  # at most this many files per group path (see chunk_size)
@@ -186,7 +188,8 @@ class ChunkCache:
         folder: where the chunk files live (created on the first write).
         fingerprint: the curves' fingerprint (:func:`ckptscope.identity.curve_fingerprint`).
         grid: (n,) the evaluation's alpha grid.
-        n_examples: examples per evaluated split, in order.
+        n_examples: per evaluated split, in order, the units a built-in loss averages over
+            (:func:`ckptscope.losses.counted_units`: examples, or counted tokens).
         builtin_loss: the loss is a built-in (non-negative loss, 0/1 correctness).
 
     Attributes:
@@ -257,7 +260,7 @@ class ChunkCache:
             counts = acc * self.n_examples[:, None]
             # (never NaN either: a built-in loss counts argmax hits, whatever the weights)
             if not np.array_equal(np.round(counts) / self.n_examples[:, None], acc):
-                raise _Refused("accuracy is not a whole number of examples")
+                raise _Refused("accuracy is not a whole number of examples (or counted targets)")
             if (loss < 0).any():  # -Inf included; NaN (NaN weights) is a value like any
                 raise _Refused("negative loss from a non-negative loss function")
         return loss, acc
@@ -341,5 +344,6 @@ def open_cache(
         more = f" and {len(found.unknown) - 1} more" if len(found.unknown) > 1 else ""
         return None, (f"resume is off: the resume key cannot identify {found.unknown[0]}{more}, "
                       f"so nothing is reused from or kept in {folder}/")
-    return ChunkCache(folder, found.key, grid=grid, n_examples=[len(x) for x, _ in data.values()],
-                      builtin_loss=isinstance(loss, str)), None
+    builtin = isinstance(loss, str)
+    counted = [counted_units(loss, y) if builtin else len(x) for x, y in data.values()]
+    return ChunkCache(folder, found.key, grid=grid, n_examples=counted, builtin_loss=builtin), None

@@ -6,7 +6,8 @@ checkpoint can never run code. Wrappers (``{"state_dict": ...}``, ``{"model": ..
 Lightning checkpoint) are unwrapped, and the prefixes every key has from DataParallel / DDP
 (``module.``), ``torch.compile`` (``_orig_mod.``) and Lightning (``model.``) are stripped
 (:mod:`ckptscope.wrappers`); :mod:`ckptscope.keys` then matches a pair's keys to each other
-and to the model (prefixes, tied weights, BatchNorm counters).
+and to the model (prefixes, tied weights, BatchNorm counters). Folders and shard sets
+(``save_pretrained``'s) are read through :mod:`ckptscope.shards`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ckptscope import shards
 from ckptscope.errors import CkptscopeError
 from ckptscope.files import replacing, write_error
 from ckptscope.metadata import PREFIX, check_fields, read_metadata
@@ -92,10 +94,6 @@ def _check_path(path: Path) -> None:
         raise CkptscopeError(f"checkpoint {str(path)!r} is a dangling symlink; point it at a file.")
     if not path.exists():
         raise CkptscopeError(f"checkpoint {str(path)!r} does not exist; check the path.")
-    if path.is_dir():
-        raise CkptscopeError(
-            f"checkpoint {str(path)!r} is a directory; pass a .safetensors or torch file in it."
-        )
     if path.stat().st_size == 0:
         raise CkptscopeError(
             f"checkpoint {str(path)!r} is empty (0 bytes); it was not saved fully."
@@ -243,38 +241,70 @@ def _normalise(
     return out, notes
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read a checkpoint file (safetensors or torch) as weights only.
-
-    Args:
-        path: a ``.safetensors`` file, or a torch file (``.pt``, ``.pth``, ``.bin``) saved with
-            ``torch.save``; the format is told from the file's first bytes, not its name.
-
-    Returns:
-        The checkpoint: tensors as stored (memory-mapped for safetensors), float16 and
-        bfloat16 kept, with a note (see :class:`Checkpoint`).
-
-    Raises:
-        CkptscopeError: the file is missing, empty, truncated, corrupt, not a checkpoint, or
-            holds objects whose unpickling could run code.
-    """
-    path = Path(path)
+def _read_file(path: Path
+               ) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str], tuple[str, ...]]:
+    """(state, ckptscope metadata, notes, prefixes stripped) of one checkpoint file, told by its
+    first bytes; wrappers and their prefixes removed (:mod:`ckptscope.wrappers`)."""
     _check_path(path)
     kind = _sniff(path)
-    metadata: dict[str, str] = {}
     if kind == "safetensors":
         state, metadata = _read_safetensors(path)
         state, notes, stripped = strip_wrappers(state)
-    elif kind in ("torch-zip", "torch-legacy"):
+        return state, metadata, notes, stripped
+    if kind in ("torch-zip", "torch-legacy"):
         state, notes, stripped = unwrap_state(_read_torch(path, kind), source=repr(str(path)))
-    else:
-        raise CkptscopeError(
-            f"{str(path)!r} is neither a safetensors file nor a torch checkpoint (it starts with "
-            f"{path.read_bytes()[:8]!r}); pass a file written by safetensors or torch.save."
-        )
+        return state, {}, notes, stripped
+    raise CkptscopeError(
+        f"{str(path)!r} is neither a safetensors file nor a torch checkpoint (it starts with "
+        f"{path.read_bytes()[:8]!r}); pass a file written by safetensors or torch.save."
+    )
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint file (safetensors or torch), folder or shard index as weights only.
+
+    Args:
+        path: a ``.safetensors`` file, or a torch file (``.pt``, ``.pth``, ``.bin``) saved with
+            ``torch.save``; the format is told from the file's first bytes, not its name. Or a
+            folder (``save_pretrained``'s: ``model.safetensors``, shards and their
+            ``model.safetensors.index.json``, or ``pytorch_model.bin``) or a
+            ``*.safetensors.index.json`` file (:mod:`ckptscope.shards`).
+
+    Returns:
+        The checkpoint: tensors as stored (memory-mapped for safetensors), float16 and
+        bfloat16 kept, with a note (see :class:`Checkpoint`). Its ``sha256`` is the file's; for
+        shards, :func:`ckptscope.shards.shards_sha256` (a digest over the shards' digests, as
+        ``sha256sum model-*.safetensors | sha256sum`` prints it).
+
+    Raises:
+        CkptscopeError: the file is missing, empty, truncated, corrupt, not a checkpoint, or
+            holds objects whose unpickling could run code; a shard index is invalid or does not
+            match its shards.
+    """
+    path = Path(path)
+    if path.is_dir() or (shards.is_index(path) and path.is_file()):
+        return _load_folder(path)
+    state, metadata, notes, stripped = _read_file(path)
     state, more = _normalise(state, repr(str(path)))
     return Checkpoint(state, str(path), file_sha256(path), metadata, tuple(notes + more),
                       stripped)
+
+
+def _load_folder(path: Path) -> Checkpoint:
+    """A checkpoint folder or shard index (:func:`load_checkpoint`)."""
+    folder = path if path.is_dir() else path.parent
+    file, index = shards.checkpoint_files(path) if path.is_dir() else (path, True)
+    if index:
+        state, metadata, notes, files = shards.read_shards(file, lambda p: _read_file(p)[:3])
+        notes = [f"read {len(files)} shard(s) listed in {file.name}", *notes]
+        stripped: tuple[str, ...] = ()
+    else:
+        (state, metadata, notes, stripped), files = _read_file(file), [file]
+    for key, value in shards.model_folder_metadata(folder).items():
+        metadata.setdefault(key, value)  # what the files themselves carry wins
+    state, more = _normalise(state, repr(str(path)))
+    sha256 = shards.shards_sha256(files, file_sha256)
+    return Checkpoint(state, str(path), sha256, metadata, tuple(notes + more), stripped)
 
 
 def as_checkpoint(

@@ -27,10 +27,10 @@ come from. It is a sha256 over a canonical JSON form of:
   the environment: ckptscope, torch, numpy and Python versions, the device (the GPU's name),
   torch's CPU capability and thread count.
 
-Library code (``torch``, ``numpy``, the standard library) is named, not digested: its
-version is in the key. A value that cannot be identified (an object whose ``repr`` is only an
-address, a lock, a file) is listed in :attr:`Fingerprint.unknown`; callers then refuse to
-reuse anything rather than risk another model's curve.
+Library code (``torch``, ``numpy``, the standard library, ``transformers``) is named, not
+digested: its version is in the key. A value that cannot be identified (an object whose
+``repr`` is only an address, a lock, a file) is listed in :attr:`Fingerprint.unknown`; callers
+then refuse to reuse anything rather than risk another model's curve.
 """
 
 from __future__ import annotations
@@ -54,6 +54,10 @@ FINGERPRINT_VERSION = 2  # 2: the whole-model path takes non-float tensors from 
 # Named, not digested: their versions are part of the environment.
 _LIBRARIES = ("torch", "numpy", "builtins", "math", "functools", "typing", "collections",
               "abc", "operator", "itertools", "enum", "dataclasses")
+# Model libraries, named like torch (digesting transformers' sources took 14 minutes for a tiny
+# GPT-2 on 2 cores); their versions join the environment when they are imported.
+_MODEL_LIBRARIES = ("transformers", "tokenizers")
+_LIBRARIES += _MODEL_LIBRARIES
 _DEPTH = 6  # nesting of values
 _GLOBAL_DEPTH = 3  # functions reached through global names
 # Attributes every nn.Module has: torch's bookkeeping (the hooks are digested on their own).
@@ -310,6 +314,8 @@ def environment(device: torch.device) -> dict:
         "python": sys.version.split()[0], "cpu": cpu, "threads": torch.get_num_threads(),
         "device": str(device),
     }
+    env.update({name: getattr(sys.modules[name], "__version__", "unknown")
+                for name in _MODEL_LIBRARIES if name in sys.modules})
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda

@@ -30,6 +30,7 @@ from ckptscope.adapters import (
 )
 from ckptscope.checkpoints import Checkpoint, as_checkpoint, check_pair
 from ckptscope.data import DATASETS, as_splits, load_data, select_splits
+from ckptscope.data.tokens import with_tokenizer
 from ckptscope.data.transforms import subset
 from ckptscope.engine import EvalConfig
 from ckptscope.errors import CkptscopeError
@@ -211,7 +212,7 @@ def load_inputs(data: object, a: Checkpoint, adapter: Adapter | None, *, split: 
     seed = config.seed
     if seed is None:
         seed = data_seed(a) if data is None else 0
-    spec = data_spec(data, a, adapter)
+    spec = with_tokenizer(data_spec(data, a, adapter), a.path)  # text: a model folder's
     key = (spec if isinstance(spec, str) else id(spec), seed, config.data_size, split, config.bn)
     if loaded is not None and key in loaded:
         return loaded[key]

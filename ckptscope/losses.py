@@ -1,9 +1,12 @@
 """Per-example losses and correctness for the evaluator, over a leading alpha dim.
 
 Every function takes ``outputs: (k, B, ...)`` (k points of the path) and ``targets: (B, ...)``
-and returns ``(loss_sum, correct)``, both ``(k,)``: the sum over the B examples of the loss and
-of the 0/1 correctness. The evaluator divides the totals by N once at the end, so the loss is
-the exact mean over examples, not a mean of batch means.
+and returns ``(loss_sum, correct)`` or ``(loss_sum, correct, count)``, each ``(k,)``: the sum
+over the batch of the loss and of the 0/1 correctness, and how many units (examples, or tokens
+for token-level targets) those sums cover. The evaluator adds each up over the batches and
+divides the loss and correct totals by the count total once at the end, so the loss is the
+exact mean over what was counted, not a mean of batch means. Without a count, the units are the
+B examples. See ``docs/losses.md``.
 """
 
 from __future__ import annotations
@@ -15,18 +18,35 @@ import torch.nn.functional as F
 
 from ckptscope.errors import CkptscopeError
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+LossFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
+Sums = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+IGNORE_INDEX = -100  # the targets cross_entropy leaves out (PyTorch's and Hugging Face's value)
 
 
-def cross_entropy(
-    outputs: torch.Tensor, targets: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax cross entropy on logits ``(k, B, C)`` with class-index targets ``(B,)``."""
-    k, batch, classes = outputs.shape[0], outputs.shape[1], outputs.shape[-1]
-    flat = outputs.reshape(k * batch, classes)
-    losses = F.cross_entropy(flat, targets.repeat(k), reduction="none").view(k, batch)
-    correct = (outputs.argmax(-1) == targets).sum(-1)
-    return losses.sum(-1), correct
+def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> Sums:
+    """Softmax cross entropy on logits ``(k, B, ..., C)`` with class-index targets ``(B, ...)``.
+
+    Targets equal to ``-100`` (:data:`IGNORE_INDEX`) are left out of every sum and of the count:
+    token-level data (``(k, B, T, V)`` logits, ``(B, T)`` targets) is averaged over the counted
+    tokens, padding and unmasked positions excluded.
+
+    Returns:
+        ``(loss_sum, correct, count)``, each ``(k,)``: summed over the counted targets.
+    """
+    if outputs.dim() < 2 or outputs.shape[1:-1] != targets.shape:
+        raise CkptscopeError(
+            f"loss 'cross_entropy' takes outputs (points, batch, ..., classes) with targets "
+            f"(batch, ...); got outputs of shape {tuple(outputs.shape[1:])} per point for "
+            f"targets of shape {tuple(targets.shape)}: check that the data fits the model."
+        )
+    k, classes = outputs.shape[0], outputs.shape[-1]
+    flat = outputs.reshape(-1, classes)
+    units = targets.reshape(-1)
+    losses = F.cross_entropy(flat, units.repeat(k), reduction="none", ignore_index=IGNORE_INDEX)
+    # An argmax is never -100, so ignored targets are never hits: no mask needed for them.
+    correct = (outputs.argmax(-1).view(k, -1) == units).sum(-1)
+    count = (units != IGNORE_INDEX).sum().expand(k)
+    return losses.view(k, -1).sum(-1), correct, count
 
 
 def binary_cross_entropy(
@@ -50,8 +70,8 @@ def get_loss(loss: str | LossFn) -> LossFn:
     """Return a loss function by name (``cross_entropy``, ``bce``) or pass a callable through.
 
     A callable takes ``outputs: (k, B, ...)`` and ``targets: (B, ...)`` and returns
-    ``(loss_sum, correct)`` of shape ``(k,)``; return a NaN-filled ``correct`` where accuracy
-    has no meaning.
+    ``(loss_sum, correct)`` or ``(loss_sum, correct, count)`` of shape ``(k,)``; return a
+    NaN-filled ``correct`` where accuracy has no meaning.
     """
     if callable(loss):
         return loss
@@ -101,3 +121,34 @@ def target_dtype(loss: str | LossFn) -> torch.dtype | None:
     return {"cross_entropy": torch.long, "bce": torch.float32}.get(
         loss if isinstance(loss, str) else ""
     )
+
+
+def with_count(loss_fn: LossFn) -> Callable[[torch.Tensor, torch.Tensor], Sums]:
+    """``loss_fn`` returning ``(loss_sum, correct, count)`` always: a 2-tuple gains the count
+    of its B examples, ``(k,)`` float64; anything else is refused in one line."""
+
+    def sums(outputs: torch.Tensor, targets: torch.Tensor) -> Sums:
+        result = loss_fn(outputs, targets)
+        if isinstance(result, (tuple, list)) and len(result) == 3:
+            return tuple(result)
+        if isinstance(result, (tuple, list)) and len(result) == 2:
+            loss, correct = result
+            count = torch.full(loss.shape, targets.shape[0], dtype=torch.float64,
+                               device=loss.device)
+            return loss, correct, count
+        raise CkptscopeError(
+            f"loss {getattr(loss_fn, '__name__', 'function')!r} returned "
+            f"{type(result).__name__ if not isinstance(result, (tuple, list)) else len(result)}"
+            f"{'' if not isinstance(result, (tuple, list)) else ' values'}; it must return "
+            f"(loss_sum, correct) or (loss_sum, correct, count), each of shape (points,)."
+        )
+
+    return sums
+
+
+def counted_units(loss: str, targets: torch.Tensor) -> int:
+    """How many units a built-in loss counts on ``targets`` (B, ...): for ``cross_entropy`` the
+    targets that are not ``-100`` (B for class labels), for ``bce`` the B examples."""
+    if loss == "cross_entropy":
+        return int((targets != IGNORE_INDEX).sum())
+    return len(targets)

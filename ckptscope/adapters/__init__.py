@@ -116,7 +116,10 @@ class Adapter:
                          names=(f"the model ({self.name}, options {_shown(options)}{origin})",
                                 where),
                          fix=fix)
-        held = sum(t.numel() for t in (*skeleton.parameters(), *skeleton.buffers()))
+        # What a checkpoint holds: the state dict, a tied tensor once (non-persistent buffers,
+        # such as BERT's position_ids, are rebuilt by the module, never read from a file).
+        kept = {id(t): t for t in skeleton.state_dict(keep_vars=True).values()}
+        held = sum(t.numel() for t in kept.values())
         total = sum(t.numel() for t in like.values())
         if source and held > total:
             raise CkptscopeError(
@@ -209,3 +212,4 @@ def module_name(model: nn.Module) -> str:
 # Register the built-in adapters.
 from ckptscope.adapters import mlp, resnet, vgg  # noqa: E402,F401
 from ckptscope.adapters import timm as _timm_family  # noqa: E402,F401  (timm imported on use)
+from ckptscope.adapters import huggingface  # noqa: E402,F401  (transformers only when used)

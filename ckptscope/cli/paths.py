@@ -107,6 +107,8 @@ def demo(out, seed, epochs):
               help="An adapter option, e.g. widths=[2,50,50,1]; repeatable.")
 @click.option("--data", default=None, metavar="NAME[:ARG]|pkg.module:attr",
               help="The evaluation data (default: from the metadata or the adapter).")
+@click.option("--seq-len", type=click.IntRange(min=1), default=None, metavar="T",
+              help="Tokens per window when --data tokens:/text: is a stream.")
 @click.option("--split", type=click.Choice(["test", "train", "both"]), default="test",
               show_default=True)
 @click.option("--loss", default=None, metavar="NAME|pkg.module:attr",
@@ -145,10 +147,11 @@ def demo(out, seed, epochs):
 def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adapter,
          adapter_opts, data, split, hold, no_full, device, dtype, batch_size, strategy,
          channels_last, bn, bn_batches, data_size, seed, tolerances, out, plot, loss,
-         strip_prefixes):
+         strip_prefixes, seq_len):
     """Evaluate loss and accuracy on the straight line from START to END."""
     from ckptscope.cache import remove_partial
     from ckptscope.checkpoints import load_checkpoint
+    from ckptscope.data.tokens import with_seq_len
     from ckptscope.engine import EvalConfig
     from ckptscope.linear import linear_paths
     from ckptscope.losses import resolve_loss
@@ -162,6 +165,7 @@ def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adap
     check_suffix(plot, (".png", ".pdf", ".svg"), "--plot")
     grid = parse_alpha_range(alpha_range) if alpha_range else (alphas or 51)
     loss = resolve_loss(loss)  # imported here, from the command line only, before any work
+    data = with_seq_len(data, seq_len)
     from ckptscope.distributed import is_main
     from ckptscope.keys import match_keys
 

@@ -14,7 +14,8 @@ One module per concern:
 - :mod:`~ckptscope.engine.evaluator`: :class:`Evaluator`, which plans a call and dispatches.
 
 Every pass runs in eval mode, without autograd, in float32 unless asked otherwise; the loss is
-the sum over all examples divided by N.
+the sum over all examples divided by N (over the counted tokens, for a loss that returns a
+count: :mod:`ckptscope.losses`).
 """
 
 from ckptscope.engine.config import BN_POLICIES, STRATEGIES, EvalConfig

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ckptscope.engine.config import EvalConfig
-from ckptscope.engine.deferred import Deferred, total
+from ckptscope.engine.deferred import Deferred, totals
 from ckptscope.engine.failures import Where, from_user_code, loss_name
 from ckptscope.engine.placement import (
     as_input,
@@ -25,6 +25,7 @@ from ckptscope.engine.sizing import Sizes, nbytes, probe, streams
 from ckptscope.errors import CkptscopeError
 from ckptscope.identity import aliases, named_tensors
 from ckptscope.losses import LossFn, get_loss, target_dtype
+from ckptscope.outputs import logits_of
 
 Data = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -208,10 +209,11 @@ class Context:
         return autocast(self.config.device, self.config.autocast)
 
     def forward(self, x: torch.Tensor, split: str) -> torch.Tensor:
-        """The module on ``x``; an error of the model becomes one line naming the model and the
-        data (:meth:`ckptscope.engine.failures.Where.model_failed`)."""
+        """The module's logits on ``x`` (:func:`ckptscope.outputs.logits_of`); an error of the
+        model becomes one line naming the model and the data
+        (:meth:`ckptscope.engine.failures.Where.model_failed`)."""
         try:
-            return self.module(x)
+            return logits_of(self.module(x))
         except Exception as err:
             if not from_user_code(err):
                 raise
@@ -219,10 +221,11 @@ class Context:
             raise self.where.model_failed(err) from err
 
     def loss_fn(self, outputs: torch.Tensor, targets: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The loss's ``(loss_sum, correct)`` for ``outputs: (k, B, ...)``, each ``(k,)``; an
-        error of the loss, or a result of another form, becomes one line naming the loss, the
-        shapes, the model and the data."""
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The loss's ``(loss_sum, correct, count)`` for ``outputs: (k, B, ...)``, each ``(k,)``:
+        a loss that returns ``(loss_sum, correct)`` counts the B examples. An error of the loss,
+        or a result of another form, becomes one line naming the loss, the shapes, the model and
+        the data."""
         try:
             result = self._loss(outputs, targets)
         except Exception as err:
@@ -230,14 +233,18 @@ class Context:
                 raise
             raise self.where.loss_failed(err, self._loss_name, outputs, targets) from err
         k = outputs.shape[0] if isinstance(outputs, torch.Tensor) and outputs.dim() else 1
-        if not (isinstance(result, (tuple, list)) and len(result) == 2):
+        if not (isinstance(result, (tuple, list)) and len(result) in (2, 3)):
             raise self.where.loss_returned(self._loss_name, f"a {type(result).__name__}", k)
         for part in result:
             if not isinstance(part, torch.Tensor) or tuple(part.shape) != (k,):
                 what = (f"a tensor of shape {tuple(part.shape)}"
                         if isinstance(part, torch.Tensor) else f"a {type(part).__name__}")
                 raise self.where.loss_returned(self._loss_name, what, k)
-        return result
+        if len(result) == 2:
+            loss, correct = result
+            count = torch.full((k,), targets.shape[0], dtype=torch.float64, device=loss.device)
+            return loss, correct, count
+        return tuple(result)
 
     def batches(self, split: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The split's (inputs, targets) batches at the current batch size: views, made once
@@ -286,13 +293,13 @@ class Context:
                 self.note_oom(f"batch size {batch} -> {self.sizes.batch}")
 
     def accumulate(self, outputs_fn: Callable, split: str, k: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sum loss and correctness over the split's batches; ``outputs_fn(x) -> (k, B, ...)``.
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sum loss, correctness and count over the split's batches; ``outputs_fn(x) -> (k, B,
+        ...)``.
 
         Returns float64 tensors (k,) on the device: the caller moves them off it once.
         """
-        parts = self.over_batches(lambda x, y: self.loss_fn(outputs_fn(x), y), split, k)
-        return total([loss for loss, _ in parts]), total([correct for _, correct in parts])
+        return totals(self.over_batches(lambda x, y: self.loss_fn(outputs_fn(x), y), split, k))
 
     def recompute_bn(self) -> None:
         """Re-estimate every BatchNorm's running statistics at the current weights."""

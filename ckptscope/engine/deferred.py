@@ -16,6 +16,16 @@ def total(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(parts)).double().sum(0)
 
 
+def totals(parts: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    """Per-batch ``(loss, correct, count)`` sums, each (k,), added up: a float64 (k,) each."""
+    return tuple(total(column) for column in zip(*parts))
+
+
+def joined(parts: Sequence[Sequence[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    """Consecutive points' ``(loss, correct, count)`` sums concatenated: (k1 + k2 + ...,) each."""
+    return tuple(torch.cat([p.reshape(-1) for p in column]) for column in zip(*parts))
+
+
 class Deferred:
     """Forward outputs of consecutive points, kept on the device until one loss call per batch
     covers up to ``size`` of them.
@@ -27,10 +37,10 @@ class Deferred:
     """
 
     def __init__(self, loss_fn: LossFn, size: int):
-        self.loss_fn, self.size = loss_fn, size
+        self.loss_fn, self.size = loss_fn, size  # loss_fn: (loss, correct, count) always
         self.outputs: list[list[torch.Tensor]] = []  # per pending point: per batch
         self.targets: list[torch.Tensor] = []
-        self.done: list[tuple[torch.Tensor, torch.Tensor]] = []  # (k,) float64 sums, in order
+        self.done: list[tuple[torch.Tensor, ...]] = []  # (loss, correct, count) (k,) float64
 
     def batch_fn(self, forward: Callable[[object], torch.Tensor]):
         """What to run on each batch ``(x, y)``: keep ``forward(x)``, or with ``size`` 0 take
@@ -42,8 +52,8 @@ class Deferred:
     def add(self, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """One point's per-batch results of :meth:`batch_fn`. The targets are the split's, cut
         the same way at every point until the batch size changes."""
-        if self.size == 0:  # (loss, correct) sums, (1,) each
-            self.done.append((total([b[0] for b in batches]), total([b[1] for b in batches])))
+        if self.size == 0:  # (loss, correct, count) sums, (1,) each
+            self.done.append(totals(batches))
             return
         targets = [y for _, y in batches]
         # A changed batch size (out-of-memory back-off) cuts the batches differently.
@@ -75,23 +85,17 @@ class Deferred:
                     "out of device memory in the loss of one point; lower --batch-size or "
                     "evaluate on the CPU."
                 ) from None
-            parts = [
-                (torch.cat([p[b][0] for p in per_point]), torch.cat([p[b][1] for p in per_point]))
-                for b in range(len(self.targets))
-            ]
-        self.done.append((total([p[0] for p in parts]), total([p[1] for p in parts])))
+            parts = [joined([p[b] for p in per_point]) for b in range(len(self.targets))]
+        self.done.append(totals(parts))
         self.outputs = []
 
-    def sums(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every point's (loss sum, correct sum), float64 on the device, (n,) each."""
+    def sums(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every point's (loss sum, correct sum, count), float64 on the device, (n,) each."""
         self.flush()
         if not self.done:
-            return torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-        loss = torch.cat([loss.reshape(-1) for loss, _ in self.done])
-        correct = torch.cat([correct.reshape(-1) for _, correct in self.done])
-        return loss, correct
+            return tuple(torch.zeros(n, dtype=torch.float64) for _ in range(3))
+        return joined(self.done)
 
-    def totals(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`sums` on the host: one transfer."""
-        loss, correct = self.sums(n)
-        return loss.cpu().numpy(), correct.cpu().numpy()
+    def totals(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`sums` on the host."""
+        return tuple(column.cpu().numpy() for column in self.sums(n))

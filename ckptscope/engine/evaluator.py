@@ -118,7 +118,7 @@ class Evaluator:
 
         Returns:
             Per request, split -> (loss, accuracy), each (n,) float64: the mean loss over the
-            split's examples and the fraction classified correctly.
+            split's examples (or the tokens the loss counts) and the fraction correct.
 
         A request whose upstream part can be hoisted runs alone (hoisting skips more work).
         Under the ``vmap`` strategy the others share vectorised passes: their points are
@@ -135,10 +135,13 @@ class Evaluator:
         progress, done = _callback(progress), _callback(done)
 
         def finish(i: int, sums) -> None:
-            results[i] = {
-                split: (loss / len(ctx.data[split][0]), correct / len(ctx.data[split][0]))
-                for split, (loss, correct) in sums.items()
-            }
+            # Divided by what the loss counted: the examples, or the tokens of token-level
+            # targets (:mod:`ckptscope.losses`); nothing counted is a NaN mean.
+            with np.errstate(invalid="ignore", divide="ignore"):
+                results[i] = {
+                    split: (loss / count, correct / count)
+                    for split, (loss, correct, count) in sums.items()
+                }
             if done:
                 done(i, results[i])
 
@@ -153,7 +156,7 @@ class Evaluator:
         jobs = []
         for i, points in enumerate(requests):
             if len(points) == 0:
-                finish(i, {split: (np.empty(0), np.empty(0)) for split in ctx.data})
+                finish(i, {split: (np.empty(0),) * 3 for split in ctx.data})
                 continue
             sources = [placed[name] for name in points.anchors]
             # Under bn="batch" the running statistics are gone from the model: they cannot move.

@@ -85,8 +85,9 @@ class Where:
         """The one-line error for a loss whose result breaks the contract."""
         return CkptscopeError(
             f"the loss {loss} returned {what} for {k} point(s) ({self._context()}); a loss "
-            f"returns (loss_sum, correct), each a tensor of shape ({k},): the per-point sums over "
-            f"the batch's examples (the LossFn contract, docs/api.md)."
+            f"returns (loss_sum, correct) or (loss_sum, correct, count), each a tensor of "
+            f"shape ({k},): the per-point sums over the batch (the LossFn contract, "
+            f"docs/losses.md)."
         )
 
 

@@ -3,7 +3,7 @@
 ``strategy(context, jobs, progress, finish)``: evaluate every job (one point set each) on the
 model and data the :class:`~ckptscope.engine.context.Context` holds, call ``progress(n)`` as
 ``n`` points finish and ``finish(job.index, sums)`` as each job does, ``sums`` being
-split -> (loss sum, correct sum), (n,) float64 each.
+split -> (loss sum, correct sum, count), (n,) float64 each (:mod:`ckptscope.losses`).
 
 - :func:`loop`: one forward pass per point. The moving tensors are written in place into the
   module's own parameters (:func:`ckptscope.points.write_point`: no ``load_state_dict``, no
@@ -30,12 +30,13 @@ import torch
 from torch import nn
 
 from ckptscope.engine.context import Context
-from ckptscope.engine.deferred import total
+from ckptscope.engine.deferred import joined, totals
 from ckptscope.engine.hoist import SplitForward
 from ckptscope.engine.placement import first_line, ignore_as_strided_fallback
 from ckptscope.engine.sizing import nbytes
 from ckptscope.errors import CkptscopeError
 from ckptscope.identity import aliases, unique
+from ckptscope.outputs import logits_of
 from ckptscope.points import stack_points, stacking, write_point
 
 Progress = Callable[[int], None]
@@ -127,14 +128,15 @@ def vmap(ctx: Context, jobs: Sequence[Job], progress: Progress | None, finish: F
     owner = np.concatenate([np.full(len(job), j) for j, job in enumerate(jobs)])
     weights = np.concatenate([job.weights for job in jobs])
     rest = np.concatenate([job.rest for job in jobs])
-    out = {split: (np.empty(len(weights)), np.empty(len(weights))) for split in ctx.data}
+    out = {split: tuple(np.empty(len(weights)) for _ in range(3)) for split in ctx.data}
     ends = np.cumsum([len(job) for job in jobs])  # job j: points up to ends[j]
     chunk = ctx.chunk_size(union, len(weights))
     ignore_as_strided_fallback()
     # The tensors no job moves are the module's own (ctx.load of the chunk's rest anchor,
-    # in the evaluation dtype), not passed: an anchor may be held in half precision.
+    # in the evaluation dtype), not passed: an anchor may be held in half precision. The logits
+    # are taken inside: vmap returns tensors, not model outputs.
     batched = vectorise(
-        lambda moving, x: functional_call(ctx.module, moving, (x,)),
+        lambda moving, x: logits_of(functional_call(ctx.module, moving, (x,))),
         in_dims=(0, None),
     )
     dev, dtype = ctx.config.device, ctx.config.dtype
@@ -193,14 +195,14 @@ def vmap(ctx: Context, jobs: Sequence[Job], progress: Progress | None, finish: F
                 stacklevel=4,
             )
             return
-        for split, (loss, correct) in sums.items():
-            out[split][0][lo:hi] = loss.cpu().numpy()
-            out[split][1][lo:hi] = correct.cpu().numpy()
+        for split, columns in sums.items():
+            for held, column in zip(out[split], columns):
+                held[lo:hi] = column.cpu().numpy()
         if progress:
             progress(hi - lo)
         for j in np.flatnonzero((ends > lo) & (ends <= hi)):  # the jobs this chunk ended
             span = slice(ends[j] - len(jobs[j]), ends[j])
-            finish(jobs[j].index, {s: (loss[span], acc[span]) for s, (loss, acc) in out.items()})
+            finish(jobs[j].index, {s: tuple(c[span] for c in cols) for s, cols in out.items()})
         lo = hi
 
 
@@ -266,7 +268,7 @@ def _hoisted(ctx: Context, job: Job, progress: Progress) -> dict:
     n_frontier = sum(node.op == "placeholder" for node in split.suffix.graph.nodes)
     ignore_as_strided_fallback()
     batched = vectorise(
-        lambda mv, *f: functional_call(split.suffix, mv, f),
+        lambda mv, *f: logits_of(functional_call(split.suffix, mv, f)),
         in_dims=(0, *([None] * n_frontier)),
     )
 
@@ -283,13 +285,9 @@ def _hoisted(ctx: Context, job: Job, progress: Progress) -> dict:
 
     steps = range(0, n, chunk)
 
-    def suffix_sums(stacked, batches) -> tuple[torch.Tensor, torch.Tensor]:
-        """vmap: one chunk's (loss, correct) sums over ``batches`` of (frontier, y)."""
-        parts = [ctx.loss_fn(batched(stacked, *frontier), y) for frontier, y in batches]
-        return total([p[0] for p in parts]), total([p[1] for p in parts])
-
-    def cat(sums) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.cat([loss for loss, _ in sums]), torch.cat([c for _, c in sums])
+    def suffix_sums(stacked, batches) -> tuple[torch.Tensor, ...]:
+        """vmap: one chunk's (loss, correct, count) sums over ``batches`` of (frontier, y)."""
+        return totals([ctx.loss_fn(batched(stacked, *frontier), y) for frontier, y in batches])
 
     # Progress counts points done on every split: with points outermost each one (or chunk)
     # reports as it ends on the last split; with batches outermost the job ends at once.
@@ -307,34 +305,34 @@ def _hoisted(ctx: Context, job: Job, progress: Progress) -> dict:
             for c in steps:
                 sums.append(suffix_sums(weights_at(c), cached))
                 report(name, min(chunk, n - c))
-            loss, correct = cat(sums)
+            sums = joined(sums)
         elif cached is not None:  # points outermost, one per pass
             deferred = ctx.deferred(name, n)
-            run = deferred.batch_fn(lambda frontier: split.suffix(*frontier))
+            run = deferred.batch_fn(lambda frontier: logits_of(split.suffix(*frontier)))
             for c in steps:
                 weights_at(c)
                 deferred.add([run(frontier, y) for frontier, y in cached])
                 report(name, 1)
-            loss, correct = deferred.sums(n)
-        else:  # batches outermost: (loss, correct) sums over the points per batch
+            sums = deferred.sums(n)
+        else:  # batches outermost: (loss, correct, count) sums over the points per batch
             per_batch = []
             for x, y in ctx.batches(name):
                 ctx.where.at(name, x)
                 y = y.to(dev, non_blocking=True)
                 frontier = split.prefix(ctx.input(x))
                 if vectorised:
-                    per_batch.append(cat([suffix_sums(weights_at(c), [(frontier, y)])
-                                          for c in steps]))
+                    per_batch.append(joined([suffix_sums(weights_at(c), [(frontier, y)])
+                                             for c in steps]))
                     continue
                 deferred = ctx.deferred(name, n, len(y))
-                run = deferred.batch_fn(lambda frontier: split.suffix(*frontier))
+                run = deferred.batch_fn(lambda frontier: logits_of(split.suffix(*frontier)))
                 for c in steps:
                     weights_at(c)
                     deferred.add([run(frontier, y)])
                 per_batch.append(deferred.sums(n))
-            loss, correct = total([p[0] for p in per_batch]), total([p[1] for p in per_batch])
+            sums = totals(per_batch)
             report(name, n)
-        out[name] = (loss.cpu().numpy(), correct.cpu().numpy())
+        out[name] = tuple(column.cpu().numpy() for column in sums)
     return out
 
 

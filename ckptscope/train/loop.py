@@ -108,7 +108,8 @@ def train_epoch(
         module: trained in place (left in train mode).
         x, y: the training split, on the module's device; ``y`` in the loss's dtype.
         optimizer: stepped once per batch.
-        loss_fn: ``loss_fn(outputs: (1, B, ...), targets: (B, ...)) -> (loss_sum, correct)``.
+        loss_fn: ``loss_fn(outputs: (1, B, ...), targets: (B, ...)) -> (loss_sum, correct[,
+            count])``; class labels only here (the count, if any, is B).
         batch_size: examples per step; the last batch may be smaller.
         order: a CPU generator; one ``randperm`` is drawn from it per epoch.
         augment, augment_generator: the batch augmentations and their CPU generator.
@@ -139,7 +140,8 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         with autocast(x.device, amp):
             out = module(xb)
-        batch_loss, batch_correct = loss_fn(out.float().unsqueeze(0), yb)
+        # Class labels: the sums cover the batch's examples (a count, if returned, is len(idx)).
+        batch_loss, batch_correct = loss_fn(out.float().unsqueeze(0), yb)[:2]
         (batch_loss[0] / len(idx)).backward()
         optimizer.step()
         loss_sum += batch_loss[0].detach()
@@ -167,7 +169,8 @@ def evaluate(module: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss_fn: Ca
                 xb = xb.contiguous(memory_format=memory_format)
             with autocast(x.device, amp):
                 out = module(xb)
-            batch_loss, batch_correct = loss_fn(out.float().unsqueeze(0), y[lo: lo + batch_size])
+            batch_loss, batch_correct = loss_fn(out.float().unsqueeze(0),
+                                                y[lo: lo + batch_size])[:2]
             loss_sum += float(batch_loss[0])
             correct += float(batch_correct[0])
     module.train(was_training)
