@@ -228,6 +228,8 @@ class Context:
         the data."""
         try:
             result = self._loss(outputs, targets)
+        except CkptscopeError as err:  # a built-in loss's own refusal: say where
+            raise self.where.located(err) from err
         except Exception as err:
             if not from_user_code(err):
                 raise

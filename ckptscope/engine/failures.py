@@ -71,6 +71,12 @@ class Where:
             f"data fits the model (--data / --adapter), or {_DEBUG_HINT}."
         )
 
+    def located(self, err: CkptscopeError) -> CkptscopeError:
+        """ckptscope's own one-line refusal (a built-in loss's shape check) with the model,
+        the data and the split appended."""
+        return CkptscopeError(f"{str(err).rstrip('.')} ({self._context()}, split "
+                              f"{self.split!r}).")
+
     def loss_failed(self, err: BaseException, loss: str, outputs: object,
                     targets: object) -> CkptscopeError:
         """The one-line error for a loss that raised ``err`` on ``(outputs, targets)``."""
