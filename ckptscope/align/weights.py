@@ -1,0 +1,116 @@
+"""Weight matching (Git Re-Basin, Ainsworth et al. 2023, algorithm 1).
+
+Find the permutations P of OTHER's hidden units that maximise the summed inner product of the
+two networks' tensors, sum_k <theta_ref[k], P(theta_other)[k]>. One class at a time, holding
+the others, that objective is linear in the class's permutation: a linear assignment problem
+(``scipy.optimize.linear_sum_assignment``) over the n x n matrix
+
+    A[i, j] = sum over the class's axes (k, d) of <ref[k] unit i along d, other'[k] unit j along d>
+
+where ``other'`` has every other axis permuted by the current permutations. Classes are visited
+in an order shuffled per sweep by a seeded generator; a class's permutation is replaced only when
+the new one raises the objective, and the sweeps stop when none changes (or after
+``max_sweeps``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from ckptscope.align.apply import apply_permutation, identity_permutations
+from ckptscope.align.spec import PermutationSpec, check_spec
+
+_IMPROVE_RTOL = 1e-12  # a change must beat the current assignment by more than rounding
+
+
+@dataclass(frozen=True)
+class Matching:
+    """What a matching found.
+
+    Attributes:
+        perms: class name -> (n,) int64 permutation of OTHER's units.
+        objective_before: the matched quantity at the identity (weights: the summed inner
+            product of the tensors; activations: the mean correlation of matched units).
+        objective_after: the same at ``perms``.
+        sweeps: sweeps over the classes until none changed (weights), 1 for activations.
+    """
+
+    perms: dict[str, torch.Tensor]
+    objective_before: float
+    objective_after: float
+    sweeps: int
+
+
+def inner_product(spec: PermutationSpec, ref: Mapping[str, torch.Tensor],
+                  other: Mapping[str, torch.Tensor]) -> float:
+    """sum_k <ref[k], other[k]> over the tensors ``spec`` permutes, in float64."""
+    return float(sum(torch.sum(ref[k].double() * other[k].double()) for k in spec.permuted))
+
+
+def class_cost(spec: PermutationSpec, name: str, ref: Mapping[str, torch.Tensor],
+               other: Mapping[str, torch.Tensor], perms: Mapping[str, torch.Tensor]
+               ) -> torch.Tensor:
+    """(n, n) float64: A[i, j], the objective's part that unit i of ``ref`` matched to unit j
+    of ``other`` contributes along class ``name``, every other class at ``perms``."""
+    cost = None
+    for key, dim in spec.classes[name]:
+        # the tensor with every other axis permuted; this class's own axis left as it is
+        moved = apply_permutation(_only(spec, key), perms, {key: other[key]}, skip=(key, dim))[key]
+        a = ref[key].double().movedim(dim, 0).reshape(ref[key].shape[dim], -1)
+        b = moved.double().movedim(dim, 0).reshape(moved.shape[dim], -1)
+        term = a @ b.T
+        cost = term if cost is None else cost + term
+    return cost
+
+
+def _only(spec: PermutationSpec, key: str) -> PermutationSpec:
+    """The spec's axes on one key (so permuting one tensor does not walk every class)."""
+    return PermutationSpec({n: tuple(ax for ax in axes if ax[0] == key)
+                            for n, axes in spec.classes.items()})
+
+
+def weight_matching(spec: PermutationSpec, ref: Mapping[str, torch.Tensor],
+                    other: Mapping[str, torch.Tensor], *, seed: int = 0,
+                    max_sweeps: int = 100) -> Matching:
+    """Permutations of ``other``'s units that bring its weights closest to ``ref``'s.
+
+    Args:
+        spec: the permutation classes (:func:`ckptscope.align.spec_from_graph`).
+        ref, other: state dicts of one architecture.
+        seed: seeds the order in which classes are visited each sweep.
+        max_sweeps: a bound on the sweeps (the objective rises strictly with each change,
+            so the sweeps end; the bound is a guard).
+
+    Returns:
+        The permutations and the objective (summed inner product) before and after.
+    """
+    sizes = check_spec(spec, ref)
+    check_spec(spec, other)
+    ref = {k: ref[k].double() for k in spec.permuted}
+    other = {k: other[k].double() for k in spec.permuted}
+    perms = identity_permutations(sizes)
+    before = inner_product(spec, ref, other)
+    generator = np.random.default_rng(seed)
+    names = list(spec.classes)
+    sweeps = 0
+    for sweeps in range(1, max_sweeps + 1):  # noqa: B007
+        changed = False
+        for i in generator.permutation(len(names)):
+            name = names[i]
+            cost = class_cost(spec, name, ref, other, perms)
+            _, cols = linear_sum_assignment(cost.numpy(), maximize=True)
+            new = torch.as_tensor(cols, dtype=torch.int64)
+            rows = torch.arange(len(new))
+            gain = float(cost[rows, new].sum() - cost[rows, perms[name]].sum())
+            if gain > _IMPROVE_RTOL * max(1.0, float(cost.abs().max())) * len(new):
+                perms[name] = new
+                changed = True
+        if not changed:
+            break
+    after = inner_product(spec, ref, apply_permutation(spec, perms, other))
+    return Matching(perms, before, after, sweeps)
