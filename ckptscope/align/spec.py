@@ -187,7 +187,7 @@ def _trace(model: nn.Module) -> fx.GraphModule:
     except Exception as err:  # any tracing failure is the model's shape, not a bug here
         reason = (str(err).splitlines() or [type(err).__name__])[0][:160]
         raise CkptscopeError(
-            f"torch.fx cannot trace {type(model).__qualname__} ({reason}), so its permutation "
+            f"torch.fx cannot trace {type(model).__name__} ({reason}), so its permutation "
             f"spec cannot be derived; give one by hand (ckptscope.align.PermutationSpec)."
         ) from None
 
@@ -433,7 +433,7 @@ class _Walk:
         if not classes:
             why = "; ".join(self.notes) or "every hidden axis meets the input or the output"
             raise CkptscopeError(
-                f"nothing in {type(self.model).__qualname__} can be permuted ({why}); alignment "
+                f"nothing in {type(self.model).__name__} can be permuted ({why}); alignment "
                 f"needs hidden units between two layers, or a spec given by hand."
             )
         return PermutationSpec(classes, {k: tuple(v) for k, v in sites.items()},
