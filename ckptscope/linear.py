@@ -26,6 +26,7 @@ from torch import nn
 
 from ckptscope import distributed
 from ckptscope.adapters import Adapter, module_name
+from ckptscope.align.steps import prepare_pair
 from ckptscope.cache import ChunkCache, chunk_size, chunks, open_cache
 from ckptscope.checkpoints import Checkpoint
 from ckptscope.distance import distance_table
@@ -87,6 +88,8 @@ def linear_path(
     progress: Callable[[int, int], None] | None = None,
     resume_dir: str | os.PathLike | None = None,
     config: EvalConfig | None = None,
+    align: str | None = None,
+    repair: bool = False,
 ) -> xr.Dataset:
     """Evaluate loss and accuracy on the straight line from ``start`` to ``end``.
 
@@ -128,6 +131,13 @@ def linear_path(
         config: the engine's knobs (:class:`ckptscope.EvalConfig`): batch size, strategy,
             channels-last, memory budget, BatchNorm batches, data size, seed. Its device,
             dtype and BatchNorm policy are this function's keywords of those names.
+        align: ``"weights"`` or ``"activations"``: permute ``end``'s hidden units to match
+            ``start``'s first (:func:`ckptscope.align.alignment`, seed ``config.seed`` or 0);
+            the curves and distances are of the aligned pair, the result's ``align*`` attrs
+            say how (``docs/alignment.md``).
+        repair: rescale the interpolated networks: with BatchNorm, ``bn="recompute"``;
+            without, REPAIR (:mod:`ckptscope.align.repair`) on the training data. Recorded
+            in the ``repair`` attr.
 
     Returns:
         A dataset with ``loss`` and ``accuracy`` (run, group, split, alpha), ``distance``
@@ -142,7 +152,8 @@ def linear_path(
     """
     question = _question(groups=groups, alphas=alphas, full=full, hold=hold, loss=loss, bn=bn,
                          split=split, device=device, dtype=dtype, adapter_options=adapter_options,
-                         tolerances=tolerances, resume_dir=resume_dir, config=config)
+                         tolerances=tolerances, resume_dir=resume_dir, config=config,
+                         align=align, repair=repair)
     return _pair(run, start, end, model, data, question, _Shared(), progress)
 
 
@@ -166,6 +177,8 @@ def linear_paths(
     progress: Callable[[str, int, int], None] | None = None,
     resume_dir: str | os.PathLike | None = None,
     config: EvalConfig | None = None,
+    align: str | None = None,
+    repair: bool = False,
 ) -> xr.Dataset:
     """Evaluate several checkpoint pairs (seeds, conditions) into one result with a ``run`` dim.
 
@@ -178,7 +191,7 @@ def linear_paths(
         model, data: as for :func:`linear_path` (shared by every pair).
         progress: called as ``progress(run, done, total)``.
         groups, alphas, full, hold, loss, bn, split, device, dtype, adapter_options,
-            tolerances, resume_dir, config: as for :func:`linear_path`.
+            tolerances, resume_dir, config, align, repair: as for :func:`linear_path`.
 
     Returns:
         The runs joined along ``run`` (:func:`ckptscope.merge`), classified.
@@ -192,7 +205,8 @@ def linear_paths(
         raise CkptscopeError("no checkpoint pairs given; pass at least one (start, end).")
     question = _question(groups=groups, alphas=alphas, full=full, hold=hold, loss=loss, bn=bn,
                          split=split, device=device, dtype=dtype, adapter_options=adapter_options,
-                         tolerances=tolerances, resume_dir=resume_dir, config=config)
+                         tolerances=tolerances, resume_dir=resume_dir, config=config,
+                         align=align, repair=repair)
     for _, (start, end) in items:  # a pair's metadata refused before any pair is evaluated
         check_stored(start, end, model, data, {"adapter_options": adapter_options,
                                                "seed": question.config.seed})
@@ -238,6 +252,8 @@ class _Question:
     config: EvalConfig
     rank: int
     size: int
+    align: str | None = None
+    repair: bool = False
 
 
 class _Shared:
@@ -250,8 +266,13 @@ class _Shared:
 
 
 def _question(*, groups, alphas, full, hold, loss, bn, split, device, dtype, adapter_options,
-              tolerances, resume_dir, config: EvalConfig | None) -> _Question:
+              tolerances, resume_dir, config: EvalConfig | None, align=None,
+              repair=False) -> _Question:
     """Validate every option before any work, and settle the device."""
+    from ckptscope.align import METHODS
+
+    if align is not None and align not in METHODS:
+        raise CkptscopeError(f"align={align!r} is not one of {METHODS} (or None).")
     if dtype not in DTYPES and dtype not in AUTOCAST:
         raise CkptscopeError(f"dtype {dtype!r} is not one of {sorted(DTYPES) + sorted(AUTOCAST)}.")
     if hold not in HOLDS:
@@ -272,7 +293,7 @@ def _question(*, groups, alphas, full, hold, loss, bn, split, device, dtype, ada
     rank, size, device = distributed.setup(device)
     config = replace(config, device=resolve_device(device))
     return _Question(grid, groups, full, hold, loss, split, dtype, adapter_options,
-                     dict(tolerances or {}), resume_dir, config, rank, size)
+                     dict(tolerances or {}), resume_dir, config, rank, size, align, bool(repair))
 
 
 @dataclass(frozen=True)
@@ -290,6 +311,8 @@ class _Run:
     groups: list[Group]
     evaluator: Evaluator
     mine: np.ndarray  # (group, alpha): the points this rank evaluates
+    aligned: dict  # the result's align* and repair attrs
+    rescale: torch.Tensor | None = None  # REPAIR's data when it rescales the points
 
 
 def _pair(label: str, start: StateSource, end: StateSource, model: Model, data: object,
@@ -299,13 +322,19 @@ def _pair(label: str, start: StateSource, end: StateSource, model: Model, data: 
     a, b = load_pair(start, end)
     module, adapter, options = resolve_model(model, a, b, question.adapter_options)
     check_model(module, adapter, a)
+    b, aligned, rescale, recompute = prepare_pair(
+        a, b, module, adapter, data, align=question.align, repair=question.repair,
+        seed=question.config.seed or 0)
+    if recompute:  # REPAIR for a network with BatchNorm
+        question = replace(question, config=replace(question.config, bn="recompute"))
     inputs = load_inputs(data, a, adapter, split=question.split, config=question.config,
                          loaded=shared.inputs)
     groups = _groups(a, question)
     loss = question.loss or (adapter.loss(options) if adapter else "cross_entropy")
     evaluator = _evaluator(model, module, adapter, options, inputs, loss, question, shared)
     mine = distributed.owned(len(groups), len(question.grid), question.rank, question.size)
-    run = _Run(label, a, b, module, adapter, options, inputs, loss, groups, evaluator, mine)
+    run = _Run(label, a, b, module, adapter, options, inputs, loss, groups, evaluator, mine,
+               aligned, rescale)
     shape = (1, len(groups), len(inputs.splits), len(question.grid))
     curves = np.zeros(shape), np.zeros(shape)  # loss, accuracy
     total, done = int(mine.sum()), 0
@@ -375,6 +404,7 @@ def _resume(run: _Run, question: _Question, curves: tuple[np.ndarray, np.ndarray
                 # Rounding depends on these: a resumed curve is bitwise the uninterrupted one.
                 "batch": run.evaluator.batch_size(), "strategy": config.resolved_strategy,
                 "channels_last": run.evaluator.channels_last,
+                "align": question.align, "repair": run.aligned["repair"],
             },
             device=config.device,
             grid=grid,
@@ -423,8 +453,12 @@ def _evaluate(run: _Run, requests: Sequence[PointSet],
             cache.store(run.groups[g].keys, part, losses[0, g][:, part],
                         accuracies[0, g][:, part])
 
-    run.evaluator.evaluate({"start": run.a.state, "end": run.b.state}, requests,
-                           progress=advance, done=store)
+    anchors = {"start": run.a.state, "end": run.b.state}
+    if run.rescale is not None:  # REPAIR: each point's own rescaled state
+        from ckptscope.align.repair import repaired_points
+
+        anchors, requests = repaired_points(run.module, anchors, requests, run.rescale)
+    run.evaluator.evaluate(anchors, requests, progress=advance, done=store)
 
 
 def _result(run: _Run, question: _Question, curves: tuple[np.ndarray, np.ndarray], moved: dict,
@@ -464,6 +498,7 @@ def _result(run: _Run, question: _Question, curves: tuple[np.ndarray, np.ndarray
             "hold": question.hold,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "notes": "; ".join(notes),
+            **run.aligned,
             **shape_attrs(**tol),
         },
         extra=shape_variables(losses, grid, **tol),

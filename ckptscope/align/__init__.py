@@ -163,3 +163,32 @@ def _activation_inputs(data, a, adapter, *, seed: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed)
         inputs = inputs[torch.randperm(len(inputs), generator=generator)[:ACTIVATION_EXAMPLES]]
     return inputs.float() if inputs.is_floating_point() else inputs
+
+
+def align_checkpoints(a, b, module: nn.Module, adapter, data: object, *, method: str,
+                      seed: int):
+    """``b`` aligned to ``a`` as a checkpoint (its path, digest and metadata kept), and what a
+    result records of it (``linear_path(..., align=...)``'s step).
+
+    Returns:
+        (checkpoint, attrs): attrs ``align``, ``align_seed``, ``align_objective_before``,
+        ``align_objective_after``, ``align_distance_before``, ``align_distance_after``,
+        ``align_permuted`` (tensors permuted), ``align_note``.
+    """
+    from ckptscope.checkpoints import Checkpoint
+
+    result = alignment(a, b, module, method=method, seed=seed,
+                       data=_activation_inputs(data, a, adapter, seed=seed)
+                       if method == "activations" else None)
+    attrs = {
+        "align": method,
+        "align_seed": int(seed),
+        "align_objective_before": result.objective_before,
+        "align_objective_after": result.objective_after,
+        "align_distance_before": result.distance_before,
+        "align_distance_after": result.distance_after,
+        "align_permuted": len(result.permuted),
+        "align_note": result.note,
+    }
+    notes = (*b.notes, f"B aligned to A by {method} matching (seed {seed})")
+    return Checkpoint(result.state, b.path, b.sha256, b.metadata, notes), attrs
