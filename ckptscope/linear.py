@@ -273,6 +273,9 @@ def _question(*, groups, alphas, full, hold, loss, bn, split, device, dtype, ada
 
     if align is not None and align not in METHODS:
         raise CkptscopeError(f"align={align!r} is not one of {METHODS} (or None).")
+    if repair and bn == "batch":
+        raise CkptscopeError("repair=True re-estimates BatchNorm statistics at each point; "
+                             "leave bn at 'interpolate' (or pass 'recompute').")
     if dtype not in DTYPES and dtype not in AUTOCAST:
         raise CkptscopeError(f"dtype {dtype!r} is not one of {sorted(DTYPES) + sorted(AUTOCAST)}.")
     if hold not in HOLDS:

@@ -192,3 +192,35 @@ def align_checkpoints(a, b, module: nn.Module, adapter, data: object, *, method:
     }
     notes = (*b.notes, f"B aligned to A by {method} matching (seed {seed})")
     return Checkpoint(result.state, b.path, b.sha256, b.metadata, notes), attrs
+
+
+PERMUTED_SHOWN = 200  # tensor names listed in a file's metadata, at most (the rest counted)
+
+
+def aligned_metadata(result: Alignment, other_metadata: Mapping[str, str], *,
+                     reference: str = "") -> dict[str, object]:
+    """The metadata of an aligned checkpoint: OTHER's own (adapter, options, data), and how it
+    was aligned, within :mod:`ckptscope.metadata`'s bounds.
+
+    Fields added: ``role`` (``aligned``), ``align_method``, ``align_seed``, ``align_reference``,
+    ``align_objective_before`` / ``_after``, ``align_distance_before`` / ``_after``,
+    ``align_classes`` (how many classes), ``align_permuted`` (the permuted tensors, at most
+    200 names, then ``"... (N in all)"``) and ``align_note`` (cut to 1,000 characters).
+    """
+    permuted = result.permuted
+    shown = permuted[:PERMUTED_SHOWN] + (
+        [f"... ({len(permuted)} in all)"] if len(permuted) > PERMUTED_SHOWN else [])
+    return {
+        **other_metadata,
+        "role": "aligned",
+        "align_method": result.method,
+        "align_seed": result.seed,
+        "align_reference": reference[-500:],
+        "align_objective_before": result.objective_before,
+        "align_objective_after": result.objective_after,
+        "align_distance_before": result.distance_before,
+        "align_distance_after": result.distance_after,
+        "align_classes": len(result.spec.classes),
+        "align_permuted": shown,
+        "align_note": result.note[:1000],
+    }

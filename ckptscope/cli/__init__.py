@@ -17,6 +17,7 @@ import warnings
 
 import click
 
+from ckptscope.cli.alignment import align
 from ckptscope.cli.figures import plot
 from ckptscope.cli.gates import check, compare
 from ckptscope.cli.inspection import distance, inspect, list_
@@ -39,7 +40,7 @@ def _register() -> None:
     from ckptscope.train.cli import reproduce, sweep, train
 
     for command in (demo, path, inspect, distance, check, compare, merge, plot, list_,
-                    train, sweep, reproduce):
+                    train, sweep, reproduce, align):
         cli.add_command(command)
 
 
