@@ -68,7 +68,7 @@ def test_path_align_and_repair_record_it_in_the_result(two_seeds, tmp_path, caps
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--out", "x.pt"], "--out 'x.pt' should end in .safetensors"),
+    (["--out", "x.pt"], "x.pt' should end in .safetensors"),
     (["--adapter-opt", "widths=[2,1]", "--out", "x.safetensors"], "do not match"),
     (["--method", "activations", "--data", "nope", "--out", "x.safetensors"],
      "dataset 'nope'"),
