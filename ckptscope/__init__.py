@@ -19,12 +19,16 @@ from ckptscope.results import merge_results as merge
 from ckptscope.results import open_result, save_result
 from ckptscope.shape import classify
 
+# after every module that imports the package ckptscope.align: the name is the function
+from ckptscope.align import PermutationSpec, align, alignment  # noqa: E402,I001
+
 __version__ = "0.1.0"
 
 __all__ = [
     "ADAPTERS",
     "DATASETS",
     "Adapter",
+    "PermutationSpec",
     "Checkpoint",
     "CkptscopeError",
     "Dataset",
@@ -32,6 +36,8 @@ __all__ = [
     "Evaluator",
     "Group",
     "PointSet",
+    "align",
+    "alignment",
     "alpha_grid",
     "check_pair",
     "classify",

@@ -160,3 +160,17 @@ def test_align_of_tied_tensors_permutes_every_alias():
     assert torch.equal(result.state["hidden.weight"], result.state["again.weight"])
     x = torch.randn(3, 5)
     torch.testing.assert_close(_outputs(Tied, result.state, x), _outputs(Tied, other, x))
+
+
+def test_ckptscope_align_reads_files_and_returns_a_state_dict(tmp_path):
+    import ckptscope
+    from ckptscope.checkpoints import save_checkpoint
+
+    build, _ = MODELS["mlp"]
+    meta = {"adapter": "mlp", "adapter_options": {"widths": [12, 9, 7, 3]}}
+    ref = save_checkpoint(tmp_path / "a.safetensors", _state(build, 0), metadata=meta)
+    other = save_checkpoint(tmp_path / "b.safetensors", _state(build, 1), metadata=meta)
+    aligned = ckptscope.align(ref, other)  # the adapter from the metadata
+    assert set(aligned) == set(_state(build, 1))
+    want = alignment(_state(build, 0), _state(build, 1), build()).state
+    assert all(torch.equal(aligned[k], want[k]) for k in want)

@@ -17,7 +17,6 @@ import copy
 from collections.abc import Mapping
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import fx, nn
 
 from ckptscope.align.spec import PermutationSpec, check_spec
@@ -95,6 +94,8 @@ def activation_matching(spec: PermutationSpec, model: nn.Module,
         The permutations and the mean correlation of matched units over every class's units,
         before (identity) and after.
     """
+    from scipy.optimize import linear_sum_assignment  # scipy loads on first use only
+
     sizes = check_spec(spec, ref)
     if not spec.sites or not any(spec.sites.values()):
         raise CkptscopeError(

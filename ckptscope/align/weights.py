@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from ckptscope.align.apply import apply_permutation, identity_permutations
 from ckptscope.align.spec import PermutationSpec, check_spec
@@ -98,6 +97,8 @@ def weight_matching(spec: PermutationSpec, ref: Mapping[str, torch.Tensor],
     Returns:
         The permutations and the objective (summed inner product) before and after.
     """
+    from scipy.optimize import linear_sum_assignment  # scipy loads on first use only
+
     sizes = check_spec(spec, ref)
     check_spec(spec, other)
     # float32 products (float64 doubles the time of ResNet-18's matching, benchmarks/align.py),
