@@ -10,7 +10,8 @@ the others, that objective is linear in the class's permutation: a linear assign
 where ``other'`` has every other axis permuted by the current permutations. Classes are visited
 in an order shuffled per sweep by a seeded generator; a class's permutation is replaced only when
 the new one raises the objective, and the sweeps stop when none changes (or after
-``max_sweeps``).
+``max_sweeps``). A class none of whose neighbours (the classes it shares a tensor with) changed
+since its last visit is skipped: its problem, and so its answer, would be the same.
 """
 
 from __future__ import annotations
@@ -111,11 +112,19 @@ def weight_matching(spec: PermutationSpec, ref: Mapping[str, torch.Tensor],
     generator = np.random.default_rng(seed)
     names = list(spec.classes)
     by_key = axes_by_key(spec)
+    # A class's cost depends only on the classes it shares a tensor with: one whose neighbours
+    # have not changed since its last visit would solve the same problem again, and is skipped.
+    neighbours = {name: {c for key, _ in spec.classes[name] for c, _ in by_key[key]}
+                  for name in names}
+    stale = set(names)
     sweeps = 0
     for sweeps in range(1, max_sweeps + 1):  # noqa: B007
         changed = False
         for i in generator.permutation(len(names)):
             name = names[i]
+            if name not in stale:
+                continue
+            stale.discard(name)
             cost = class_cost(spec, name, ref, other, perms, by_key)
             _, cols = linear_sum_assignment(cost.numpy(), maximize=True)
             new = torch.as_tensor(cols, dtype=torch.int64)
@@ -125,6 +134,11 @@ def weight_matching(spec: PermutationSpec, ref: Mapping[str, torch.Tensor],
             if gain > _IMPROVE_RTOL * max(abs(current), float(cost.abs().max())):
                 perms[name] = new
                 changed = True
+                # its neighbours' costs changed (and its own, where a tensor has two of its axes)
+                stale |= neighbours[name] - {name}
+                if any(sum(c == name for c, _ in by_key[key]) > 1
+                       for key, _ in spec.classes[name]):
+                    stale.add(name)
         if not changed:
             break
     after = inner_product(spec, ref, apply_permutation(spec, perms, other))
