@@ -56,7 +56,7 @@ def rebasin(out: str | os.PathLike, *, seeds: Sequence[int] = (0, 1), epochs: in
     Args:
         out: the folder: ``out/seed_S`` per run, ``out/<condition>.nc`` per condition.
         seeds: at least two; pairs are (seeds[0], seeds[1]), (seeds[1], seeds[2]), ...
-        epochs: overrides the recipe's (digits 100, MNIST 10).
+        epochs: overrides the recipe's (digits 30, MNIST 10).
         alphas: points per path.
         data_dir: a folder with MNIST's IDX files; ``None``: the shipped digits.
         device: where to train and evaluate.
