@@ -48,8 +48,10 @@ class Matching:
 
 def inner_product(spec: PermutationSpec, ref: Mapping[str, torch.Tensor],
                   other: Mapping[str, torch.Tensor]) -> float:
-    """sum_k <ref[k], other[k]> over the tensors ``spec`` permutes, in float64."""
-    return float(sum(torch.sum(ref[k].double() * other[k].double()) for k in spec.permuted))
+    """sum_k <ref[k], other[k]> over the tensors ``spec`` permutes (float32 dot products,
+    summed in float64)."""
+    return float(sum(float(torch.dot(ref[k].reshape(-1).float(), other[k].reshape(-1).float()))
+                     for k in spec.permuted))
 
 
 def axes_by_key(spec: PermutationSpec) -> dict[str, list[tuple[str, int]]]:
@@ -63,12 +65,15 @@ def axes_by_key(spec: PermutationSpec) -> dict[str, list[tuple[str, int]]]:
 
 def class_cost(spec: PermutationSpec, name: str, ref: Mapping[str, torch.Tensor],
                other: Mapping[str, torch.Tensor], perms: Mapping[str, torch.Tensor],
-               by_key: Mapping[str, list[tuple[str, int]]] | None = None) -> torch.Tensor:
+               by_key: Mapping[str, list[tuple[str, int]]] | None = None,
+               unfolded: dict[tuple[str, int], torch.Tensor] | None = None) -> torch.Tensor:
     """(n, n) float64: A[i, j], the objective's part that unit i of ``ref`` matched to unit j
     of ``other`` contributes along class ``name``, every other class at ``perms``.
 
-    ``by_key`` is :func:`axes_by_key` of ``spec``, passed to save rebuilding it per class."""
+    ``by_key`` is :func:`axes_by_key` of ``spec`` and ``unfolded`` a cache of ``ref``'s tensors
+    as (n, -1) matrices per axis, passed to save rebuilding them per class."""
     by_key = axes_by_key(spec) if by_key is None else by_key
+    unfolded = {} if unfolded is None else unfolded
     cost = None
     for key, dim in spec.classes[name]:
         # the tensor with every other axis permuted; this class's own axis left as it is
@@ -76,7 +81,9 @@ def class_cost(spec: PermutationSpec, name: str, ref: Mapping[str, torch.Tensor]
         for c, d in by_key[key]:
             if (c, d) != (name, dim):
                 moved = moved.index_select(d, perms[c])
-        a = ref[key].movedim(dim, 0).reshape(ref[key].shape[dim], -1)
+        if (key, dim) not in unfolded:
+            unfolded[key, dim] = ref[key].movedim(dim, 0).reshape(ref[key].shape[dim], -1)
+        a = unfolded[key, dim]
         b = moved.movedim(dim, 0).reshape(moved.shape[dim], -1)
         term = (a @ b.T).double()
         cost = term if cost is None else cost + term
@@ -117,6 +124,7 @@ def weight_matching(spec: PermutationSpec, ref: Mapping[str, torch.Tensor],
     neighbours = {name: {c for key, _ in spec.classes[name] for c, _ in by_key[key]}
                   for name in names}
     stale = set(names)
+    unfolded: dict[tuple[str, int], torch.Tensor] = {}
     sweeps = 0
     for sweeps in range(1, max_sweeps + 1):  # noqa: B007
         changed = False
@@ -125,7 +133,7 @@ def weight_matching(spec: PermutationSpec, ref: Mapping[str, torch.Tensor],
             if name not in stale:
                 continue
             stale.discard(name)
-            cost = class_cost(spec, name, ref, other, perms, by_key)
+            cost = class_cost(spec, name, ref, other, perms, by_key, unfolded)
             _, cols = linear_sum_assignment(cost.numpy(), maximize=True)
             new = torch.as_tensor(cols, dtype=torch.int64)
             rows = torch.arange(len(new))
