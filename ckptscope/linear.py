@@ -26,7 +26,7 @@ from torch import nn
 
 from ckptscope import distributed
 from ckptscope.adapters import Adapter, module_name
-from ckptscope.align.steps import prepare_pair
+from ckptscope.align.steps import check_alignment_options, prepare_pair
 from ckptscope.cache import ChunkCache, chunk_size, chunks, open_cache
 from ckptscope.checkpoints import Checkpoint
 from ckptscope.distance import distance_table
@@ -269,13 +269,7 @@ def _question(*, groups, alphas, full, hold, loss, bn, split, device, dtype, ada
               tolerances, resume_dir, config: EvalConfig | None, align=None,
               repair=False) -> _Question:
     """Validate every option before any work, and settle the device."""
-    from ckptscope.align import METHODS
-
-    if align is not None and align not in METHODS:
-        raise CkptscopeError(f"align={align!r} is not one of {METHODS} (or None).")
-    if repair and bn == "batch":
-        raise CkptscopeError("repair=True re-estimates BatchNorm statistics at each point; "
-                             "leave bn at 'interpolate' (or pass 'recompute').")
+    check_alignment_options(align=align, repair=repair, bn=bn)
     if dtype not in DTYPES and dtype not in AUTOCAST:
         raise CkptscopeError(f"dtype {dtype!r} is not one of {sorted(DTYPES) + sorted(AUTOCAST)}.")
     if hold not in HOLDS:

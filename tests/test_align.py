@@ -4,7 +4,6 @@ itself is the identity, and the result is deterministic for a seed."""
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

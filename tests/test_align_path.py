@@ -132,3 +132,9 @@ def test_repair_refuses_a_hidden_layer_without_bias():
     model = nn.Sequential(nn.Linear(4, 5, bias=False), nn.ReLU(), nn.Linear(5, 2))
     with pytest.raises(CkptscopeError, match=r"bias of '0', which has none"):
         hidden_layers(model)
+
+
+def test_linear_path_refuses_repair_with_batch_statistics(data):
+    module, a, b = _pair([6, 10, 8, 3], batchnorm=True)
+    with pytest.raises(CkptscopeError, match=r"repair=True re-estimates BatchNorm statistics"):
+        ckptscope.linear_path(a, b, module, data, repair=True, bn="batch")

@@ -6,6 +6,18 @@ import torch
 from torch import nn
 
 from ckptscope.checkpoints import Checkpoint
+from ckptscope.errors import CkptscopeError
+
+
+def check_alignment_options(*, align: str | None, repair: bool, bn: str) -> None:
+    """Refuse an unknown alignment method, and ``repair`` with ``bn="batch"``."""
+    from ckptscope.align import METHODS
+
+    if align is not None and align not in METHODS:
+        raise CkptscopeError(f"align={align!r} is not one of {METHODS} (or None).")
+    if repair and bn == "batch":
+        raise CkptscopeError("repair=True re-estimates BatchNorm statistics at each point; "
+                             "leave bn at 'interpolate' (or pass 'recompute').")
 
 
 def prepare_pair(a: Checkpoint, b: Checkpoint, module: nn.Module, adapter, data: object, *,
