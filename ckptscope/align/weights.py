@@ -85,9 +85,8 @@ def class_cost(spec: PermutationSpec, name: str, ref: Mapping[str, torch.Tensor]
             unfolded[key, dim] = ref[key].movedim(dim, 0).reshape(ref[key].shape[dim], -1)
         a = unfolded[key, dim]
         b = moved.movedim(dim, 0).reshape(moved.shape[dim], -1)
-        term = (a @ b.T).double()
-        cost = term if cost is None else cost + term
-    return cost
+        cost = a @ b.T if cost is None else cost.addmm_(a, b.T)
+    return cost.double()
 
 
 def weight_matching(spec: PermutationSpec, ref: Mapping[str, torch.Tensor],
@@ -109,9 +108,9 @@ def weight_matching(spec: PermutationSpec, ref: Mapping[str, torch.Tensor],
 
     sizes = check_spec(spec, ref)
     check_spec(spec, other)
-    # float32 products (float64 doubles the time of ResNet-18's matching, benchmarks/align.py),
-    # summed in float64 per class; a change must beat the current assignment by more than
-    # float32 rounding.
+    # float32 products and sums (float64 doubles the time of ResNet-18's matching,
+    # benchmarks/align.py); a change must beat the current assignment by more than float32
+    # rounding.
     ref = {k: ref[k].float() for k in spec.permuted}
     other = {k: other[k].float() for k in spec.permuted}
     perms = identity_permutations(sizes)
