@@ -38,7 +38,7 @@ def test_barriers_are_the_largest_gap_to_the_line_between_the_ends():
     assert flat[0] == pytest.approx(0.0) and flat[1] == pytest.approx(0.0)  # the ends' own gaps
 
 
-@pytest.mark.slow  # ~15 s idle, 105 s on the shared machine at load 15
+@pytest.mark.slow  # 5 s at load 3, 105 s at load 15 on the shared 2-core machine
 def test_reproduce_rebasin_writes_every_condition_a_figure_and_a_table(tmp_path):
     result = _invoke("rebasin", "--out", str(tmp_path), "--seeds", "0,1", "--epochs", "1",
                      "--alphas", "3")
