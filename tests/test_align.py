@@ -30,6 +30,13 @@ def _sequential():
                          nn.Flatten(), nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
 
 
+def _flattening():
+    """A classic CNN: a feature map flattened without a global pool (blocked axes)."""
+    return nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(5, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Dropout(),
+                         nn.Linear(4 * 3 * 3, 6), nn.ReLU(), nn.Linear(6, 2))
+
+
 MODELS = {  # name -> (build, input shape)
     "mlp": (lambda: MLP([12, 9, 7, 3]), (12,)),
     "mlp-bn": (lambda: MLP([12, 9, 7, 3], batchnorm=True), (12,)),
@@ -39,6 +46,7 @@ MODELS = {  # name -> (build, input shape)
     "vgg11": (lambda: VGG(NARROW_VGG, num_classes=3), (3, 32, 32)),
     "vgg11-bn": (lambda: VGG(NARROW_VGG, batchnorm=True, num_classes=3), (3, 32, 32)),
     "sequential": (_sequential, (3, 6, 6)),
+    "flattening": (_flattening, (3, 6, 6)),
 }
 
 
@@ -118,7 +126,7 @@ def test_align_is_deterministic_for_a_seed(name):
     assert first.objective_after == again.objective_after
 
 
-@pytest.mark.parametrize("name", ["mlp", "mlp-bn", "vgg11-bn", "sequential"])
+@pytest.mark.parametrize("name", ["mlp", "mlp-bn", "vgg11-bn", "sequential", "flattening"])
 def test_activation_matching_keeps_the_function_and_recovers_a_copy(name):
     build, shape = MODELS[name]
     ref, other = _state(build, 0), _state(build, 1)

@@ -67,7 +67,7 @@ def test_spec_from_graph_of_a_resnet_ties_each_stage_through_its_residual_adds()
         assert axis in stream
     assert len(spec.classes) == 4 + 8  # four streams, one inner class per block
     assert ("fc.weight", 1) in next(a for a in spec.classes.values() if ("fc.weight", 1) in a)
-    assert all(key != "fc.bias" for key, _ in (ax for a in spec.classes.values() for ax in a))
+    assert all(ax[0] != "fc.bias" for a in spec.classes.values() for ax in a)
 
 
 def test_spec_leaves_a_grouped_conv_and_an_unknown_module_fixed_and_names_them():
@@ -174,3 +174,26 @@ def test_align_refuses_an_unknown_method_and_a_mismatched_pair():
         alignment(a, a, MLP([3, 4, 2]), method="magic")
     with pytest.raises(CkptscopeError, match="do not match"):
         alignment(a, MLP([3, 5, 2]).state_dict(), MLP([3, 4, 2]))
+
+
+def test_spec_of_a_flatten_without_pool_permutes_the_linear_input_in_blocks():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 5 * 5, 2))
+    spec = spec_from_graph(model)
+    assert spec.classes == {"0": (("0.weight", 0), ("0.bias", 0), ("3.weight", 1, 25))}
+    assert ("flatten", -1) not in spec.sites["0"]  # its last axis is not the channels
+    state = _state(model, 0)
+    perm = torch.tensor([2, 0, 3, 1])
+    out = apply_permutation(spec, {"0": perm}, state)
+    # the obvious way: the Linear's input as (out, channel, position), channels reordered
+    want = state["3.weight"].reshape(2, 4, 25)[:, perm].reshape(2, 100)
+    assert torch.equal(out["3.weight"], want)
+    assert torch.equal(out["0.weight"], state["0.weight"][perm])
+
+
+def test_check_spec_refuses_blocks_that_do_not_divide_the_axis():
+    state = {"w": torch.zeros(3, 10), "c": torch.zeros(4, 2)}
+    with pytest.raises(CkptscopeError, match=r"'w' dim 1 \(10\) is not a whole number of "
+                                             r"blocks of 3"):
+        check_spec(PermutationSpec({"h": (("c", 0), ("w", 1, 3))}), state)
+

@@ -17,7 +17,7 @@ def apply_permutation(spec: PermutationSpec, perms: Permutations,
     """Return ``state`` with each class's axes reordered by its permutation.
 
     Args:
-        spec: the classes of axes.
+        spec: the classes of axes (a blocked axis ``(key, dim, block)`` moves whole blocks).
         perms: class name -> (n,) int64 permutation; along each of the class's axes, entry ``i``
             of the result is entry ``perms[name][i]`` of ``state``.
         state: key -> tensor. Tensors no class names (integer buffers among them) are the same
@@ -33,10 +33,17 @@ def apply_permutation(spec: PermutationSpec, perms: Permutations,
         perm = perms.get(name)
         if perm is None:
             continue
-        for key, dim in axes:
+        for key, dim, *block in axes:
             if (key, dim) != skip:
-                out[key] = out[key].index_select(dim, perm.to(out[key].device))
+                out[key] = out[key].index_select(dim, expand(perm, *block).to(out[key].device))
     return out
+
+
+def expand(perm: torch.Tensor, block: int = 1) -> torch.Tensor:
+    """A permutation of n blocks of ``block`` entries as one of the n * block entries."""
+    if block == 1:
+        return perm
+    return (perm[:, None] * block + torch.arange(block)).reshape(-1)
 
 
 def identity_permutations(sizes: Mapping[str, int]) -> dict[str, torch.Tensor]:

@@ -49,7 +49,7 @@ def hidden_layers(model: nn.Module) -> list[str]:
         CkptscopeError: fx cannot trace the model, or it has no hidden layer.
     """
     spec = spec_from_graph(model)
-    outputs = {key for axes in spec.classes.values() for key, d in axes if d == 0}
+    outputs = {ax[0] for axes in spec.classes.values() for ax in axes if ax[1] == 0}
     order = [str(n.target) for n in fx.symbolic_trace(model).graph.nodes
              if n.op == "call_module"]
     layers = []

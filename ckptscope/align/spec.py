@@ -12,6 +12,9 @@ the model's ``torch.fx`` graph:
 - elementwise activations, dropout, pooling and a flatten after a global pool carry it;
 - a residual add (or any elementwise op of two tensors) ties its inputs' classes into one;
 - a depthwise conv (groups = channels) carries its input's class through its weight axis 0;
+- a flatten of a (N, C, ...) feature map that was not pooled, read by a Linear: the Linear's
+  input axis holds C blocks of the positions' features, and the class permutes the blocks (a
+  *blocked* axis ``(key, dim, block)``, ``block`` = features per channel);
 - tied tensors (two keys, one tensor) are permuted alike.
 
 Everything else is left fixed: the model's input and output axes, grouped convs, reshapes and
@@ -32,7 +35,7 @@ from torch import fx, nn
 
 from ckptscope.errors import CkptscopeError
 
-Axis = tuple[str, int]  # (state-dict key, dim)
+Axis = tuple[str, int] | tuple[str, int, int]  # (key, dim) or (key, dim, block): see below
 Site = tuple[str, int]  # (fx node name, channel dim of its output)
 
 _ELEMENTWISE_MODULES = (
@@ -71,7 +74,9 @@ class PermutationSpec:
 
     Attributes:
         classes: class name -> the axes ``(key, dim)`` it permutes; every axis of a class has
-            the class's size. Give one by hand for a model :func:`spec_from_graph` cannot read:
+            the class's size. ``(key, dim, block)`` permutes blocks of ``block`` consecutive
+            entries along ``dim`` (a Linear after a flatten of C channels of ``block``
+            positions each), whose size is ``shape[dim] // block``. Give one by hand for a model :func:`spec_from_graph` cannot read:
             ``PermutationSpec({"h1": (("fc1.weight", 0), ("fc1.bias", 0), ("fc2.weight", 1))})``.
         sites: class name -> the fx nodes ``(name, channel dim)`` whose outputs hold the class's
             channels (what activation matching correlates); empty for a hand-made spec.
@@ -84,7 +89,7 @@ class PermutationSpec:
 
     def __post_init__(self):
         object.__setattr__(self, "classes",
-                           {str(k): tuple((str(key), int(d)) for key, d in axes)
+                           {str(k): tuple((str(ax[0]), *map(int, ax[1:])) for ax in axes)
                             for k, axes in self.classes.items()})
         object.__setattr__(self, "sites", {k: tuple(v) for k, v in self.sites.items()})
         object.__setattr__(self, "fixed", tuple(self.fixed))
@@ -92,7 +97,7 @@ class PermutationSpec:
     @property
     def permuted(self) -> list[str]:
         """The keys with at least one permuted axis, sorted."""
-        return sorted({key for axes in self.classes.values() for key, _ in axes})
+        return sorted({ax[0] for axes in self.classes.values() for ax in axes})
 
     def note(self, state: Mapping[str, torch.Tensor] | None = None) -> str:
         """One line: what was left fixed and why (``""`` when only the input and output are)."""
@@ -121,7 +126,7 @@ def check_spec(spec: PermutationSpec, state: Mapping[str, torch.Tensor]) -> dict
         if not axes:
             raise CkptscopeError(f"permutation class {name!r} holds no axis; drop it.")
         found = {}
-        for key, dim in axes:
+        for key, dim, *block in axes:
             if key not in state:
                 raise CkptscopeError(
                     f"permutation class {name!r} names {key!r}, which is not in the state "
@@ -137,7 +142,12 @@ def check_spec(spec: PermutationSpec, state: Mapping[str, torch.Tensor]) -> dict
                 raise CkptscopeError(
                     f"permutation class {name!r}: {key!r} has {tensor.dim()} dims, no dim {dim}."
                 )
-            found[(key, dim)] = int(tensor.shape[dim])
+            if block and (block[0] < 1 or tensor.shape[dim] % block[0]):
+                raise CkptscopeError(
+                    f"permutation class {name!r}: {key!r} dim {dim} ({tensor.shape[dim]}) is not "
+                    f"a whole number of blocks of {block[0]}."
+                )
+            found[(key, dim)] = int(tensor.shape[dim]) // (block[0] if block else 1)
         if len(set(found.values())) != 1:
             raise CkptscopeError(
                 f"permutation class {name!r} mixes sizes "
@@ -218,15 +228,16 @@ class _Walk:
         self.var: dict[fx.Node, object] = {}  # node -> the variable of its channel axis
         self.dim: dict[fx.Node, int] = {}  # node -> its channel dim (1 or -1)
         self.pooled: set[fx.Node] = set()  # outputs of a global pool
+        self.flat: set[fx.Node] = set()  # flattened (N, C, ...) maps: C blocks of positions
         self.notes: list[str] = []
 
     # helpers
-    def _param(self, prefix: str, name: str, dim: int):
+    def _param(self, prefix: str, name: str, dim: int, *, blocked: bool = False):
         key = f"{prefix}.{name}" if prefix else name
         tensor = self.state.get(key)
         if tensor is None or not tensor.is_floating_point():
             return None
-        return ("axis", key, dim)
+        return ("blocks" if blocked else "axis", key, dim)
 
     def _join(self, *vs):
         return self.uf.union(*[v for v in vs if v is not None])
@@ -241,6 +252,8 @@ class _Walk:
             return
         self.var[node] = self.var[source]
         self.dim[node] = self.dim[source] if dim is None else dim
+        if source in self.flat:  # dropout, an activation after the flatten: still blocks
+            self.flat.add(node)
 
     def _inputs(self, node: fx.Node) -> list[fx.Node]:
         found: list[fx.Node] = []
@@ -289,7 +302,7 @@ class _Walk:
             self._fix_node(node, f"module {name!r} ({type(module).__name__}) without a tensor "
                                  f"input", params=name)
         elif isinstance(module, nn.Linear):
-            self._join(self.var[x], self._param(name, "weight", 1))
+            self._join(self.var[x], self._param(name, "weight", 1, blocked=x in self.flat))
             self._join(self._fresh(node, -1), self._param(name, "weight", 0),
                        self._param(name, "bias", 0))
         elif isinstance(module, _CONVS):
@@ -342,6 +355,11 @@ class _Walk:
     def _flatten(self, node, x, start: int = 0, end: int = -1) -> None:
         if x in self.pooled and start == 1 and end == -1:
             self._carry(node, x, dim=-1)
+        elif start == 1 and end == -1 and self.dim.get(x) == 1 and x not in self.flat:
+            # channel-major: C blocks of positions, which only a Linear can read (blocked axis);
+            # anything else that reads it fixes the class through the shared variable
+            self._carry(node, x, dim=-1)
+            self.flat.add(node)
         else:
             self._fix_node(node, f"{node.name}: a reshape that mixes channels with other axes")
 
@@ -383,9 +401,8 @@ class _Walk:
         elif method == "flatten":
             rest = list(args[1:3]) or [node.kwargs.get("start_dim", 0)]
             self._flatten(node, x, *rest)
-        elif method in ("view", "reshape") and x in self.pooled and len(args) == 3 \
-                and args[2] == -1:
-            self._carry(node, x, dim=-1)
+        elif method in ("view", "reshape") and len(args) == 3 and args[2] == -1:
+            self._flatten(node, x, 1, -1)  # x.view(x.size(0), -1)
         elif method == "mean":
             self._mean(node, x, args[1:], node.kwargs)
         else:
@@ -408,27 +425,37 @@ class _Walk:
             if not tensor.is_floating_point():
                 continue
             for d in range(tensor.dim()):
-                v = ("axis", key, d)
-                if v in self.uf.parent:
-                    members.setdefault(self.uf.find(v), []).append((key, d))
+                for kind in ("axis", "blocks"):
+                    if (kind, key, d) in self.uf.parent:
+                        members.setdefault(self.uf.find((kind, key, d)), []).append(
+                            (key, d) if kind == "axis" else (key, d, 0))
         classes: dict[str, tuple[Axis, ...]] = {}
         roots: dict[object, str] = {}
         for root, axes in members.items():
             if self.uf.why(root) is not None:
                 continue
+            plain = {self.state[ax[0]].shape[ax[1]] for ax in axes if len(ax) == 2}
+            if len(plain) != 1:  # a class of blocked axes only cannot be sized
+                continue
+            size = plain.pop()
+            if any(len(ax) == 3 and self.state[ax[0]].shape[ax[1]] % size for ax in axes):
+                self.notes.append(f"a flatten feeding {axes[-1][0]!r} does not split into "
+                                  f"{size} channels")
+                continue
             # tied tensors: every alias of a permuted tensor is permuted alike
             every = []
-            for key, d in axes:
+            for key, d, *blocked in axes:
+                block = (self.state[key].shape[d] // size,) if blocked else ()
                 for alias in aliases[id(self.state[key])]:
-                    if (alias, d) not in every:
-                        every.append((alias, d))
+                    if (alias, d, *block) not in every:
+                        every.append((alias, d, *block))
             name = _class_name(every, classes)
             classes[name] = tuple(every)
             roots[root] = name
         sites: dict[str, list[Site]] = {name: [] for name in classes}
         for node, v in self.var.items():
             root = self.uf.find(v)
-            if root in roots and node.op != "placeholder":
+            if root in roots and node.op != "placeholder" and node not in self.flat:
                 sites[roots[root]].append((node.name, self.dim[node]))
         if not classes:
             why = "; ".join(self.notes) or "every hidden axis meets the input or the output"
@@ -442,7 +469,7 @@ class _Walk:
 
 def _class_name(axes: Sequence[Axis], taken: Mapping[str, object]) -> str:
     """The class's name: the module whose output channels it is (``layer1.0.conv1``)."""
-    outputs = [key for key, d in axes if d == 0 and key.endswith(".weight")]
+    outputs = [ax[0] for ax in axes if ax[1] == 0 and ax[0].endswith(".weight")]
     key = (outputs or [axes[0][0]])[0]
     name = key.rsplit(".", 1)[0] if "." in key else key
     while name in taken:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ckptscope.align.apply import apply_permutation, identity_permutations
+from ckptscope.align.apply import apply_permutation, expand, identity_permutations
 from ckptscope.align.spec import PermutationSpec, check_spec
 
 _IMPROVE_RTOL = 1e-6  # a change must beat the current assignment by more than rounding
@@ -54,18 +54,18 @@ def inner_product(spec: PermutationSpec, ref: Mapping[str, torch.Tensor],
                      for k in spec.permuted))
 
 
-def axes_by_key(spec: PermutationSpec) -> dict[str, list[tuple[str, int]]]:
-    """key -> the (class name, dim) pairs that permute it."""
-    found: dict[str, list[tuple[str, int]]] = {}
+def axes_by_key(spec: PermutationSpec) -> dict[str, list[tuple[str, int, int]]]:
+    """key -> the (class name, dim, block) triples that permute it (block 1: a plain axis)."""
+    found: dict[str, list[tuple[str, int, int]]] = {}
     for name, axes in spec.classes.items():
-        for key, dim in axes:
-            found.setdefault(key, []).append((name, dim))
+        for key, dim, *block in axes:
+            found.setdefault(key, []).append((name, dim, block[0] if block else 1))
     return found
 
 
 def class_cost(spec: PermutationSpec, name: str, ref: Mapping[str, torch.Tensor],
                other: Mapping[str, torch.Tensor], perms: Mapping[str, torch.Tensor],
-               by_key: Mapping[str, list[tuple[str, int]]] | None = None,
+               by_key: Mapping[str, list[tuple[str, int, int]]] | None = None,
                unfolded: dict[tuple[str, int], torch.Tensor] | None = None) -> torch.Tensor:
     """(n, n) float64: A[i, j], the objective's part that unit i of ``ref`` matched to unit j
     of ``other`` contributes along class ``name``, every other class at ``perms``.
@@ -75,16 +75,17 @@ def class_cost(spec: PermutationSpec, name: str, ref: Mapping[str, torch.Tensor]
     by_key = axes_by_key(spec) if by_key is None else by_key
     unfolded = {} if unfolded is None else unfolded
     cost = None
-    for key, dim in spec.classes[name]:
+    n = len(perms[name])
+    for key, dim, *_ in spec.classes[name]:
         # the tensor with every other axis permuted; this class's own axis left as it is
         moved = other[key]
-        for c, d in by_key[key]:
+        for c, d, block in by_key[key]:
             if (c, d) != (name, dim):
-                moved = moved.index_select(d, perms[c])
-        if (key, dim) not in unfolded:
-            unfolded[key, dim] = ref[key].movedim(dim, 0).reshape(ref[key].shape[dim], -1)
+                moved = moved.index_select(d, expand(perms[c], block))
+        if (key, dim) not in unfolded:  # a blocked axis: n blocks, the rest of the block aside
+            unfolded[key, dim] = ref[key].unflatten(dim, (n, -1)).movedim(dim, 0).reshape(n, -1)
         a = unfolded[key, dim]
-        b = moved.movedim(dim, 0).reshape(moved.shape[dim], -1)
+        b = moved.unflatten(dim, (n, -1)).movedim(dim, 0).reshape(n, -1)
         cost = a @ b.T if cost is None else cost.addmm_(a, b.T)
     return cost.double()
 
@@ -120,7 +121,7 @@ def weight_matching(spec: PermutationSpec, ref: Mapping[str, torch.Tensor],
     by_key = axes_by_key(spec)
     # A class's cost depends only on the classes it shares a tensor with: one whose neighbours
     # have not changed since its last visit would solve the same problem again, and is skipped.
-    neighbours = {name: {c for key, _ in spec.classes[name] for c, _ in by_key[key]}
+    neighbours = {name: {c for key, *_ in spec.classes[name] for c, *_ in by_key[key]}
                   for name in names}
     stale = set(names)
     unfolded: dict[tuple[str, int], torch.Tensor] = {}
@@ -143,8 +144,8 @@ def weight_matching(spec: PermutationSpec, ref: Mapping[str, torch.Tensor],
                 changed = True
                 # its neighbours' costs changed (and its own, where a tensor has two of its axes)
                 stale |= neighbours[name] - {name}
-                if any(sum(c == name for c, _ in by_key[key]) > 1
-                       for key, _ in spec.classes[name]):
+                if any(sum(c == name for c, *_ in by_key[key]) > 1
+                       for key, *_ in spec.classes[name]):
                     stale.add(name)
         if not changed:
             break
