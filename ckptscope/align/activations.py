@@ -73,7 +73,7 @@ class _Moments:
 
 
 def _traced(model: nn.Module, state: Mapping[str, torch.Tensor]) -> fx.GraphModule:
-    module = copy.deepcopy(model)
+    module = copy.deepcopy(model).cpu()  # the states and inputs are on the CPU
     module.load_state_dict(dict(state))
     return fx.symbolic_trace(module.eval())
 
