@@ -28,12 +28,16 @@ from ckptscope.matrix_results import open_matrix, save_matrix
 from ckptscope.summary import summarize
 from ckptscope.surfaces import surface
 
+# after every module that imports the package ckptscope.align: the name is the function
+from ckptscope.align import PermutationSpec, align, alignment  # noqa: E402,I001
+
 __version__ = "0.1.0"
 
 __all__ = [
     "ADAPTERS",
     "DATASETS",
     "Adapter",
+    "PermutationSpec",
     "Checkpoint",
     "CkptscopeError",
     "Dataset",
@@ -41,6 +45,8 @@ __all__ = [
     "Evaluator",
     "Group",
     "PointSet",
+    "align",
+    "alignment",
     "alpha_grid",
     "check_pair",
     "classify",

@@ -26,6 +26,7 @@ from torch import nn
 
 from ckptscope import distributed
 from ckptscope.adapters import Adapter, module_name
+from ckptscope.align.steps import check_alignment_options, prepare_pair
 from ckptscope.cache import ChunkCache, chunk_size, chunks, open_cache
 from ckptscope.checkpoints import Checkpoint
 from ckptscope.distance import distance_table
@@ -90,6 +91,8 @@ def linear_path(
     resume_dir: str | os.PathLike | None = None,
     config: EvalConfig | None = None,
     strip_prefix: str | Sequence[str] | None = None,
+    align: str | None = None,
+    repair: bool = False,
 ) -> xr.Dataset:
     """Evaluate loss and accuracy on the straight line from ``start`` to ``end``.
 
@@ -138,6 +141,13 @@ def linear_path(
             prefixes (DDP's ``module.``, ``torch.compile``'s ``_orig_mod.``, Lightning's
             ``model.``) are found without it (``docs/loading.md``); a prefix that no
             checkpoint's keys all have is an error.
+        align: ``"weights"`` or ``"activations"``: permute ``end``'s hidden units to match
+            ``start``'s first (:func:`ckptscope.align.alignment`, seed ``config.seed`` or 0);
+            the curves and distances are of the aligned pair, the result's ``align*`` attrs
+            say how (``docs/alignment.md``).
+        repair: rescale the interpolated networks: with BatchNorm, ``bn="recompute"``;
+            without, REPAIR (:mod:`ckptscope.align.repair`) on the training data. Recorded
+            in the ``repair`` attr.
 
     Returns:
         A dataset with ``loss`` and ``accuracy`` (run, group, split, alpha), ``distance``
@@ -153,7 +163,7 @@ def linear_path(
     question = _question(groups=groups, alphas=alphas, full=full, hold=hold, loss=loss, bn=bn,
                          split=split, device=device, dtype=dtype, adapter_options=adapter_options,
                          tolerances=tolerances, resume_dir=resume_dir, config=config,
-                         strip_prefix=strip_prefix)
+                         strip_prefix=strip_prefix, align=align, repair=repair)
     return _pair(run, start, end, model, data, question, _Shared(), progress)
 
 
@@ -178,6 +188,8 @@ def linear_paths(
     resume_dir: str | os.PathLike | None = None,
     config: EvalConfig | None = None,
     strip_prefix: str | Sequence[str] | None = None,
+    align: str | None = None,
+    repair: bool = False,
 ) -> xr.Dataset:
     """Evaluate several checkpoint pairs (seeds, conditions) into one result with a ``run`` dim.
 
@@ -190,7 +202,8 @@ def linear_paths(
         model, data: as for :func:`linear_path` (shared by every pair).
         progress: called as ``progress(run, done, total)``.
         groups, alphas, full, hold, loss, bn, split, device, dtype, adapter_options,
-            tolerances, resume_dir, config, strip_prefix: as for :func:`linear_path`.
+            tolerances, resume_dir, config, strip_prefix, align, repair: as for
+            :func:`linear_path`.
 
     Returns:
         The runs joined along ``run`` (:func:`ckptscope.merge`), classified.
@@ -205,7 +218,7 @@ def linear_paths(
     question = _question(groups=groups, alphas=alphas, full=full, hold=hold, loss=loss, bn=bn,
                          split=split, device=device, dtype=dtype, adapter_options=adapter_options,
                          tolerances=tolerances, resume_dir=resume_dir, config=config,
-                         strip_prefix=strip_prefix)
+                         strip_prefix=strip_prefix, align=align, repair=repair)
     for _, (start, end) in items:  # a pair's metadata refused before any pair is evaluated
         check_stored(start, end, model, data, {"adapter_options": adapter_options,
                                                "seed": question.config.seed})
@@ -252,6 +265,8 @@ class _Question:
     rank: int
     size: int
     strip_prefix: tuple[str, ...] = ()
+    align: str | None = None
+    repair: bool = False
 
 
 class _Shared:
@@ -269,8 +284,10 @@ class _Shared:
 
 def _question(*, groups, alphas, full, hold, loss, bn, split, device, dtype, adapter_options,
               tolerances, resume_dir, config: EvalConfig | None,
-              strip_prefix: str | Sequence[str] | None = None) -> _Question:
+              strip_prefix: str | Sequence[str] | None = None, align=None,
+              repair=False) -> _Question:
     """Validate every option before any work, and settle the device."""
+    check_alignment_options(align=align, repair=repair, bn=bn)
     if dtype not in DTYPES and dtype not in AUTOCAST:
         raise CkptscopeError(f"dtype {dtype!r} is not one of {sorted(DTYPES) + sorted(AUTOCAST)}.")
     if hold not in HOLDS:
@@ -293,7 +310,9 @@ def _question(*, groups, alphas, full, hold, loss, bn, split, device, dtype, ada
     rank, size, device = distributed.setup(device)
     config = replace(config, device=resolve_device(device))
     return _Question(grid, groups, full, hold, loss, split, dtype, adapter_options,
-                     dict(tolerances or {}), resume_dir, config, rank, size, prefixes)
+    return _Question(grid, groups, full, hold, loss, split, dtype, adapter_options,
+                     dict(tolerances or {}), resume_dir, config, rank, size, prefixes, align,
+                     bool(repair))
 
 
 @dataclass(frozen=True)
@@ -312,6 +331,8 @@ class _Run:
     evaluator: Evaluator
     mine: np.ndarray  # (group, alpha): the points this rank evaluates
     identity: str  # model_identity of the module as built
+    aligned: dict  # the result's align* and repair attrs
+    rescale: torch.Tensor | None = None  # REPAIR's data when it rescales the points
 
 
 def _pair(label: str, start: StateSource, end: StateSource, model: Model, data: object,
@@ -322,6 +343,11 @@ def _pair(label: str, start: StateSource, end: StateSource, model: Model, data: 
     module, adapter, options, layout = pair_model(model, a, b, question.adapter_options,
                                                   built=shared.built)
     a, b = match_model(a, b, module, adapter, layout=layout)
+    b, aligned, rescale, recompute = prepare_pair(
+        a, b, module, adapter, data, align=question.align, repair=question.repair,
+        seed=question.config.seed or 0)
+    if recompute:  # REPAIR for a network with BatchNorm
+        question = replace(question, config=replace(question.config, bn="recompute"))
     inputs = load_inputs(data, a, adapter, split=question.split, config=question.config,
                          loaded=shared.inputs)
     groups = _groups(a, question)
@@ -334,7 +360,7 @@ def _pair(label: str, start: StateSource, end: StateSource, model: Model, data: 
     evaluator = _evaluator(model, module, adapter, options, inputs, loss, question, shared)
     mine = distributed.owned(len(groups), len(question.grid), question.rank, question.size)
     run = _Run(label, a, b, module, adapter, options, inputs, loss, groups, evaluator, mine,
-               identity)
+               identity, aligned, rescale)
     shape = (1, len(groups), len(inputs.splits), len(question.grid))
     curves = np.zeros(shape), np.zeros(shape)  # loss, accuracy
     total, done = int(mine.sum()), 0
@@ -412,6 +438,7 @@ def _resume(run: _Run, question: _Question, curves: tuple[np.ndarray, np.ndarray
                 # Rounding depends on these: a resumed curve is bitwise the uninterrupted one.
                 "batch": run.evaluator.batch_size(), "strategy": config.resolved_strategy,
                 "channels_last": run.evaluator.channels_last,
+                "align": question.align, "repair": run.aligned["repair"],
             },
             device=config.device,
             grid=grid,
@@ -460,8 +487,12 @@ def _evaluate(run: _Run, requests: Sequence[PointSet],
             cache.store(run.groups[g].keys, part, losses[0, g][:, part],
                         accuracies[0, g][:, part])
 
-    run.evaluator.evaluate({"start": run.a.state, "end": run.b.state}, requests,
-                           progress=advance, done=store)
+    anchors = {"start": run.a.state, "end": run.b.state}
+    if run.rescale is not None:  # REPAIR: each point's own rescaled state
+        from ckptscope.align.repair import repaired_points
+
+        anchors, requests = repaired_points(run.module, anchors, requests, run.rescale)
+    run.evaluator.evaluate(anchors, requests, progress=advance, done=store)
 
 
 def _result(run: _Run, question: _Question, curves: tuple[np.ndarray, np.ndarray], moved: dict,
@@ -501,6 +532,7 @@ def _result(run: _Run, question: _Question, curves: tuple[np.ndarray, np.ndarray
             "hold": question.hold,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "notes": "; ".join(notes),
+            **run.aligned,
             **shape_attrs(**tol),
         },
         extra=shape_variables(losses, grid, **tol),

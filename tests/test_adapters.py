@@ -416,3 +416,14 @@ def test_custom_adapter_example_imports_by_spec(monkeypatch):
     ds = module.run(steps=3, alphas=3)
     assert list(ds.group.values) == ["all", "conv1", "conv2", "fc"]
     assert np.isfinite(ds.loss.values).all()
+
+
+def test_resnet_width_is_read_off_the_checkpoint_when_not_64():
+    from ckptscope.adapters.resnet import resnet18
+
+    narrow = resnet18(num_classes=3, width=8).state_dict()
+    adapter = get_adapter("resnet18")
+    assert adapter.options_for(narrow, None) == {"num_classes": 3, "in_channels": 3, "width": 8}
+    assert "width" not in adapter.options_for(resnet18().state_dict(), None)
+    module = adapter.make(adapter.options_for(narrow, None), like=narrow)
+    assert module.conv1.out_channels == 8 and module.fc.in_features == 64

@@ -91,19 +91,21 @@ class ResNet(nn.Module):
         depths: blocks per stage (``[2, 2, 2, 2]`` for ResNet-18).
         num_classes: outputs of ``fc``.
         in_channels: input channels of the stem.
+        width: channels of the stem and of layer1's convs (64; each stage doubles it). Narrow
+            widths make small test networks.
 
     Initialised as torchvision's ResNets: convs kaiming-normal (fan_out, relu), BN weight 1 and
     bias 0, ``fc`` with torch's default ``nn.Linear`` init.
     """
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], depths: Sequence[int],
-                 num_classes: int = 10, in_channels: int = 3):
+                 num_classes: int = 10, in_channels: int = 3, width: int = 64):
         super().__init__()
-        _check_positive(num_classes=num_classes, in_channels=in_channels)
-        self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        _check_positive(num_classes=num_classes, in_channels=in_channels, width=width)
+        self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
-        planes, in_planes = 64, 64
+        planes, in_planes = width, width
         for i, depth in enumerate(depths):
             stride = 1 if i == 0 else 2
             blocks = []
@@ -135,28 +137,34 @@ def _check_positive(**options: object) -> None:
             raise CkptscopeError(f"{name}={value!r} must be a positive integer.")
 
 
-def resnet18(num_classes: int = 10, in_channels: int = 3) -> ResNet:
+def resnet18(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> ResNet:
     """ResNet-18 (BasicBlock, [2, 2, 2, 2]) in the CIFAR form."""
-    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes, in_channels=in_channels)
+    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes, in_channels=in_channels,
+                  width=width)
 
 
-def resnet34(num_classes: int = 10, in_channels: int = 3) -> ResNet:
+def resnet34(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> ResNet:
     """ResNet-34 (BasicBlock, [3, 4, 6, 3]) in the CIFAR form."""
-    return ResNet(BasicBlock, [3, 4, 6, 3], num_classes=num_classes, in_channels=in_channels)
+    return ResNet(BasicBlock, [3, 4, 6, 3], num_classes=num_classes, in_channels=in_channels,
+                  width=width)
 
 
-def resnet50(num_classes: int = 10, in_channels: int = 3) -> ResNet:
+def resnet50(num_classes: int = 10, in_channels: int = 3, width: int = 64) -> ResNet:
     """ResNet-50 (Bottleneck, [3, 4, 6, 3]) in the CIFAR form."""
-    return ResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, in_channels=in_channels)
+    return ResNet(Bottleneck, [3, 4, 6, 3], num_classes=num_classes, in_channels=in_channels,
+                  width=width)
 
 
 def infer_options(state: Mapping[str, torch.Tensor]) -> dict:
-    """Read ``num_classes`` (``fc.weight``) and ``in_channels`` (``conv1.weight``) off a state."""
+    """Read ``num_classes`` (``fc.weight``) and ``in_channels`` (``conv1.weight``) off a state,
+    and ``width`` where it is not 64."""
     options = {}
     if "fc.weight" in state and state["fc.weight"].dim() == 2:
         options["num_classes"] = int(state["fc.weight"].shape[0])
     if "conv1.weight" in state and state["conv1.weight"].dim() == 4:
         options["in_channels"] = int(state["conv1.weight"].shape[1])
+        if int(state["conv1.weight"].shape[0]) != 64:
+            options["width"] = int(state["conv1.weight"].shape[0])
     return options
 
 
@@ -214,5 +222,5 @@ for _name, _build, _blocks in (("resnet18", resnet18, "BasicBlock [2,2,2,2]"),
         presets=PRESETS,
         infer_options=infer_options,
         description=f"CIFAR {_name.replace('resnet', 'ResNet-')} ({_blocks}, 3x3 stem, no "
-                    f"max-pool; options: num_classes=10, in_channels=3)",
+                    f"max-pool; options: num_classes=10, in_channels=3, width=64)",
     ))

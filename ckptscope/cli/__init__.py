@@ -21,6 +21,7 @@ import warnings
 
 import click
 
+from ckptscope.cli.alignment import align
 from ckptscope.cli.figures import plot
 from ckptscope.cli.gates import check, compare
 from ckptscope.cli.inspection import distance, inspect, list_
@@ -52,7 +53,7 @@ def _register() -> None:
     from ckptscope.train.cli import instability, reproduce, sweep, train
 
     for command in (demo, path, inspect, distance, check, compare, merge, plot, list_,
-                    train, sweep, reproduce, plane, surface):
+                    train, sweep, reproduce, plane, surface, align):
         cli.add_command(command)
     for command in (trajectory, instability):
         cli.add_command(command)

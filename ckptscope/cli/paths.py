@@ -144,10 +144,14 @@ def demo(out, seed, epochs):
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Write a figure (.png, .pdf, .svg).")
 @strip_prefix_option
+@click.option("--align", "align", type=click.Choice(["weights", "activations"]), default=None,
+              help="Permute END's hidden units to match START's first (docs/alignment.md).")
+@click.option("--repair", is_flag=True,
+              help="Rescale each point: BatchNorm statistics recomputed, or REPAIR without BN.")
 def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adapter,
          adapter_opts, data, split, hold, no_full, device, dtype, batch_size, strategy,
          channels_last, bn, bn_batches, data_size, seed, tolerances, out, plot, loss,
-         strip_prefixes, seq_len):
+         strip_prefixes, seq_len, align, repair):
     """Evaluate loss and accuracy on the straight line from START to END."""
     from ckptscope.cache import remove_partial
     from ckptscope.checkpoints import load_checkpoint
@@ -191,7 +195,7 @@ def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adap
             tolerances=parse_tolerances(tolerances),
             progress=lambda label, done, total: bars[label](done, total),
             resume_dir=_partial_dir(out),
-            strip_prefix=strip_prefixes,
+            strip_prefix=strip_prefixes, align=align, repair=repair,
         )
     finally:  # an error's line starts on a line of its own
         for bar in bars.values():
@@ -199,6 +203,10 @@ def path(start, end, pairs, run_dirs, groups, presets, alphas, alpha_range, adap
     if not is_main():  # under torchrun, rank 0 writes and prints
         return
     notes.result(ds)  # those made while matching the keys to the model
+    if align:  # the first run's alignment; every run's is in its result's attrs
+        click.echo(f"aligned END to START by {align} matching: objective "
+                   f"{ds.attrs['align_objective_before']:.6g} -> "
+                   f"{ds.attrs['align_objective_after']:.6g}", err=True)
     for note in ds.attrs.get("notes", "").split("; "):
         if "resumed" in note:  # e.g. "resumed 35 of 51 points from r.nc.partial/"
             click.echo(note, err=True)

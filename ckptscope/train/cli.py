@@ -222,8 +222,11 @@ def sweep(recipe_name, seeds, out, sets, data_dir, device, groups, presets, alph
               help="Runs trained at once (one thread each when > 1).")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:i].")
 @click.option("--list", "list_", is_flag=True, help="List the targets and their commands.")
-def reproduce(target, out, seeds, epochs, alphas, jobs, device, list_):
-    """Regenerate a figure of the paper (fig1a, figA17 on a CPU; --list for the rest)."""
+@click.option("--data", "data_dir", default=None, metavar="DIR",
+              help="rebasin: a folder with MNIST's IDX files (default: the shipped digits).")
+def reproduce(target, out, seeds, epochs, alphas, jobs, device, list_, data_dir):
+    """Regenerate a figure of the paper (fig1a, figA17, rebasin on a CPU; --list for the
+    rest)."""
     from ckptscope.train import reproduce as repro
     from ckptscope.train.sweep import parse_seeds
 
@@ -259,13 +262,20 @@ def reproduce(target, out, seeds, epochs, alphas, jobs, device, list_):
             panel_epochs = {p: default_epochs for p in repro.FIG1A} | panel_epochs
         result = repro.fig1a(out, seeds=seed_list, epochs=panel_epochs, alphas=alphas,
                              jobs=jobs, device=device, on_run=announce)
+    elif target == "rebasin":
+        from ckptscope.train.rebasin import barrier_table, rebasin
+
+        seed_list = parse_seeds(int(seeds) if seeds and seeds.isdigit() else seeds or 2)
+        result = rebasin(out, seeds=seed_list, epochs=default_epochs, alphas=alphas,
+                         data_dir=data_dir, device=device, on_run=announce)
     else:
         seed_list = parse_seeds(int(seeds) if seeds and seeds.isdigit() else seeds or 1)
         result = repro.figa17(out, seeds=seed_list, epochs=default_epochs, alphas=alphas,
                               jobs=jobs, device=device, on_run=announce)
     figure = Path(out) / f"{target}.png"
     _save_figure(result.figure, figure)
-    table = repro.verdict_table(result.rows)
+    table = (barrier_table(result.rows) if target == "rebasin"
+             else repro.verdict_table(result.rows))
     write_text(Path(out) / f"{target}.md", table)
     click.echo(table)
     click.echo(f"wrote {figure}, {Path(out) / f'{target}.md'}, "

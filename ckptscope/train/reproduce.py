@@ -76,6 +76,10 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("figA17", "6-hidden-layer MLPs on the spiral, widths 50 / 500 / 500-25, layer-wise "
            "paths (2000 epochs: hours on 2 CPU cores, minutes on a GPU)",
            ("ckptscope reproduce figA17 --out repro/figA17 --device cuda",), cpu=True),
+    Target("rebasin", "Git Re-Basin's MNIST MLP (3x512) on digits (MNIST with --data DIR): "
+           "loss and accuracy barriers between two seeds before and after weight / activation "
+           "matching, with and without REPAIR",
+           ("ckptscope reproduce rebasin --out repro/rebasin",), cpu=True),
     Target("fig1b", "ResNet-18 CIFAR-10 baseline, block-wise paths (also Fig. A11, A18 with "
            "--preset bn-split:layer3)",
            (_sweep("resnet18-cifar10") + " --preset blocks",)),
