@@ -310,7 +310,6 @@ def _question(*, groups, alphas, full, hold, loss, bn, split, device, dtype, ada
     rank, size, device = distributed.setup(device)
     config = replace(config, device=resolve_device(device))
     return _Question(grid, groups, full, hold, loss, split, dtype, adapter_options,
-    return _Question(grid, groups, full, hold, loss, split, dtype, adapter_options,
                      dict(tolerances or {}), resume_dir, config, rank, size, prefixes, align,
                      bool(repair))
 
