@@ -92,7 +92,7 @@ def alignment(reference, other, model: nn.Module | str | None = None, *,
     Returns:
         An :class:`Alignment`.
     """
-    from ckptscope.inputs import load_pair, resolve_model
+    from ckptscope.inputs import load_pair, match_model, resolve_model
 
     if method not in METHODS:
         raise CkptscopeError(f"alignment method {method!r} is not one of {METHODS}.")
@@ -100,6 +100,7 @@ def alignment(reference, other, model: nn.Module | str | None = None, *,
         raise CkptscopeError(f"seed={seed!r} must be an integer.")
     a, b = load_pair(reference, other)
     module, adapter, _ = resolve_model(model, a, b, adapter_options)
+    a, b = match_model(a, b, module, adapter)
     spec = spec or spec_from_graph(module)
     check_spec(spec, a.state)
     if method == "weights":
