@@ -16,7 +16,7 @@ import json
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 import numpy as np
@@ -26,16 +26,15 @@ from torch import nn
 
 from ckptscope import distributed
 from ckptscope.adapters import Adapter, module_name
-from ckptscope.align.steps import check_alignment_options, prepare_pair
+from ckptscope.align.steps import prepare_pair
 from ckptscope.cache import ChunkCache, chunk_size, chunks, open_cache
 from ckptscope.checkpoints import Checkpoint
 from ckptscope.distance import distance_table
 from ckptscope.engine import EvalConfig, Evaluator
-from ckptscope.engine.placement import resolve_device
 from ckptscope.errors import CkptscopeError
 from ckptscope.groups import Group, normalise_groups, resolve_groups
 from ckptscope.identity import model_identity
-from ckptscope.keys import file_notes, prefixes_given
+from ckptscope.keys import file_notes
 from ckptscope.inputs import (
     Inputs,
     StateSource,
@@ -45,22 +44,16 @@ from ckptscope.inputs import (
     match_model,
     pair_model,
 )
-from ckptscope.losses import resolve_loss
-from ckptscope.points import HOLDS, PointSet, alpha_grid, path_points
+from ckptscope.points import PointSet, path_points
+from ckptscope.questions import PathQuestion, path_question
 from ckptscope.results import RunInfo, build_result, merge_results
 from ckptscope.shape import (
-    check_tolerances,
     classify,
-    endpoint_indices,
     shape_attrs,
     shape_variables,
 )
 
 Model = nn.Module | str | Adapter | None
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# Set by linear_path's own keywords, not through its config.
-_KEYWORD_FIELDS = {"device": "device", "dtype": "dtype", "autocast": "dtype", "bn": "bn"}
 
 
 def _version() -> str:
@@ -160,10 +153,11 @@ def linear_path(
         ...                            config=EvalConfig(batch_size=256))  # doctest: +SKIP
         >>> ds.loss.sel(group="all", split="test").plot()                  # doctest: +SKIP
     """
-    question = _question(groups=groups, alphas=alphas, full=full, hold=hold, loss=loss, bn=bn,
-                         split=split, device=device, dtype=dtype, adapter_options=adapter_options,
-                         tolerances=tolerances, resume_dir=resume_dir, config=config,
-                         strip_prefix=strip_prefix, align=align, repair=repair)
+    question = path_question(
+        groups=groups, alphas=alphas, full=full, hold=hold, loss=loss, bn=bn, split=split,
+        device=device, dtype=dtype, adapter_options=adapter_options, tolerances=tolerances,
+        resume_dir=resume_dir, config=config, strip_prefix=strip_prefix, align=align,
+        repair=repair)
     return _pair(run, start, end, model, data, question, _Shared(), progress)
 
 
@@ -215,10 +209,11 @@ def linear_paths(
     )
     if not items:
         raise CkptscopeError("no checkpoint pairs given; pass at least one (start, end).")
-    question = _question(groups=groups, alphas=alphas, full=full, hold=hold, loss=loss, bn=bn,
-                         split=split, device=device, dtype=dtype, adapter_options=adapter_options,
-                         tolerances=tolerances, resume_dir=resume_dir, config=config,
-                         strip_prefix=strip_prefix, align=align, repair=repair)
+    question = path_question(
+        groups=groups, alphas=alphas, full=full, hold=hold, loss=loss, bn=bn, split=split,
+        device=device, dtype=dtype, adapter_options=adapter_options, tolerances=tolerances,
+        resume_dir=resume_dir, config=config, strip_prefix=strip_prefix, align=align,
+        repair=repair)
     for _, (start, end) in items:  # a pair's metadata refused before any pair is evaluated
         check_stored(start, end, model, data, {"adapter_options": adapter_options,
                                                "seed": question.config.seed})
@@ -247,28 +242,6 @@ def linear_paths(
 
 
 # --- the pipeline ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Question:
-    """The validated options: what every pair of a call is asked."""
-
-    grid: np.ndarray
-    groups: Sequence[str] | Mapping[str, str] | None
-    full: bool
-    hold: str
-    loss: str | Callable | None
-    split: str
-    dtype: str
-    adapter_options: Mapping[str, object] | None
-    tolerances: dict
-    resume_dir: str | os.PathLike | None
-    config: EvalConfig
-    rank: int
-    size: int
-    strip_prefix: tuple[str, ...] = ()
-    align: str | None = None
-    repair: bool = False
-
-
 class _Shared:
     """What one call builds once for all its pairs: the data per spec and seed, an evaluator
     per (model, data, loss), an adapter's module per (adapter, options) with its state layout
@@ -280,38 +253,6 @@ class _Shared:
         self.built: dict[tuple, tuple[nn.Module, dict[str, torch.Tensor]]] = {}
         self.identities: dict[tuple, str] = {}
         self.owned: set[int] = set()  # ids of the modules an evaluator took as its own
-
-
-def _question(*, groups, alphas, full, hold, loss, bn, split, device, dtype, adapter_options,
-              tolerances, resume_dir, config: EvalConfig | None,
-              strip_prefix: str | Sequence[str] | None = None, align=None,
-              repair=False) -> _Question:
-    """Validate every option before any work, and settle the device."""
-    check_alignment_options(align=align, repair=repair, bn=bn)
-    if dtype not in DTYPES and dtype not in AUTOCAST:
-        raise CkptscopeError(f"dtype {dtype!r} is not one of {sorted(DTYPES) + sorted(AUTOCAST)}.")
-    if hold not in HOLDS:
-        raise CkptscopeError(f"hold={hold!r} is not one of {HOLDS}.")
-    check_tolerances(**dict(tolerances or {}))  # before the work, not after it
-    prefixes = prefixes_given(strip_prefix)
-    loss = resolve_loss(loss)  # the user's: a name, pkg.module:attr (imported) or a callable
-    grid = alpha_grid(alphas)
-    endpoint_indices(grid)  # the shape verdicts need two points in [0, 1]: refused before work
-    config = config or EvalConfig()
-    default = {f.name: f.default for f in fields(EvalConfig)}
-    for name, keyword in _KEYWORD_FIELDS.items():
-        if getattr(config, name) != default[name]:
-            raise CkptscopeError(
-                f"config sets {name}={getattr(config, name)}, which linear_path takes from its "
-                f"own {keyword}= keyword; pass {keyword}= instead and leave it out of the config."
-            )
-    config = replace(config, bn=bn, dtype=DTYPES.get(dtype, torch.float32),
-                     autocast=AUTOCAST.get(dtype))
-    rank, size, device = distributed.setup(device)
-    config = replace(config, device=resolve_device(device))
-    return _Question(grid, groups, full, hold, loss, split, dtype, adapter_options,
-                     dict(tolerances or {}), resume_dir, config, rank, size, prefixes, align,
-                     bool(repair))
 
 
 @dataclass(frozen=True)
@@ -335,7 +276,7 @@ class _Run:
 
 
 def _pair(label: str, start: StateSource, end: StateSource, model: Model, data: object,
-          question: _Question, shared: _Shared,
+          question: PathQuestion, shared: _Shared,
           progress: Callable[[int, int], None] | None) -> xr.Dataset:
     """One pair through the pipeline."""
     a, b = load_pair(start, end, strip_prefix=question.strip_prefix)
@@ -381,7 +322,7 @@ def _pair(label: str, start: StateSource, end: StateSource, model: Model, data: 
     return _result(run, question, curves, moved, [n for n in notes if n])
 
 
-def _groups(a: Checkpoint, question: _Question) -> list[Group]:
+def _groups(a: Checkpoint, question: PathQuestion) -> list[Group]:
     """Each group's keys in the checkpoint, ``all`` first."""
     resolved = resolve_groups(list(a.state), normalise_groups(question.groups),
                               full=question.full, source=a.path or "A")
@@ -391,7 +332,7 @@ def _groups(a: Checkpoint, question: _Question) -> list[Group]:
 
 
 def _evaluator(model: Model, module: nn.Module, adapter: Adapter | None, options: dict,
-               inputs: Inputs, loss, question: _Question, shared: _Shared) -> Evaluator:
+               inputs: Inputs, loss, question: PathQuestion, shared: _Shared) -> Evaluator:
     """One per (model, data, loss) for the whole call."""
     built = ("module", id(model)) if adapter is None else (
         adapter.name, json.dumps(options, sort_keys=True, default=str))
@@ -409,7 +350,7 @@ def _evaluator(model: Model, module: nn.Module, adapter: Adapter | None, options
     return shared.evaluators[key]
 
 
-def _resume(run: _Run, question: _Question, curves: tuple[np.ndarray, np.ndarray],
+def _resume(run: _Run, question: PathQuestion, curves: tuple[np.ndarray, np.ndarray],
             advance: Callable[[int], None]) -> tuple[list[tuple[int, np.ndarray]],
                                                      ChunkCache | None, str | None]:
     """Fill ``curves`` with the chunks of each group path that an earlier, interrupted call
@@ -460,7 +401,7 @@ def _resume(run: _Run, question: _Question, curves: tuple[np.ndarray, np.ndarray
     return todo, cache, off
 
 
-def _points(run: _Run, question: _Question, todo: Sequence[tuple[int, np.ndarray]]
+def _points(run: _Run, question: PathQuestion, todo: Sequence[tuple[int, np.ndarray]]
             ) -> list[PointSet]:
     """Per (group, chunk) left to evaluate, its alphas as weights over the anchors ``start``
     and ``end``; a group that holds every tensor is the whole-model path."""
@@ -494,8 +435,8 @@ def _evaluate(run: _Run, requests: Sequence[PointSet],
     run.evaluator.evaluate(anchors, requests, progress=advance, done=store)
 
 
-def _result(run: _Run, question: _Question, curves: tuple[np.ndarray, np.ndarray], moved: dict,
-            notes: Sequence[str]) -> xr.Dataset:
+def _result(run: _Run, question: PathQuestion, curves: tuple[np.ndarray, np.ndarray],
+            moved: dict, notes: Sequence[str]) -> xr.Dataset:
     """The curves, distances, provenance and shape verdicts as a dataset."""
     losses, accuracies = curves
     a, b, inputs, loss, groups = run.a, run.b, run.inputs, run.loss, run.groups
