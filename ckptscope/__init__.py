@@ -17,16 +17,16 @@ from ckptscope.errors import CkptscopeError
 from ckptscope.grids import open_grid, save_grid
 from ckptscope.groups import Group, resolve_groups
 from ckptscope.linear import linear_path, linear_paths
+from ckptscope.matrix_results import open_matrix, save_matrix
 from ckptscope.planes import plane
 from ckptscope.points import PointSet, alpha_grid, path_points, path_state, state_at
 from ckptscope.report import report
 from ckptscope.results import merge_results as merge
 from ckptscope.results import open_result, save_result
 from ckptscope.shape import classify
-from ckptscope.trajectories import trajectory
-from ckptscope.matrix_results import open_matrix, save_matrix
 from ckptscope.summary import summarize
 from ckptscope.surfaces import surface
+from ckptscope.trajectories import trajectory
 
 # after every module that imports the package ckptscope.align: the name is the function
 from ckptscope.align import PermutationSpec, align, alignment  # noqa: E402,I001
@@ -37,46 +37,46 @@ __all__ = [
     "ADAPTERS",
     "DATASETS",
     "Adapter",
-    "PermutationSpec",
     "Checkpoint",
     "CkptscopeError",
+    "Correlation",
     "Dataset",
+    "Directions",
     "EvalConfig",
     "Evaluator",
     "Group",
+    "PermutationSpec",
     "PointSet",
     "align",
     "alignment",
     "alpha_grid",
     "check_pair",
     "classify",
+    "correlate",
     "get_adapter",
     "linear_path",
     "linear_paths",
     "load_checkpoint",
     "load_data",
+    "load_directions",
     "merge",
+    "open_grid",
+    "open_matrix",
     "open_result",
     "path_points",
     "path_state",
-    "relative_distance",
-    "resolve_groups",
-    "save_checkpoint",
-    "save_result",
-    "state_at",
-    "trajectory",
-    "open_matrix",
-    "save_matrix",
-    "Correlation",
-    "correlate",
-    "report",
-    "summarize",
-    "Directions",
-    "load_directions",
-    "open_grid",
     "plane",
     "random_directions",
+    "relative_distance",
+    "report",
+    "resolve_groups",
+    "save_checkpoint",
     "save_directions",
     "save_grid",
+    "save_matrix",
+    "save_result",
+    "state_at",
+    "summarize",
     "surface",
+    "trajectory",
 ]

@@ -27,9 +27,9 @@ from ckptscope.cli.gates import check, compare
 from ckptscope.cli.inspection import distance, inspect, list_
 from ckptscope.cli.output import EXIT_BAD_INPUT
 from ckptscope.cli.paths import demo, merge, path
+from ckptscope.cli.planes import plane, surface
 from ckptscope.cli.study import correlate, report, summarize
 from ckptscope.cli.trajectories import trajectory
-from ckptscope.cli.planes import plane, surface
 from ckptscope.errors import CkptscopeError
 
 __all__ = ["cli", "main", "run"]
