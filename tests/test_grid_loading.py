@@ -154,3 +154,40 @@ def test_plane_command_strip_prefix_option(tmp_path, capsys, mlp_pair):
     code = main(["plane", *map(str, paths), "--grid", "3", "--strip-prefix", "zz"])
     err = capsys.readouterr().err
     assert code == 2 and "error: strip prefix 'zz.'" in err and "Traceback" not in err
+
+
+def _prefixed_run(folder, mlp_pair, prefix: str):
+    """init, epoch_001 and final of the spiral MLP, every key under ``prefix``."""
+    _, a, b = mlp_pair
+    meta = {"adapter": "mlp", "adapter_options": {"widths": [2, 16, 16, 1]},
+            "data": "spiral:60,40"}
+    folder.mkdir()
+    states = {"init": a, "epoch_001": perturbed(a, 0.2, 3), "final": b}
+    for name, state in states.items():
+        save_checkpoint(folder / f"{name}.safetensors",
+                        {prefix + k: v for k, v in state.items()}, metadata=meta)
+    return folder, states
+
+
+def test_trajectory_strips_a_prefix_and_records_its_notes(tmp_path, mlp_pair):
+    from ckptscope.trajectories import trajectory
+
+    plain, _ = _prefixed_run(tmp_path / "plain", mlp_pair, "")
+    net, _ = _prefixed_run(tmp_path / "net", mlp_pair, "net.")
+    want = trajectory(plain, alphas=3, device="cpu")
+    got = trajectory(net, alphas=3, device="cpu", strip_prefix="net.")
+    np.testing.assert_array_equal(got.loss.values, want.loss.values)
+    for name in ("init", "epoch_001", "final"):
+        assert f"{net / name}.safetensors: stripped prefix 'net.'" in got.attrs["notes"]
+    with pytest.raises(CkptscopeError, match=r"strip prefix 'zz.' .* is not on every key"):
+        trajectory(net, alphas=3, device="cpu", strip_prefix="zz")
+
+
+def test_trajectory_command_prints_each_note_once(tmp_path, capsys, mlp_pair):
+    folder, _ = _prefixed_run(tmp_path / "ddp", mlp_pair, "module.")
+    code = main(["trajectory", str(folder), "--alphas", "3", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    for name in ("init", "epoch_001", "final"):  # each file is in two or three pairs
+        line = f"note: {folder / name}.safetensors: stripped prefix 'module.'"
+        assert err.count(line) == 1, err

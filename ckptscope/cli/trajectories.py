@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from ckptscope.cli.options import check_suffix, group_specs, key_values
+from ckptscope.cli.notes import NotePrinter
+from ckptscope.cli.options import check_suffix, group_specs, key_values, strip_prefix_option
 from ckptscope.cli.output import ProgressBar, save_figure, table
 
 
@@ -64,12 +65,14 @@ def to_final_table(ds, *, group: str = "all") -> str:
               help="Write the result (.nc).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Write the heatmaps and the to-final view (.png, .pdf, .svg).")
+@strip_prefix_option
 def trajectory(run_dir, alphas, to_final, groups, presets, no_full, hold, adapter, adapter_opts,
-               data, split, device, dtype, batch_size, bn, data_size, seed, out, plot):
+               data, split, device, dtype, batch_size, bn, data_size, seed, out, plot,
+               strip_prefixes):
     """Evaluate the paths between RUN_DIR's init, epoch_XXX and final checkpoints."""
+    from ckptscope.checkpoints import load_checkpoint
     from ckptscope.engine import EvalConfig
     from ckptscope.matrix_results import save_matrix
-    from ckptscope.checkpoints import load_checkpoint
     from ckptscope.trajectories import checkpoint_files
     from ckptscope.trajectories import trajectory as run_trajectory
 
@@ -84,7 +87,10 @@ def trajectory(run_dir, alphas, to_final, groups, presets, no_full, hold, adapte
         full=not no_full, hold=hold, split=split, device=device, dtype=dtype, bn=bn,
         adapter_options=key_values(adapter_opts, "--adapter-opt"),
         config=EvalConfig(batch_size=batch_size, data_size=data_size, seed=seed),
-        progress=bar)
+        progress=bar, strip_prefix=strip_prefixes or None)
+    notes = NotePrinter()
+    notes.files(files)
+    notes.result(ds)  # what was done to read each file, once per file
     if out:
         save_matrix(ds, out)
     if plot:
