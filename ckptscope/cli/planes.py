@@ -8,7 +8,14 @@ from pathlib import Path
 import click
 
 from ckptscope.cli.notes import NotePrinter
-from ckptscope.cli.options import check_suffix, group_specs, key_values, strip_prefix_option
+from ckptscope.cli.options import (
+    check_suffix,
+    group_options,
+    group_specs,
+    key_values,
+    model_options,
+    strip_prefix_option,
+)
 from ckptscope.cli.output import ProgressBar, save_figure, table
 from ckptscope.errors import CkptscopeError
 
@@ -16,10 +23,7 @@ from ckptscope.errors import CkptscopeError
 def _evaluation_options(command):
     """The options every grid command shares with ``path``: model, data, engine, output."""
     options = [
-        click.option("--group", "groups", multiple=True, metavar="[NAME=]REGEX",
-                     help="A group of tensors: its own grid, the rest held; repeatable."),
-        click.option("--preset", "presets", multiple=True, metavar="NAME",
-                     help="An adapter's group preset (see `ckptscope list`); repeatable."),
+        group_options,
         click.option("--no-full", is_flag=True, help="Leave out the whole-model grid."),
         click.option("--grid", type=click.IntRange(min=2), default=21, show_default=True,
                      help="Points along each axis."),
@@ -27,13 +31,8 @@ def _evaluation_options(command):
                      help="The x axis instead of the default range and --grid."),
         click.option("--y-range", default=None, metavar="LO:HI:N",
                      help="The y axis instead of the default range and --grid."),
-        click.option("--adapter", default=None, metavar="NAME|pkg.module:attr",
-                     help="The architecture (default: from the checkpoint's metadata)."),
+        model_options,
         strip_prefix_option,
-        click.option("--adapter-opt", "adapter_opts", multiple=True, metavar="KEY=VALUE",
-                     help="An adapter option, e.g. widths=[2,50,50,1]; repeatable."),
-        click.option("--data", default=None, metavar="NAME[:ARG]|pkg.module:attr",
-                     help="The evaluation data (default: from the metadata or the adapter)."),
         click.option("--split", type=click.Choice(["test", "train", "both"]), default="test",
                      show_default=True),
         click.option("--device", default="auto", show_default=True,

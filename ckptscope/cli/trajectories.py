@@ -7,7 +7,14 @@ from pathlib import Path
 import click
 
 from ckptscope.cli.notes import NotePrinter
-from ckptscope.cli.options import check_suffix, group_specs, key_values, strip_prefix_option
+from ckptscope.cli.options import (
+    check_suffix,
+    group_options,
+    group_specs,
+    key_values,
+    model_options,
+    strip_prefix_option,
+)
 from ckptscope.cli.output import ProgressBar, save_figure, table
 
 
@@ -36,19 +43,11 @@ def to_final_table(ds, *, group: str = "all") -> str:
               help="Points per path, evenly spaced on [0, 1].")
 @click.option("--to-final", is_flag=True,
               help="Only each checkpoint's path to the final (else every pair).")
-@click.option("--group", "groups", multiple=True, metavar="[NAME=]REGEX",
-              help="A group of tensors (re.match on the key); repeatable.")
-@click.option("--preset", "presets", multiple=True, metavar="NAME",
-              help="An adapter's group preset (blocks, layers, ...); repeatable.")
+@group_options
 @click.option("--no-full", is_flag=True, help="Leave out the whole-model path.")
 @click.option("--hold", type=click.Choice(["end", "start"]), default="end", show_default=True,
               help="Where the tensors outside a group stay.")
-@click.option("--adapter", default=None, metavar="NAME|pkg.module:attr",
-              help="The architecture (default: from the checkpoints' metadata).")
-@click.option("--adapter-opt", "adapter_opts", multiple=True, metavar="KEY=VALUE",
-              help="An adapter option; repeatable.")
-@click.option("--data", default=None, metavar="NAME[:ARG]|pkg.module:attr",
-              help="The evaluation data (default: from the metadata or the adapter).")
+@model_options
 @click.option("--split", type=click.Choice(["test", "train", "both"]), default="test",
               show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i].")
