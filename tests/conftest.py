@@ -56,6 +56,15 @@ def spiral_recipe(**changes):
     return override(load_recipe("mlp-spiral-fig1a"), {"data": "spiral:64,32", **changes})
 
 
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    """Run ``ckptscope ARGV`` in process: (exit code, stdout, stderr); paths may be Paths."""
+    from ckptscope.cli import main
+
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def perturbed(state: dict, scale: float, seed: int) -> dict:
     """A second endpoint: floats moved by noise; BN running var kept positive; ints bumped."""
     g = torch.Generator().manual_seed(seed)
