@@ -207,8 +207,10 @@ def _directions(spec: DirectionSpec, center: Checkpoint, *, norm: str | None, se
     if isinstance(spec, (str, os.PathLike)):
         return load_directions(spec, center.state, norm=norm or "none", module=module), None
     if isinstance(spec, Sequence) and len(spec) == 2:
-        a, b = strip_given([as_checkpoint(s) for s in spec], strip_prefix, ["A", "B"])
-        _, a, b = match_anchors([center, a, b], ANCHOR_NAMES, module,
+        loaded = [center, *(as_checkpoint(s) for s in spec)]  # a prefix may be the centre's
+        loaded = strip_given(loaded, strip_prefix, [c.path or n for c, n in
+                                                    zip(loaded, ANCHOR_NAMES, strict=True)])
+        _, a, b = match_anchors(loaded, ANCHOR_NAMES, module,
                                 evaluation.adapter)
         names = (center.path or "CENTER", a.path or "A", b.path or "B")
         dirs = checkpoint_directions(center.state, a.state, b.state, norm=norm or "none",

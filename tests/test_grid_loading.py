@@ -191,3 +191,29 @@ def test_trajectory_command_prints_each_note_once(tmp_path, capsys, mlp_pair):
     for name in ("init", "epoch_001", "final"):  # each file is in two or three pairs
         line = f"note: {folder / name}.safetensors: stripped prefix 'module.'"
         assert err.count(line) == 1, err
+
+
+def test_surface_strips_a_prefix_only_the_centre_has(tmp_path, features):
+    module = ShiftNet()
+    a, b = states(module, 6)
+    c = _third(a, 11)
+    want = surface(b, module, features, directions=(a, c), grid=3)
+    center = tmp_path / "center.safetensors"
+    save_file({"net." + k: v.contiguous() for k, v in b.items()}, str(center))
+    got = surface(str(center), module, features, directions=(a, c), grid=3, strip_prefix="net.")
+    np.testing.assert_array_equal(got.loss.values, want.loss.values)
+    assert f"{center}: stripped prefix 'net.' from {len(b)} keys (as asked)" in got.attrs["notes"]
+
+
+def test_surface_command_prints_the_direction_files_notes_once(tmp_path, capsys, mlp_pair):
+    _, a, b = mlp_pair
+    meta = {"adapter": "mlp", "adapter_options": {"widths": [2, 16, 16, 1]},
+            "data": "spiral:60,40"}
+    center = save_checkpoint(tmp_path / "center.safetensors", b, metadata=meta)
+    first = tmp_path / "a.pt"
+    torch.save({"module." + k: v for k, v in a.items()}, first)
+    second = save_checkpoint(tmp_path / "c.safetensors", perturbed(a, 0.4, 7), metadata=meta)
+    code = main(["surface", str(center), "--directions", f"{first},{second}", "--grid", "3"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert err.count(f"note: {first}: stripped prefix 'module.' from {len(a)} keys") == 1, err
