@@ -17,7 +17,6 @@ The contract (see ``docs/results.md``):
 
 from __future__ import annotations
 
-import numbers
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,7 +25,16 @@ import numpy as np
 import xarray as xr
 
 from ckptscope.errors import CkptscopeError
-from ckptscope.results import SCHEMA_VERSION, VAR_ATTRS, _kind_problem, write_netcdf
+from ckptscope.result_files import (
+    SCHEMA_VERSION,
+    check_accuracy,
+    check_kinds,
+    check_schema,
+    check_unique,
+    read_netcdf,
+    write_netcdf,
+)
+from ckptscope.results import VAR_ATTRS
 
 GRID_DIMS = ("run", "group", "split", "y", "x")
 GRID_KINDS = ("plane", "surface")
@@ -40,7 +48,6 @@ GRID_KINDS_OF = {
     "n_tensors": "int", "n_params": "number", "n_examples": "int",
     **{name: "float" for names in KIND_VARIABLES.values() for name in names},
 }
-_EXPECTED = {"float": "real floats", "int": "integers", "number": "numbers", "text": "strings"}
 
 GRID_ATTRS = {
     "x": {"long_name": "x", "description": "the first coordinate of the grid (see grid_kind)"},
@@ -174,30 +181,14 @@ def validate_grid(ds: xr.Dataset, *, source: str = "the result") -> xr.Dataset:
     for dim in (*GRID_DIMS, "anchor"):
         if ds.sizes[dim] == 0:
             fail(f"it has no {dim}s (the {dim!r} dim is empty)")
-    for name, kind_of in GRID_KINDS_OF.items():
-        if name in variables:
-            problem = _kind_problem(variables[name].values, kind_of)
-            if problem:
-                fail(f"{name!r} holds {problem}, expected {_EXPECTED[kind_of]}")
+    check_kinds(ds, GRID_KINDS_OF, fail)
     for axis in ("x", "y"):
         values = variables[axis].values
         if not np.all(np.isfinite(values)) or np.any(np.diff(values) <= 0):
             fail(f"{axis!r} is not a finite, strictly increasing grid")
-    acc = variables["accuracy"].values
-    if np.any((acc < 0) | (acc > 1)):
-        fail("'accuracy' holds values outside [0, 1]")
-    for name in ("run", "group", "split", "anchor"):
-        labels = [str(v) for v in variables[name].values]
-        if len(set(labels)) != len(labels):
-            fail(f"{name!r} labels repeat")
-    version = ds.attrs.get("ckptscope_schema")
-    if not isinstance(version, numbers.Integral) or isinstance(version, bool):
-        fail(f"attribute 'ckptscope_schema' is {str(version)[:40]!r}, expected an integer")
-    if int(version) > SCHEMA_VERSION:
-        raise CkptscopeError(
-            f"{source} uses result schema {int(version)}, newer than this ckptscope reads "
-            f"({SCHEMA_VERSION}); upgrade ckptscope."
-        )
+    check_accuracy(ds, fail)
+    check_unique(ds, ("run", "group", "split", "anchor"), fail)
+    check_schema(ds, fail, source=source)
     return ds
 
 
@@ -213,18 +204,7 @@ def open_grid(path: str | os.PathLike) -> xr.Dataset:
     Raises:
         CkptscopeError: the file is missing, not NetCDF, or not a grid result.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CkptscopeError(f"result {str(path)!r} does not exist or is not a file.")
-    try:
-        with xr.open_dataset(path, engine="scipy") as f:
-            ds = f.load()
-    except Exception as err:  # any reader failure is the file's fault here
-        reason = (str(err).splitlines() or [type(err).__name__])[0]
-        raise CkptscopeError(
-            f"{str(path)!r} is not a readable NetCDF result ({reason[:160]}); write it with "
-            f"`ckptscope plane --out` or `ckptscope surface --out`."
-        ) from None
+    ds = read_netcdf(path, writer="`ckptscope plane --out` or `ckptscope surface --out`")
     if "alpha" in ds.dims:
         raise CkptscopeError(
             f"{str(path)!r} is a path result (it has an alpha dim), not a plane or surface; "

@@ -46,12 +46,15 @@ def load_pair(start: StateSource, end: StateSource, *,
     prefixes, tied names, BatchNorm counters) and warn about NaN/Inf in either. Whether they
     are a pair is checked once the model is known (:func:`match_model`)."""
     a, b = match_keys(as_checkpoint(start), as_checkpoint(end), strip_prefix=strip_prefix)
-    _warn_nonfinite(a, a.path or "start")
-    _warn_nonfinite(b, b.path or "end")
+    warn_nonfinite(a, a.path or "start")
+    warn_nonfinite(b, b.path or "end")
     return a, b
 
 
-def _warn_nonfinite(ckpt: Checkpoint, label: str) -> None:
+def warn_nonfinite(ckpt: Checkpoint, label: str, *, holds: str = "the curves",
+                   stacklevel: int = 5) -> None:
+    """Warn when ``ckpt`` has NaN/Inf in a floating tensor, naming up to three of them and
+    what will hold NaN there (``holds``)."""
     bad = sorted(
         k
         for k, v in ckpt.state.items()
@@ -60,8 +63,8 @@ def _warn_nonfinite(ckpt: Checkpoint, label: str) -> None:
     if bad:
         warnings.warn(
             f"checkpoint {label} has NaN/Inf in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
-            f"{', ...' if len(bad) > 3 else ''}); the curves will hold NaN there.",
-            stacklevel=5,
+            f"{', ...' if len(bad) > 3 else ''}); {holds} will hold NaN there.",
+            stacklevel=stacklevel,
         )
 
 

@@ -10,7 +10,6 @@ the evaluator, evaluate one grid per group, and the provenance of the result.
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
@@ -26,7 +25,8 @@ from ckptscope.engine.placement import resolve_device
 from ckptscope.errors import CkptscopeError
 from ckptscope.groups import Group, normalise_groups, resolve_groups
 from ckptscope.identity import model_identity, parameter_keys, unique_keys
-from ckptscope.inputs import Inputs, check_model, load_inputs, resolve_model
+from ckptscope.inputs import Inputs, check_model, load_inputs, resolve_model, warn_nonfinite
+from ckptscope.keys import file_notes, match_keys, strip_given
 from ckptscope.points import PointSet
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -37,21 +37,41 @@ State = Mapping[str, torch.Tensor]
 Model = nn.Module | str | Adapter | None
 
 
-def load_anchors(sources: Mapping[str, object]) -> list[Checkpoint]:
-    """Read each checkpoint (name -> path or state), check every one against the first (keys,
-    shapes, kinds of dtype), and warn about NaN/Inf in any."""
+def load_anchors(sources: Mapping[str, object], *,
+                 strip_prefix: str | Sequence[str] | None = None) -> list[Checkpoint]:
+    """Read each checkpoint (name -> path or state), strip the prefixes asked for, match every
+    one's keys to the first's (:func:`ckptscope.keys.match_keys`: prefixes, tied names,
+    BatchNorm counters) and warn about NaN/Inf in any. Whether they fit each other and the
+    model is checked once the model is known (:func:`match_anchors`)."""
     checkpoints = [as_checkpoint(source) for source in sources.values()]
     labels = [ck.path or name for ck, name in zip(checkpoints, sources, strict=True)]
-    for ck, label in zip(checkpoints[1:], labels[1:], strict=True):
-        check_pair(checkpoints[0].state, ck.state, names=(labels[0], label))
+    checkpoints = strip_given(checkpoints, strip_prefix, labels)
+    first = checkpoints[0]
+    for i in range(1, len(checkpoints)):
+        first, checkpoints[i] = match_keys(first, checkpoints[i])
+    checkpoints[0] = first
     for ck, label in zip(checkpoints, labels, strict=True):
-        bad = sorted(k for k, v in ck.state.items()
-                     if v.is_floating_point() and not bool(torch.isfinite(v).all()))
-        if bad:
-            warnings.warn(f"checkpoint {label} has NaN/Inf in {len(bad)} tensor(s) "
-                          f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); the grid "
-                          f"will hold NaN there.", stacklevel=3)
+        warn_nonfinite(ck, label, holds="the grid", stacklevel=4)
     return checkpoints
+
+
+def match_anchors(checkpoints: Sequence[Checkpoint], names: Sequence[str], module: nn.Module,
+                  adapter: Adapter | None) -> list[Checkpoint]:
+    """Match each checkpoint's keys to the model (:func:`ckptscope.keys.match_keys`), then
+    refuse checkpoints whose keys, shapes or kinds of dtype differ from the first's, or that
+    the model does not fit; ``names`` label in-memory states in errors."""
+    matched = [match_keys(ck, module=module)[0] for ck in checkpoints]
+    first, label = matched[0], matched[0].path or names[0]
+    for ck, name in zip(matched[1:], names[1:], strict=True):
+        check_pair(first.state, ck.state, names=(label, ck.path or name))
+    check_model(module, adapter, first)
+    return matched
+
+
+def anchor_notes(checkpoints: Sequence[Checkpoint], names: Sequence[str]) -> list[str]:
+    """The checkpoints' loading notes, each naming its file (or ``names``' for a state)."""
+    return [note for ck, name in zip(checkpoints, names, strict=True)
+            for note in file_notes(ck, name)]
 
 
 def settle_config(config: EvalConfig | None, *, bn: str, dtype: str,
@@ -85,6 +105,7 @@ class Evaluation:
         loss: the loss's name or callable.
         evaluator: the engine, holding the model and data on the device.
         dtype: the dtype option as given (``float32``, ``bf16``, ...).
+        checkpoints: the anchors' checkpoints, their keys matched to the model.
     """
 
     module: nn.Module
@@ -94,20 +115,37 @@ class Evaluation:
     loss: str | Callable
     evaluator: Evaluator
     dtype: str
+    checkpoints: tuple[Checkpoint, ...]
 
 
-def prepare(model: Model, data: object, first: Checkpoint, second: Checkpoint, *,
-            adapter_options: Mapping[str, object] | None, split: str,
+def prepare(model: Model, data: object, checkpoints: Sequence[Checkpoint],
+            names: Sequence[str], *, adapter_options: Mapping[str, object] | None, split: str,
             loss: str | Callable | None, config: EvalConfig, dtype: str) -> Evaluation:
-    """The model (from ``model`` or ``first``'s metadata), checked against ``first``; the data;
-    the evaluator."""
+    """The model (from ``model`` or the first checkpoint's metadata), the checkpoints matched
+    to it and checked (:func:`match_anchors`); the data; the evaluator."""
+    first, second = checkpoints[0], checkpoints[min(1, len(checkpoints) - 1)]
     module, adapter, options = resolve_model(model, first, second, adapter_options)
-    check_model(module, adapter, first)
-    inputs = load_inputs(data, first, adapter, split=split, config=config)
+    checkpoints = match_anchors(checkpoints, names, module, adapter)
+    inputs = load_inputs(data, checkpoints[0], adapter, split=split, config=config)
     loss = loss or (adapter.loss(options) if adapter else "cross_entropy")
     evaluator = Evaluator(module, inputs.splits, loss=loss, config=config,
                           bn_data=inputs.bn_data)
-    return Evaluation(module, adapter, options, inputs, loss, evaluator, dtype)
+    return Evaluation(module, adapter, options, inputs, loss, evaluator, dtype,
+                      tuple(checkpoints))
+
+
+def group_fields(run: Evaluation, groups: Sequence[Group]) -> dict:
+    """The keywords of :func:`ckptscope.grids.build_grid` that say what was evaluated: the
+    groups (names, patterns, tensor and parameter counts) and the splits."""
+    state = run.checkpoints[0].state
+    return {
+        "groups": [g.name for g in groups],
+        "patterns": [g.pattern for g in groups],
+        "n_tensors": [len(g.keys) for g in groups],
+        "n_params": [count_params(state, g.keys, run.module) for g in groups],
+        "splits": list(run.inputs.splits),
+        "n_examples": [len(v) for v, _ in run.inputs.splits.values()],
+    }
 
 
 def grid_groups(anchor: Checkpoint, groups, *, full: bool) -> list[Group]:
@@ -165,7 +203,8 @@ def evaluate_grid(run: Evaluation, anchors: Mapping[str, State], requests: Seque
 
 def provenance(run: Evaluation, config: EvalConfig, notes: Sequence[str],
                extra: Mapping[str, object]) -> dict:
-    """The attributes every grid result records (as a path result's), then ``extra``."""
+    """The attributes every grid result records (as a path result's), then ``extra``;
+    ``notes`` are the loading notes (:func:`anchor_notes`)."""
     from ckptscope import __version__
 
     loss = run.loss

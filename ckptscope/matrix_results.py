@@ -26,7 +26,15 @@ import xarray as xr
 
 from ckptscope import shape
 from ckptscope.errors import CkptscopeError
-from ckptscope.results import SCHEMA_VERSION, VAR_ATTRS, write_netcdf
+from ckptscope.result_files import (
+    SCHEMA_VERSION,
+    check_accuracy,
+    check_schema,
+    check_unique,
+    read_netcdf,
+    write_netcdf,
+)
+from ckptscope.results import VAR_ATTRS
 
 TRAJECTORY_DIMS = ("start", "end", "group", "split", "alpha")
 INSTABILITY_DIMS = ("spawn", "pair", "group", "split", "alpha")
@@ -244,19 +252,9 @@ def validate_matrix(ds: xr.Dataset, *, source: str = "the result") -> xr.Dataset
     alpha = ds["alpha"].values
     if alpha.dtype.kind != "f" or not np.all(np.isfinite(alpha)) or np.any(np.diff(alpha) <= 0):
         fail("'alpha' is not a finite, strictly increasing grid")
-    acc = ds["accuracy"].values
-    if np.any((acc < 0) | (acc > 1)):
-        fail("'accuracy' holds values outside [0, 1]")
-    for name in (*dims[:4], *(("copy",) if kind == "instability" else ())):
-        values = [str(v) for v in ds[name].values]
-        if len(set(values)) != len(values):
-            fail(f"{name!r} labels repeat")
-    version = ds.attrs.get("ckptscope_schema")
-    if not isinstance(version, (int, np.integer)) or isinstance(version, bool):
-        fail(f"attribute 'ckptscope_schema' is {str(version)[:40]!r}, expected an integer")
-    if int(version) > SCHEMA_VERSION:
-        raise CkptscopeError(f"{source} uses result schema {int(version)}, newer than this "
-                             f"ckptscope reads ({SCHEMA_VERSION}); upgrade ckptscope.")
+    check_accuracy(ds, fail)
+    check_unique(ds, (*dims[:4], *(("copy",) if kind == "instability" else ())), fail)
+    check_schema(ds, fail, source=source)
     return ds
 
 
@@ -272,14 +270,5 @@ def open_matrix(path: str | os.PathLike) -> xr.Dataset:
     Raises:
         CkptscopeError: the file is missing, not NetCDF, or not such a result.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CkptscopeError(f"result {str(path)!r} does not exist or is not a file.")
-    try:
-        with xr.open_dataset(path, engine="scipy") as f:
-            ds = f.load()
-    except Exception as err:  # any reader failure is the file's fault here
-        reason = (str(err).splitlines() or [type(err).__name__])[0]
-        raise CkptscopeError(f"{str(path)!r} is not a readable NetCDF result ({reason[:160]}); "
-                             f"write it with `ckptscope trajectory --out`.") from None
-    return validate_matrix(ds, source=repr(str(path)))
+    return validate_matrix(read_netcdf(path, writer="`ckptscope trajectory --out`"),
+                           source=repr(str(path)))

@@ -26,12 +26,13 @@ from ckptscope.inputs import StateSource
 from ckptscope.landscape import (
     Model,
     State,
+    anchor_notes,
     axis_counts,
     axis_range,
-    count_params,
     evaluate_grid,
     geometry_keys,
     grid_groups,
+    group_fields,
     inner,
     load_anchors,
     prepare,
@@ -93,6 +94,7 @@ def plane(
     run: str = "0",
     progress: Callable[[int, int], None] | None = None,
     config: EvalConfig | None = None,
+    strip_prefix: str | Sequence[str] | None = None,
 ) -> xr.Dataset:
     """Evaluate loss and accuracy on the plane through three checkpoints.
 
@@ -114,6 +116,9 @@ def plane(
             :func:`ckptscope.linear_path`.
         run: the label in the ``run`` dim.
         progress: called as ``progress(done, total)`` as points finish.
+        strip_prefix: as for :func:`ckptscope.linear_path`. The three checkpoints' keys are
+            matched to the model as a path's are (wrapper prefixes, tied names, BatchNorm
+            counters: ``docs/loading.md``); what was done is in the ``notes`` attribute.
 
     Returns:
         A grid result (``docs/results.md``): ``loss`` and ``accuracy`` (run, group, split, y,
@@ -129,9 +134,11 @@ def plane(
         raise CkptscopeError(f"hold={hold!r} is not one of {PLANE_HOLDS}.")
     nx, ny = axis_counts(grid)
     config = settle_config(config, bn=bn, dtype=dtype, device=device, caller="plane")
-    ck_a, ck_b, ck_c = load_anchors({"A": a, "B": b, "C": c})
-    run_ = prepare(model, data, ck_a, ck_b, adapter_options=adapter_options, split=split,
+    names = ("A", "B", "C")
+    anchors = load_anchors(dict(zip(names, (a, b, c), strict=True)), strip_prefix=strip_prefix)
+    run_ = prepare(model, data, anchors, names, adapter_options=adapter_options, split=split,
                    loss=loss, config=config, dtype=dtype)
+    ck_a, ck_b, ck_c = run_.checkpoints
     groups_ = grid_groups(ck_a, groups, full=full)
     states = {"a": ck_a.state, "b": ck_b.state, "c": ck_c.state}
     geometry = np.array([
@@ -153,12 +160,7 @@ def plane(
         accuracy=accuracy,
         x=x,
         y=y,
-        groups=[g.name for g in groups_],
-        patterns=[g.pattern for g in groups_],
-        n_tensors=[len(g.keys) for g in groups_],
-        n_params=[count_params(ck_a.state, g.keys, run_.module) for g in groups_],
-        splits=list(run_.inputs.splits),
-        n_examples=[len(v) for v, _ in run_.inputs.splits.values()],
+        **group_fields(run_, groups_),
         runs=[run],
         anchors=["A", "B", "C"],
         anchor_paths=np.array([[ck.path for ck in (ck_a, ck_b, ck_c)]]),
@@ -167,7 +169,7 @@ def plane(
         anchor_y=np.stack([zeros, zeros, ones], axis=1)[None],
         geometry={"c": cs[None], "ab_norm": geometry[None, :, 1],
                   "v_norm": geometry[None, :, 2]},
-        attrs=provenance(run_, config, (*ck_a.notes, *ck_b.notes, *ck_c.notes), {
+        attrs=provenance(run_, config, anchor_notes(run_.checkpoints, names), {
             "hold": hold,
             "x_range": f"{x[0]:g}:{x[-1]:g}:{len(x)}",
             "y_range": f"{y[0]:g}:{y[-1]:g}:{len(y)}",

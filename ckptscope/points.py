@@ -80,18 +80,27 @@ def alpha_grid(alphas: int | Sequence[float] | np.ndarray) -> np.ndarray:
 
 def parse_alpha_range(text: str) -> np.ndarray:
     """Parse ``START:STOP:N`` into ``N`` evenly spaced values, both ends included."""
+    start, stop, n = _parse_range(text, what="alpha range", ends=("START", "STOP"),
+                                  example="-0.5:1.5:81")
+    return np.linspace(start, stop, n)
+
+
+def _parse_range(text: str, *, what: str, ends: tuple[str, str], example: str
+                 ) -> tuple[float, float, int]:
+    """``(lo, hi, n)`` from ``LO:HI:N`` text; ``what``, ``ends`` and ``example`` word the
+    errors (``"x range"``, ``("LO", "HI")``, ``"-0.25:1.25:21"``)."""
     parts = text.split(":")
     try:
         if len(parts) != 3:
             raise ValueError
-        start, stop, n = float(parts[0]), float(parts[1]), int(parts[2])
+        lo, hi, n = float(parts[0]), float(parts[1]), int(parts[2])
     except ValueError:
         raise CkptscopeError(
-            f"alpha range {text!r} is not START:STOP:N (e.g. -0.5:1.5:81)."
+            f"{what} {text!r} is not {ends[0]}:{ends[1]}:N (e.g. {example})."
         ) from None
-    if n < 2 or not start < stop:
-        raise CkptscopeError(f"alpha range {text!r} needs START < STOP and N >= 2.")
-    return np.linspace(start, stop, n)
+    if n < 2 or not lo < hi:
+        raise CkptscopeError(f"{what} {text!r} needs {ends[0]} < {ends[1]} and N >= 2.")
+    return lo, hi, n
 
 
 @dataclass(frozen=True, eq=False)
@@ -425,18 +434,7 @@ def axis_grid(lo: float, hi: float, n: int, *, keep: Sequence[float] = (),
 
 def parse_axis_range(text: str, *, name: str = "x") -> tuple[float, float, int]:
     """Parse ``LO:HI:N`` into ``(lo, hi, n)``."""
-    parts = text.split(":")
-    try:
-        if len(parts) != 3:
-            raise ValueError
-        lo, hi, n = float(parts[0]), float(parts[1]), int(parts[2])
-    except ValueError:
-        raise CkptscopeError(
-            f"{name} range {text!r} is not LO:HI:N (e.g. -0.25:1.25:21)."
-        ) from None
-    if n < 2 or not lo < hi:
-        raise CkptscopeError(f"{name} range {text!r} needs LO < HI and N >= 2.")
-    return lo, hi, n
+    return _parse_range(text, what=f"{name} range", ends=("LO", "HI"), example="-0.25:1.25:21")
 
 
 def plane_weights(x: np.ndarray, y: np.ndarray, c: float) -> np.ndarray:

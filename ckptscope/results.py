@@ -17,7 +17,6 @@ temporary name in the target folder and renamed, so a crash never leaves a half-
 
 from __future__ import annotations
 
-import numbers
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,9 +26,16 @@ import numpy as np
 import xarray as xr
 
 from ckptscope.errors import CkptscopeError
-from ckptscope.files import replacing
+from ckptscope.result_files import (
+    SCHEMA_VERSION,
+    check_accuracy,
+    check_kinds,
+    check_schema,
+    check_unique,
+    read_netcdf,
+    write_netcdf,
+)
 
-SCHEMA_VERSION = 1
 DIMS = ("run", "group", "split", "alpha")
 CURVE_VARS = ("loss", "accuracy")
 # The classification a result may carry over (run, group, split): ckptscope.shape computes it.
@@ -46,7 +52,6 @@ KINDS = {
     "n_tensors": "int", "n_params": "number", "n_examples": "int",
     "shape": "text", **dict.fromkeys(SHAPE_METRICS, "float"),
 }
-_ENGINE = "scipy"
 # How a curve was measured: results that differ in these are not runs of one experiment.
 MERGE_SETTINGS = ("adapter", "adapter_options", "hold", "bn_policy", "bn_batches", "dtype",
                   "loss_function", "data_seed")
@@ -206,61 +211,18 @@ def validate_result(ds: xr.Dataset, *, source: str = "the result") -> xr.Dataset
     for dim in DIMS:
         if ds.sizes[dim] == 0:
             fail(f"it has no {dim}s (the {dim!r} dim is empty)")
-    for name, kind in KINDS.items():
-        if name in variables:
-            problem = _kind_problem(variables[name].values, kind)
-            if problem:
-                fail(f"{name!r} holds {problem}, expected {_EXPECTED[kind]}")
+    check_kinds(ds, KINDS, fail)
     alpha = variables["alpha"].values
     if not np.all(np.isfinite(alpha)) or np.any(np.diff(alpha) <= 0):
         fail("'alpha' is not a finite, strictly increasing grid")
-    acc = variables["accuracy"].values
-    if np.any((acc < 0) | (acc > 1)):
-        fail("'accuracy' holds values outside [0, 1]")
-    for name in ("run", "group", "split"):
-        values = [str(v) for v in variables[name].values]
-        if len(set(values)) != len(values):
-            fail(f"{name!r} labels repeat")
+    check_accuracy(ds, fail)
+    check_unique(ds, ("run", "group", "split"), fail)
     if "shape" in variables:
         unknown = sorted(set(np.unique(variables["shape"].values).tolist()) - set(SHAPES))
         if unknown:
             fail(f"'shape' holds {unknown[0][:40]!r}, not one of {', '.join(SHAPES)}")
-    version = ds.attrs.get("ckptscope_schema")
-    if version is None:
-        fail("attribute 'ckptscope_schema' is missing")
-    if not isinstance(version, numbers.Integral) or isinstance(version, bool):
-        fail(f"attribute 'ckptscope_schema' is {str(version)[:40]!r}, expected an integer")
-    if int(version) > SCHEMA_VERSION:
-        raise CkptscopeError(
-            f"{source} uses result schema {int(version)}, newer than this ckptscope reads "
-            f"({SCHEMA_VERSION}); upgrade ckptscope."
-        )
+    check_schema(ds, fail, source=source)
     return ds
-
-
-_EXPECTED = {"float": "real floats (float32 or float64)", "int": "integers",
-             "number": "numbers", "text": "strings"}
-
-
-def _kind_problem(values: np.ndarray, kind: str) -> str | None:
-    """Describe what ``values`` hold when it is not ``kind`` (see ``KINDS``); ``None`` if it is."""
-    dtype = values.dtype
-    if kind == "text":
-        # NetCDF hands strings back as an object array of str; in memory they are <U.
-        if dtype.kind == "U" or (
-            dtype.kind == "O" and all(isinstance(v, str) for v in values.ravel())
-        ):
-            return None
-    elif dtype.kind in {"float": "f", "int": "iu", "number": "iuf"}[kind]:
-        return None
-    if dtype.kind == "U":
-        return "strings"
-    if dtype.kind == "S":
-        return "bytes"
-    if dtype.kind == "O":
-        types = sorted({type(v).__name__ for v in values.ravel()[:100]})
-        return "strings" if types == ["str"] else f"Python objects ({', '.join(types)})"
-    return f"{dtype.name} values"
 
 
 def save_result(ds: xr.Dataset, path: str | os.PathLike) -> Path:
@@ -275,20 +237,8 @@ def open_result(path: str | os.PathLike) -> xr.Dataset:
     Raises:
         CkptscopeError: the file is missing, not NetCDF, or not a ckptscope result.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CkptscopeError(f"result {str(path)!r} does not exist or is not a file.")
-    try:
-        with xr.open_dataset(path, engine=_ENGINE) as f:
-            ds = f.load()
-    except Exception as err:  # any reader failure is the file's fault here
-        reason = (str(err).splitlines() or [type(err).__name__])[0]
-        raise CkptscopeError(
-            f"{str(path)!r} is not a readable NetCDF result ({reason[:160]}); write it with "
-            f"`ckptscope path --out`."
-        ) from None
-    return validate_result(ds, source=repr(str(path)))
-
+    return validate_result(read_netcdf(path, writer="`ckptscope path --out`"),
+                           source=repr(str(path)))
 
 
 def merge_results(datasets: Sequence[xr.Dataset], *, sources: Sequence[str] | None = None
@@ -397,12 +347,3 @@ def build_distances(*, groups: Sequence[str], patterns: Sequence[str], relative:
         },
         attrs=dict(attrs),
     )
-
-
-def write_netcdf(ds: xr.Dataset, path: str | os.PathLike) -> Path:
-    """Write any dataset as NetCDF atomically (temporary name in the same folder, then rename)."""
-    with replacing(path) as tmp:
-        ds.to_netcdf(tmp, engine=_ENGINE)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-    return Path(path)

@@ -31,15 +31,19 @@ from ckptscope.engine import EvalConfig
 from ckptscope.errors import CkptscopeError
 from ckptscope.grids import build_grid
 from ckptscope.inputs import StateSource
+from ckptscope.keys import strip_given
 from ckptscope.landscape import (
+    Evaluation,
     Model,
+    anchor_notes,
     axis_counts,
     axis_range,
-    count_params,
     evaluate_grid,
     grid_groups,
+    group_fields,
     inner,
     load_anchors,
+    match_anchors,
     prepare,
     provenance,
     settle_config,
@@ -47,6 +51,7 @@ from ckptscope.landscape import (
 from ckptscope.points import SURFACE_ANCHORS, axis_grid, grid_points, surface_weights
 
 DirectionSpec = str | os.PathLike | Directions | Sequence[StateSource]
+ANCHOR_NAMES = ("CENTER", "A", "B")  # in-memory states' names in notes and errors
 
 
 def surface(
@@ -74,6 +79,7 @@ def surface(
     run: str = "0",
     progress: Callable[[int, int], None] | None = None,
     config: EvalConfig | None = None,
+    strip_prefix: str | Sequence[str] | None = None,
 ) -> xr.Dataset:
     """Evaluate loss and accuracy on a surface around ``center``.
 
@@ -96,8 +102,9 @@ def surface(
         groups, full: the surface for each group's tensors alone (the rest at the centre), and
             for the whole model (group ``all``).
         save_directions: write the directions used to this ``.safetensors`` file.
-        loss, bn, split, device, dtype, adapter_options, run, progress, config: as for
-            :func:`ckptscope.plane`.
+        loss, bn, split, device, dtype, adapter_options, run, progress, config,
+            strip_prefix: as for :func:`ckptscope.plane` (the centre's and the direction
+            checkpoints' keys are matched to the model; the ``notes`` attribute says how).
 
     Returns:
         A grid result (``docs/results.md``) of kind ``surface``: ``loss`` and ``accuracy``
@@ -114,11 +121,12 @@ def surface(
     if not (isinstance(span, (int, float)) and np.isfinite(span) and span > 0):
         raise CkptscopeError(f"span={span!r} must be a positive number (e.g. 1.0).")
     config = settle_config(config, bn=bn, dtype=dtype, device=device, caller="surface")
-    [ck_o] = load_anchors({"CENTER": center})
-    evaluation = prepare(model, data, ck_o, ck_o, adapter_options=adapter_options, split=split,
-                         loss=loss, config=config, dtype=dtype)
+    [ck_o] = load_anchors({"CENTER": center}, strip_prefix=strip_prefix)
+    evaluation = prepare(model, data, [ck_o], ["CENTER"], adapter_options=adapter_options,
+                         split=split, loss=loss, config=config, dtype=dtype)
+    [ck_o] = evaluation.checkpoints
     dirs, others = _directions(directions, ck_o, norm=norm, seed=seed, include_1d=include_1d,
-                               module=evaluation.module)
+                               evaluation=evaluation, strip_prefix=strip_prefix)
     if save_directions is not None:
         write_directions(save_directions, dirs)
     affine = others is not None and dirs.norm == "none"
@@ -148,6 +156,7 @@ def surface(
     loss_, accuracy = evaluate_grid(evaluation, anchors, requests, (len(y), len(x)), progress)
     geometry = np.asarray(geometry)  # (group, 3)
     sources = [ck_o, *(others or ())]
+    notes = anchor_notes(sources, ANCHOR_NAMES[:len(sources)])
     n_groups = len(groups_)
     return build_grid(
         kind="surface",
@@ -155,12 +164,7 @@ def surface(
         accuracy=accuracy,
         x=x,
         y=y,
-        groups=[g.name for g in groups_],
-        patterns=[g.pattern for g in groups_],
-        n_tensors=[len(g.keys) for g in groups_],
-        n_params=[count_params(ck_o.state, g.keys, evaluation.module) for g in groups_],
-        splits=list(evaluation.inputs.splits),
-        n_examples=[len(v) for v, _ in evaluation.inputs.splits.values()],
+        **group_fields(evaluation, groups_),
         runs=[run],
         anchors=names,
         anchor_paths=np.array([[ck.path for ck in sources[:len(names)]]]),
@@ -169,7 +173,7 @@ def surface(
         anchor_y=np.broadcast_to([c[1] for c in coords], (1, n_groups, len(names))),
         geometry={"x_norm": geometry[None, :, 0], "y_norm": geometry[None, :, 1],
                   "cosine": geometry[None, :, 2]},
-        attrs=provenance(evaluation, config, ck_o.notes, {
+        attrs=provenance(evaluation, config, notes, {
             "hold": "center",
             "directions": dirs.kind,
             "direction_source": dirs.source,
@@ -186,8 +190,12 @@ def surface(
 
 
 def _directions(spec: DirectionSpec, center: Checkpoint, *, norm: str | None, seed: int,
-                include_1d: bool, module) -> tuple[Directions, tuple[Checkpoint, ...] | None]:
-    """The directions, and the two checkpoints when they came from checkpoints."""
+                include_1d: bool, evaluation: Evaluation,
+                strip_prefix: str | Sequence[str] | None
+                ) -> tuple[Directions, tuple[Checkpoint, ...] | None]:
+    """The directions, and the two checkpoints (their keys matched to the model, as the
+    centre's) when they came from checkpoints."""
+    module = evaluation.module
     if isinstance(spec, Directions):
         for axis in ("x", "y"):
             check_pair({k: v for k, v in center.state.items() if v.is_floating_point()},
@@ -199,7 +207,11 @@ def _directions(spec: DirectionSpec, center: Checkpoint, *, norm: str | None, se
     if isinstance(spec, (str, os.PathLike)):
         return load_directions(spec, center.state, norm=norm or "none", module=module), None
     if isinstance(spec, Sequence) and len(spec) == 2:
-        a, b = (as_checkpoint(s) for s in spec)
+        loaded = [center, *(as_checkpoint(s) for s in spec)]  # a prefix may be the centre's
+        loaded = strip_given(loaded, strip_prefix, [c.path or n for c, n in
+                                                    zip(loaded, ANCHOR_NAMES, strict=True)])
+        _, a, b = match_anchors(loaded, ANCHOR_NAMES, module,
+                                evaluation.adapter)
         names = (center.path or "CENTER", a.path or "A", b.path or "B")
         dirs = checkpoint_directions(center.state, a.state, b.state, norm=norm or "none",
                                      names=names, include_1d=include_1d, module=module)

@@ -28,6 +28,7 @@ from ckptscope.checkpoints import Checkpoint, load_checkpoint
 from ckptscope.engine import EvalConfig
 from ckptscope.errors import CkptscopeError
 from ckptscope.groups import WHOLE_MODEL
+from ckptscope.keys import strip_given
 from ckptscope.linear import Model, linear_paths
 from ckptscope.matrix_results import CheckpointInfo, build_trajectory
 from ckptscope.points import alpha_grid
@@ -138,6 +139,7 @@ def trajectory(
     tolerances: Mapping[str, float] | None = None,
     progress: Callable[[int, int], None] | None = None,
     config: EvalConfig | None = None,
+    strip_prefix: str | Sequence[str] | None = None,
 ) -> xr.Dataset:
     """Evaluate the linear paths between a training run's checkpoints.
 
@@ -156,7 +158,8 @@ def trajectory(
         to_final: only each checkpoint's path to the last one; the ``end`` dim is then the
             final alone.
         groups, full, hold, loss, bn, split, device, dtype, adapter_options, tolerances,
-            config: as for :func:`ckptscope.linear_path`.
+            config, strip_prefix: as for :func:`ckptscope.linear_path` (each pair's keys are
+            matched to the model as a path's are; the ``notes`` attribute says how).
         progress: called as ``progress(done, total)`` over all paths' points.
 
     Returns:
@@ -174,6 +177,10 @@ def trajectory(
         raise CkptscopeError(f"a trajectory's alphas run from 0 to 1 (both included); got "
                              f"{grid[0]:g} to {grid[-1]:g}. Extrapolate with `ckptscope path`.")
     items = _as_checkpoints(run_dir)
+    if strip_prefix is not None:  # before linear_paths checks what the metadata names
+        stripped = strip_given([ck for _, ck in items], strip_prefix,
+                               [info.path for info, _ in items])
+        items = [(info, ck) for (info, _), ck in zip(items, stripped, strict=True)]
     infos = [info for info, _ in items]
     pairs = trajectory_pairs(len(items), to_final=to_final)
     runs = {f"{infos[i].label}{_PAIR}{infos[j].label}": (items[i][1], items[j][1])

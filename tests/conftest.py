@@ -38,6 +38,33 @@ class ViewNet(nn.Module):
         return self.fc(h.view(h.size(0), -1))
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models on a shared 2-core machine run many times faster
+    (``pytestmark = pytest.mark.usefixtures("one_thread")`` in a training test module)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def spiral_recipe(**changes):
+    """The spiral MLP's recipe (Fig. 1a) on 64 + 32 spiral points, with ``changes``
+    (``epochs=3``)."""
+    from ckptscope.train import load_recipe, override
+
+    return override(load_recipe("mlp-spiral-fig1a"), {"data": "spiral:64,32", **changes})
+
+
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    """Run ``ckptscope ARGV`` in process: (exit code, stdout, stderr); paths may be Paths."""
+    from ckptscope.cli import main
+
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def perturbed(state: dict, scale: float, seed: int) -> dict:
     """A second endpoint: floats moved by noise; BN running var kept positive; ints bumped."""
     g = torch.Generator().manual_seed(seed)

@@ -16,8 +16,8 @@ import ckptscope
 from ckptscope.adapters import get_adapter, registered
 from ckptscope.adapters.timm import block_groups, module_groups
 from ckptscope.checkpoints import save_checkpoint
-from ckptscope.cli import main
 from ckptscope.errors import CkptscopeError
+from tests.conftest import run_cli as run
 
 
 class TinyNet(nn.Module):
@@ -145,12 +145,6 @@ def test_missing_timm_is_one_line_with_the_install_hint(monkeypatch):
 
 
 # --- the command line ----------------------------------------------------------------------
-def run(argv, capsys):
-    code = main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 @pytest.fixture
 def files(tmp_path, pair, data):
     torch.save(data["test"], tmp_path / "unused.pt")

@@ -11,12 +11,7 @@ import pytest
 from ckptscope.checkpoints import save_checkpoint
 from ckptscope.cli import main
 from ckptscope.results import open_result
-
-
-def run(argv, capsys):
-    code = main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from tests.conftest import run_cli as run
 
 
 @pytest.fixture

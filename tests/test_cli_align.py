@@ -9,16 +9,10 @@ import torch
 
 from ckptscope.adapters.mlp import MLP
 from ckptscope.checkpoints import load_checkpoint, save_checkpoint
-from ckptscope.cli import main
 from ckptscope.results import open_result
+from tests.conftest import run_cli as run
 
 META = {"adapter": "mlp", "adapter_options": {"widths": [2, 12, 10, 1]}, "data": "spiral:120,90"}
-
-
-def run(argv, capsys):
-    code = main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture

@@ -26,17 +26,12 @@ from ckptscope import shape
 from ckptscope.checkpoints import save_checkpoint
 from ckptscope.cli import main
 from ckptscope.results import open_result
+from tests.conftest import run_cli as run
 
 META = {"adapter": "mlp", "adapter_options": {"widths": [2, 1]}, "data": "spiral:200,100"}
 ALPHAS = "11"
 RISE = 0.1202  # L(-1) - ln 2
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
-
-
-def run(argv, capsys):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def bias_only(bias: float) -> dict:

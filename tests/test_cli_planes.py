@@ -6,16 +6,10 @@ import numpy as np
 import pytest
 
 from ckptscope.checkpoints import save_checkpoint
-from ckptscope.cli import main
 from ckptscope.directions import load_directions
 from ckptscope.grids import open_grid
 from tests.conftest import perturbed
-
-
-def run(argv, capsys):
-    code = main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from tests.conftest import run_cli as run
 
 
 @pytest.fixture

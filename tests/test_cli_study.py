@@ -9,15 +9,9 @@ from html.parser import HTMLParser
 import pytest
 from scipy import stats
 
-from ckptscope.cli import main
 from ckptscope.results import save_result
+from tests.conftest import run_cli as run
 from tests.study import ACCURACIES, study_result
-
-
-def run(argv, capsys):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 from ckptscope.checkpoints import save_checkpoint
-from ckptscope.cli import main
 from ckptscope.engine import EvalConfig, Evaluator
 from ckptscope.errors import CkptscopeError
 from ckptscope.losses import cross_entropy, resolve_loss
 from ckptscope.points import alpha_grid, path_points
+from tests.conftest import run_cli as run
 
 # A user package, written to a folder on sys.path: a model that fails at its second forward pass
 # (after the probe), losses that raise or return the wrong shapes, and a good custom loss.
@@ -242,12 +242,6 @@ def test_resolve_loss_names_specs_and_errors(user_code):
         resolve_loss("no_such_pkg.mod:fn")
     with pytest.raises(CkptscopeError, match="loss 3 is a int"):
         resolve_loss(3)
-
-
-def run(argv, capsys):
-    code = main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_cli_loss_spec_is_used(user_code, pair, tmp_path, capsys):

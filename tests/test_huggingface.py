@@ -16,9 +16,9 @@ transformers = pytest.importorskip("transformers")
 from ckptscope import linear_path  # noqa: E402
 from ckptscope.adapters.huggingface import blocks  # noqa: E402
 from ckptscope.checkpoints import load_checkpoint  # noqa: E402
-from ckptscope.cli import main  # noqa: E402
 from ckptscope.errors import CkptscopeError  # noqa: E402
 from ckptscope.results import open_result  # noqa: E402
+from tests.conftest import run_cli as run  # noqa: E402
 
 VOCAB = 50
 ALPHAS = [0.0, 0.5, 1.0]
@@ -78,12 +78,6 @@ def reference_lm(folder_cls, start_dir, end_dir, inputs, targets, alphas, moving
         acc = (flat[keep].argmax(-1) == y[keep]).double().mean().item()
         out.append((loss, acc))
     return np.array(out)
-
-
-def run(argv, capsys):
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_path_on_save_pretrained_folders_matches_a_transformers_loop(gpt2_pair, capsys):

@@ -14,25 +14,17 @@ from ckptscope.checkpoints import load_checkpoint
 from ckptscope.cli import main
 from ckptscope.errors import CkptscopeError
 from ckptscope.matrix_results import open_matrix
-from ckptscope.train import load_recipe, override, run
+from ckptscope.train import run
 from ckptscope.train.instability import child_dir, instability, parse_epochs, stability_table
 from ckptscope.train.run import read_metrics
 from ckptscope.train.spawn import state_path
+from tests.conftest import spiral_recipe
 
-TINY = {"epochs": 4, "batch_size": 16, "data": "spiral:64,32"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny models on a shared 2-core machine run many times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def recipe(**changes):
-    return override(load_recipe("mlp-spiral-fig1a"), {**TINY, **changes})
+    return spiral_recipe(epochs=4, batch_size=16, **changes)
 
 
 @pytest.fixture(scope="module")

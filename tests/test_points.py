@@ -11,6 +11,7 @@ from ckptscope.points import (
     PointSet,
     alpha_grid,
     parse_alpha_range,
+    parse_axis_range,
     path_points,
     path_state,
     stack_points,
@@ -166,3 +167,20 @@ def test_linear_path_refuses_a_grid_without_two_points_in_the_unit_interval(tmp_
 
     with pytest.raises(CkptscopeError, match=r"point\(s\) in \[0, 1\]"):
         linear_path(tmp_path / "a.safetensors", tmp_path / "b.safetensors", alphas=[-1.0, 0.5, 2])
+
+
+@pytest.mark.parametrize("parse, text, match", [
+    (parse_alpha_range, "0:1", r"alpha range '0:1' is not START:STOP:N \(e.g. -0.5:1.5:81\)"),
+    (parse_alpha_range, "1:0:5", r"alpha range '1:0:5' needs START < STOP and N >= 2"),
+    (parse_alpha_range, "0:1:1", r"needs START < STOP and N >= 2"),
+    (lambda t: parse_axis_range(t, name="y"), "a:1:3", r"y range 'a:1:3' is not LO:HI:N"),
+    (lambda t: parse_axis_range(t, name="x"), "0:0:3", r"x range '0:0:3' needs LO < HI"),
+])
+def test_parse_range_errors_name_the_form(parse, text, match):
+    with pytest.raises(CkptscopeError, match=match):
+        parse(text)
+
+
+def test_parse_ranges_read_lo_hi_n():
+    np.testing.assert_array_equal(parse_alpha_range("-0.5:1.5:5"), [-0.5, 0.0, 0.5, 1.0, 1.5])
+    assert parse_axis_range("-0.25:1.25:21") == (-0.25, 1.25, 21)

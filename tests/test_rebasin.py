@@ -5,20 +5,13 @@ from __future__ import annotations
 import click
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from ckptscope.results import open_result
 from ckptscope.train.cli import reproduce
 from ckptscope.train.rebasin import CONDITIONS, barriers
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _invoke(*args: str):

@@ -24,9 +24,9 @@ import pytest  # noqa: E402
 
 from ckptscope import shape  # noqa: E402
 from ckptscope.check import COMPARED  # noqa: E402
-from ckptscope.cli import main  # noqa: E402
 from ckptscope.errors import CkptscopeError  # noqa: E402
 from ckptscope.results import RunInfo, build_result, validate_result  # noqa: E402
+from tests.conftest import run_cli as run
 
 A = np.linspace(0.0, 1.0, 11)
 BARRIER = 1.0 - 0.8 * A
@@ -59,12 +59,6 @@ def with_values(ds, name, values):
 def write(ds, path):
     ds.to_netcdf(path, engine="scipy")
     return path
-
-
-def run(argv, capsys):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def assert_refused(code, err, *needles):

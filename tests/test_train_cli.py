@@ -5,28 +5,22 @@ from __future__ import annotations
 
 import click
 import pytest
-import torch
 from click.testing import CliRunner
 
 from ckptscope.checkpoints import load_checkpoint
 from ckptscope.errors import CkptscopeError
 from ckptscope.results import open_result
-from ckptscope.train import load_recipe, override, recipe_names
+from ckptscope.train import recipe_names
 from ckptscope.train.cli import reproduce, sweep, train
 from ckptscope.train.reproduce import TARGETS, fig1a, train_seeds, verdict_table
 from ckptscope.train.sweep import parse_seeds
 from ckptscope.train.sweep import sweep as run_sweep
+from tests.conftest import spiral_recipe
 
 SMALL = ["--set", "epochs=2", "--set", "data='spiral:64,32'"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny models on a shared 2-core machine run many times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @click.group()
@@ -91,7 +85,7 @@ def test_train_writes_the_run_and_resume_continues_it(tmp_path):
 
 
 def test_sweep_trains_each_seed_once_and_evaluates_one_result(tmp_path):
-    recipe = override(load_recipe("mlp-spiral-fig1a"), {"epochs": 2, "data": "spiral:64,32"})
+    recipe = spiral_recipe(epochs=2)
     seen = []
     first = run_sweep(recipe, seeds=[0, 1], out=tmp_path, presets=["layers"], alphas=5,
                       on_run=lambda s, r: seen.append((s, r.skipped)))
@@ -138,7 +132,7 @@ def test_fig1a_tiny_trains_evaluates_and_tabulates(tmp_path):
 
 
 def test_train_seeds_in_child_processes_match_files(tmp_path):
-    recipe = override(load_recipe("mlp-spiral-fig1a"), {"epochs": 2, "data": "spiral:64,32"})
+    recipe = spiral_recipe(epochs=2)
     runs = train_seeds(recipe, [0, 1], tmp_path, jobs=2)
     assert [r.last["epoch"] for r in runs.values()] == [2, 2]  # read back from the files
     assert load_checkpoint(runs[1].final).metadata["threads"] == "1"

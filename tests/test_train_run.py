@@ -18,15 +18,16 @@ import torch
 from safetensors.torch import load_file
 
 from ckptscope.adapters import get_adapter
-from ckptscope.linear import linear_path
 from ckptscope.checkpoints import load_checkpoint, save_checkpoint
 from ckptscope.errors import CkptscopeError
+from ckptscope.linear import linear_path
 from ckptscope.results import save_result
 from ckptscope.train import load_recipe, override, recipe_names, run
 from ckptscope.train.augment import random_brightness, random_crop, random_flip
 from ckptscope.train.interventions import load_into, path_point
 from ckptscope.train.loop import make_optimizer
 from ckptscope.train.run import read_metrics
+from tests.conftest import spiral_recipe
 
 TINY = {"epochs": 1, "steps_per_epoch": 1, "batch_size": 4, "eval_batch_size": 64,
         "random_labels_epochs": 1}
@@ -34,13 +35,7 @@ TINY_IMAGES = "tests.test_train_run:tiny_images"
 DEEP = ("resnet34", "resnet50")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny models on a shared 2-core machine run many times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_images():
@@ -177,7 +172,7 @@ def test_run_same_seed_gives_identical_final_with_augmentation(tmp_path):
 
 
 def test_run_metadata_lets_linear_path_run_without_model_or_data(tmp_path):
-    recipe = override(load_recipe("mlp-spiral-fig1a"), {"epochs": 2, "data": "spiral:64,32"})
+    recipe = spiral_recipe(epochs=2)
     out = run(recipe, seed=1, out=tmp_path)
     ds = linear_path(out.init, out.final, alphas=5)
     assert ds.attrs["adapter"] == "mlp" and ds.attrs["data"] == "spiral:64,32"
@@ -198,7 +193,7 @@ def test_run_reads_cifar_from_the_data_dir_and_records_the_spec(data_dirs, tmp_p
 
 
 def test_run_refuses_a_directory_with_another_run(tmp_path):
-    recipe = override(load_recipe("mlp-spiral-fig1a"), {"epochs": 1, "data": "spiral:64,32"})
+    recipe = spiral_recipe(epochs=1)
     run(recipe, seed=0, out=tmp_path)
     with pytest.raises(CkptscopeError, match="holds a finished run; choose another --out"):
         run(recipe, seed=0, out=tmp_path)
@@ -425,7 +420,7 @@ def test_run_resumed_keeps_the_layout_it_started_in(tmp_path):
 
 
 def test_resume_refuses_a_finished_run_of_another_recipe(tmp_path):
-    recipe = override(load_recipe("mlp-spiral-fig1a"), {"epochs": 1, "data": "spiral:64,32"})
+    recipe = spiral_recipe(epochs=1)
     run(recipe, seed=0, out=tmp_path)
     assert run(recipe, seed=0, out=tmp_path, resume=True).skipped  # the same recipe: handed back
     other = override(recipe, {"lr": 0.5})

@@ -17,19 +17,11 @@ from ckptscope.errors import CkptscopeError
 from ckptscope.linear import linear_path
 from ckptscope.matrix_results import midpoint_loss, open_matrix, path_metrics, save_matrix
 from ckptscope.results import save_result
-from ckptscope.train import load_recipe, override, run
+from ckptscope.train import run
 from ckptscope.trajectories import run_checkpoints, trajectory, trajectory_pairs
+from tests.conftest import spiral_recipe
 
-TINY = {"epochs": 3, "batch_size": 16, "data": "spiral:64,32"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny models on a shared 2-core machine run many times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +29,7 @@ def run_dir(tmp_path_factory):
     """A spiral MLP trained 3 epochs, saved after each: init, epoch_001, epoch_002, final."""
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("traj") / "run"
-    run(override(load_recipe("mlp-spiral-fig1a"), TINY), seed=0, out=out, save_every=1)
+    run(spiral_recipe(epochs=3, batch_size=16), seed=0, out=out, save_every=1)
     return out
 
 

@@ -90,7 +90,7 @@ def inspect(start, end, groups, presets, adapter, keys, strip_prefixes):
 def distance(start, end, groups, presets, adapter, out, strip_prefixes):
     """Distances between two checkpoints per group (relative as eq. 4, L2, cosine)."""
     from ckptscope.distance import distances
-    from ckptscope.results import write_netcdf
+    from ckptscope.result_files import write_netcdf
 
     check_suffix(out, (".nc",), "--out")
     a, b, module = _read(start, end, adapter, strip_prefixes)

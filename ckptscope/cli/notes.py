@@ -31,6 +31,10 @@ class NotePrinter:
         for text in file_notes(ckpt, default):
             self.line(text)
 
+    def files(self, paths) -> None:
+        """Files whose notes :meth:`result` prints (read by the library call, not here)."""
+        self.labels.update(str(p) for p in paths)
+
     def result(self, ds) -> None:
         """The loading notes a result records that were not printed yet (those made while
         matching the pair to the model); other notes (resumed points) are the caller's."""

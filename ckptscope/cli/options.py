@@ -17,6 +17,37 @@ strip_prefix_option = click.option(
          "model. are found without it.")
 
 
+
+def stacked(*decorators):
+    """One decorator applying ``decorators`` as if written in this order above a command (the
+    first is the first option in ``--help``)."""
+
+    def apply(command):
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+
+    return apply
+
+
+# The options every evaluating command (path, trajectory, plane, surface) shares.
+group_options = stacked(
+    click.option("--group", "groups", multiple=True, metavar="[NAME=]REGEX",
+                 help="A group of tensors (re.match on the key); repeatable."),
+    click.option("--preset", "presets", multiple=True, metavar="NAME",
+                 help="An adapter's group preset (blocks, layers, bn-stats, ...; see "
+                      "`ckptscope list`); repeatable."),
+)
+model_options = stacked(
+    click.option("--adapter", default=None, metavar="NAME|pkg.module:attr",
+                 help="The architecture (default: from the checkpoint's metadata)."),
+    click.option("--adapter-opt", "adapter_opts", multiple=True, metavar="KEY=VALUE",
+                 help="An adapter option, e.g. widths=[2,50,50,1]; repeatable."),
+    click.option("--data", default=None, metavar="NAME[:ARG]|pkg.module:attr",
+                 help="The evaluation data (default: from the metadata or the adapter)."),
+)
+
+
 def check_suffix(path: str | None, suffixes: tuple[str, ...], option: str) -> None:
     """Refuse an output file whose suffix is not one of ``suffixes`` (``None`` passes)."""
     if path is not None and Path(path).suffix.lower() not in suffixes:

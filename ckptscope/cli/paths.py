@@ -10,8 +10,10 @@ import click
 from ckptscope.cli.notes import NotePrinter
 from ckptscope.cli.options import (
     check_suffix,
+    group_options,
     group_specs,
     key_values,
+    model_options,
     parse_tolerances,
     strip_prefix_option,
 )
@@ -92,21 +94,12 @@ def demo(out, seed, epochs):
               metavar="START END", help="Another checkpoint pair (a run); repeatable.")
 @click.option("--run-dir", "run_dirs", multiple=True, metavar="DIR",
               help="A run directory with init.safetensors and final.safetensors; repeatable.")
-@click.option("--group", "groups", multiple=True, metavar="[NAME=]REGEX",
-              help="A group of tensors (re.match on the key); repeatable.")
-@click.option("--preset", "presets", multiple=True, metavar="NAME",
-              help="An adapter's group preset (blocks, layers, bn-stats, ...; see "
-                   "`ckptscope list`); repeatable.")
+@group_options
 @click.option("--alphas", type=click.IntRange(min=2), default=None,
               help="Points evenly spaced on [0, 1], both ends included (default 51).")
 @click.option("--alpha-range", default=None, metavar="START:STOP:N",
               help="Points on [START, STOP] instead (extrapolation allowed).")
-@click.option("--adapter", default=None, metavar="NAME|pkg.module:attr",
-              help="The architecture (default: from the checkpoint's metadata).")
-@click.option("--adapter-opt", "adapter_opts", multiple=True, metavar="KEY=VALUE",
-              help="An adapter option, e.g. widths=[2,50,50,1]; repeatable.")
-@click.option("--data", default=None, metavar="NAME[:ARG]|pkg.module:attr",
-              help="The evaluation data (default: from the metadata or the adapter).")
+@model_options
 @click.option("--seq-len", type=click.IntRange(min=1), default=None, metavar="T",
               help="Tokens per window when --data tokens:/text: is a stream.")
 @click.option("--split", type=click.Choice(["test", "train", "both"]), default="test",

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import click
 
-from ckptscope.cli.options import check_suffix, group_specs, key_values
+from ckptscope.cli.notes import NotePrinter
+from ckptscope.cli.options import (
+    check_suffix,
+    group_options,
+    group_specs,
+    key_values,
+    model_options,
+    strip_prefix_option,
+)
 from ckptscope.cli.output import ProgressBar, save_figure, table
 from ckptscope.errors import CkptscopeError
 
@@ -15,10 +23,7 @@ from ckptscope.errors import CkptscopeError
 def _evaluation_options(command):
     """The options every grid command shares with ``path``: model, data, engine, output."""
     options = [
-        click.option("--group", "groups", multiple=True, metavar="[NAME=]REGEX",
-                     help="A group of tensors: its own grid, the rest held; repeatable."),
-        click.option("--preset", "presets", multiple=True, metavar="NAME",
-                     help="An adapter's group preset (see `ckptscope list`); repeatable."),
+        group_options,
         click.option("--no-full", is_flag=True, help="Leave out the whole-model grid."),
         click.option("--grid", type=click.IntRange(min=2), default=21, show_default=True,
                      help="Points along each axis."),
@@ -26,12 +31,8 @@ def _evaluation_options(command):
                      help="The x axis instead of the default range and --grid."),
         click.option("--y-range", default=None, metavar="LO:HI:N",
                      help="The y axis instead of the default range and --grid."),
-        click.option("--adapter", default=None, metavar="NAME|pkg.module:attr",
-                     help="The architecture (default: from the checkpoint's metadata)."),
-        click.option("--adapter-opt", "adapter_opts", multiple=True, metavar="KEY=VALUE",
-                     help="An adapter option, e.g. widths=[2,50,50,1]; repeatable."),
-        click.option("--data", default=None, metavar="NAME[:ARG]|pkg.module:attr",
-                     help="The evaluation data (default: from the metadata or the adapter)."),
+        model_options,
+        strip_prefix_option,
         click.option("--split", type=click.Choice(["test", "train", "both"]), default="test",
                      show_default=True),
         click.option("--device", default="auto", show_default=True,
@@ -84,6 +85,7 @@ def _common(o: dict, first) -> dict:
         "dtype": o["dtype"],
         "bn": o["bn"],
         "adapter_options": key_values(o["adapter_opts"], "--adapter-opt"),
+        "strip_prefix": o["strip_prefixes"] or None,
         "config": EvalConfig(batch_size=o["batch_size"], strategy=o["strategy"],
                              bn_batches=o["bn_batches"], data_size=o["data_size"],
                              seed=o["data_seed"]),
@@ -164,9 +166,13 @@ def plane(a, b, c, hold, **o):
 
     _check_outputs(o)
     ck = [load_checkpoint(p) for p in (a, b, c)]
+    notes = NotePrinter()
+    for checkpoint, name in zip(ck, "ABC", strict=True):
+        notes.checkpoint(checkpoint, name)
     common = _common(o, ck[0])
     _check_plot_group(o, common["groups"])
     ds = plane_(*ck, o["adapter"], o["data"], hold=hold, **common)
+    notes.result(ds)  # those made while matching the keys to the model
     _finish(ds, o)
 
 
@@ -207,11 +213,16 @@ def surface(center, directions, seed, norm, span, include_1d, save_directions, *
             )
         spec = tuple(load_checkpoint(p) for p in parts)
     ck = load_checkpoint(center)
+    notes = NotePrinter()
+    notes.checkpoint(ck, "CENTER")
+    for checkpoint, name in zip(spec if isinstance(spec, tuple) else (), "AB", strict=False):
+        notes.checkpoint(checkpoint, name)
     common = _common(o, ck)
     _check_plot_group(o, common["groups"])
     ds = surface_(ck, o["adapter"], o["data"], directions=spec, norm=norm, seed=seed,
                   span=span, include_1d=include_1d, save_directions=save_directions,
                   **common)
+    notes.result(ds)  # those made while matching the keys to the model
     _finish(ds, o)
     if save_directions:
         click.echo(f"wrote {save_directions}")

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import click
 
-from ckptscope.cli.options import check_suffix, group_specs, key_values
+from ckptscope.cli.notes import NotePrinter
+from ckptscope.cli.options import (
+    check_suffix,
+    group_options,
+    group_specs,
+    key_values,
+    model_options,
+    strip_prefix_option,
+)
 from ckptscope.cli.output import ProgressBar, save_figure, table
 
 
@@ -35,19 +43,11 @@ def to_final_table(ds, *, group: str = "all") -> str:
               help="Points per path, evenly spaced on [0, 1].")
 @click.option("--to-final", is_flag=True,
               help="Only each checkpoint's path to the final (else every pair).")
-@click.option("--group", "groups", multiple=True, metavar="[NAME=]REGEX",
-              help="A group of tensors (re.match on the key); repeatable.")
-@click.option("--preset", "presets", multiple=True, metavar="NAME",
-              help="An adapter's group preset (blocks, layers, ...); repeatable.")
+@group_options
 @click.option("--no-full", is_flag=True, help="Leave out the whole-model path.")
 @click.option("--hold", type=click.Choice(["end", "start"]), default="end", show_default=True,
               help="Where the tensors outside a group stay.")
-@click.option("--adapter", default=None, metavar="NAME|pkg.module:attr",
-              help="The architecture (default: from the checkpoints' metadata).")
-@click.option("--adapter-opt", "adapter_opts", multiple=True, metavar="KEY=VALUE",
-              help="An adapter option; repeatable.")
-@click.option("--data", default=None, metavar="NAME[:ARG]|pkg.module:attr",
-              help="The evaluation data (default: from the metadata or the adapter).")
+@model_options
 @click.option("--split", type=click.Choice(["test", "train", "both"]), default="test",
               show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i].")
@@ -64,12 +64,14 @@ def to_final_table(ds, *, group: str = "all") -> str:
               help="Write the result (.nc).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Write the heatmaps and the to-final view (.png, .pdf, .svg).")
+@strip_prefix_option
 def trajectory(run_dir, alphas, to_final, groups, presets, no_full, hold, adapter, adapter_opts,
-               data, split, device, dtype, batch_size, bn, data_size, seed, out, plot):
+               data, split, device, dtype, batch_size, bn, data_size, seed, out, plot,
+               strip_prefixes):
     """Evaluate the paths between RUN_DIR's init, epoch_XXX and final checkpoints."""
+    from ckptscope.checkpoints import load_checkpoint
     from ckptscope.engine import EvalConfig
     from ckptscope.matrix_results import save_matrix
-    from ckptscope.checkpoints import load_checkpoint
     from ckptscope.trajectories import checkpoint_files
     from ckptscope.trajectories import trajectory as run_trajectory
 
@@ -84,7 +86,10 @@ def trajectory(run_dir, alphas, to_final, groups, presets, no_full, hold, adapte
         full=not no_full, hold=hold, split=split, device=device, dtype=dtype, bn=bn,
         adapter_options=key_values(adapter_opts, "--adapter-opt"),
         config=EvalConfig(batch_size=batch_size, data_size=data_size, seed=seed),
-        progress=bar)
+        progress=bar, strip_prefix=strip_prefixes or None)
+    notes = NotePrinter()
+    notes.files(files)
+    notes.result(ds)  # what was done to read each file, once per file
     if out:
         save_matrix(ds, out)
     if plot:

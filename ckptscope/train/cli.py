@@ -65,6 +65,19 @@ class EpochBar:
         self.progress = None
 
 
+def _per_run(bar, prefix):
+    """An ``on_epoch(run, record)`` that advances ``bar``, naming each run (a seed, a child)
+    by ``prefix(run)`` when its first epoch ends."""
+    current = {"run": None}
+
+    def on_epoch(run, record) -> None:
+        if current["run"] != run:
+            current["run"], bar.label = run, prefix(run)
+        bar.end_epoch(record)
+
+    return on_epoch
+
+
 def _recipe(name: str, sets: tuple[str, ...]):
     from ckptscope.train.recipe import load_recipe, override, parse_assignments
 
@@ -181,13 +194,7 @@ def sweep(recipe_name, seeds, out, sets, data_dir, device, groups, presets, alph
     recipe = _recipe(recipe_name, sets)
     seed_list = parse_seeds(seeds)
     bar = EpochBar(recipe.epochs)
-    bar_seed = {"seed": None}
-
-    def on_epoch(seed, record):
-        if bar_seed["seed"] != seed:
-            bar_seed["seed"], bar.label = seed, f"seed {seed}: "
-        bar.end_epoch(record)
-
+    on_epoch = _per_run(bar, lambda seed: f"seed {seed}: ")
     try:
         result = run_sweep(recipe, seeds=seed_list, out=out, data_dir=data_dir, device=device,
                            presets=presets, groups=list(groups), alphas=alphas,
@@ -310,13 +317,7 @@ def instability(recipe_name, spawn_at, copies, seed, out, parent, sets, data_dir
 
     recipe = _recipe(recipe_name, sets)
     bar = EpochBar(recipe.epochs)
-    current = {"label": None}
-
-    def on_epoch(label, record):
-        if current["label"] != label:
-            current["label"], bar.label = label, f"{label}: "
-        bar.end_epoch(record)
-
+    on_epoch = _per_run(bar, lambda label: f"{label}: ")
     result = run_instability(
         recipe, spawn_at=parse_epochs(spawn_at), out=out, copies=copies, seed=seed,
         parent=parent, data_dir=data_dir, device=device, groups=list(groups), alphas=alphas,
