@@ -239,6 +239,7 @@ def check_stored(start, end, model, data, options: Mapping[str, object]) -> None
     pair is evaluated (checkpoints already read only; files are read by their own call)."""
     if not (isinstance(start, Checkpoint) and isinstance(end, Checkpoint)):
         return
+    start, end = match_keys(start, end, strip_prefix=options.get("strip_prefix") or None)
     adapter = None
     if not isinstance(model, nn.Module):
         adapter, chosen, source = choose_adapter(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import numpy as np
@@ -21,17 +21,12 @@ from torch import nn
 from ckptscope.adapters import Adapter, module_name
 from ckptscope.checkpoints import Checkpoint, as_checkpoint, check_pair
 from ckptscope.engine import EvalConfig, Evaluator
-from ckptscope.engine.placement import resolve_device
 from ckptscope.errors import CkptscopeError
 from ckptscope.groups import Group, normalise_groups, resolve_groups
 from ckptscope.identity import model_identity, parameter_keys, unique_keys
 from ckptscope.inputs import Inputs, check_model, load_inputs, resolve_model, warn_nonfinite
 from ckptscope.keys import file_notes, match_keys, strip_given
 from ckptscope.points import PointSet
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-_KEYWORDS = ("device", "dtype", "autocast", "bn")  # set by the function's own keywords
 
 State = Mapping[str, torch.Tensor]
 Model = nn.Module | str | Adapter | None
@@ -72,25 +67,6 @@ def anchor_notes(checkpoints: Sequence[Checkpoint], names: Sequence[str]) -> lis
     """The checkpoints' loading notes, each naming its file (or ``names``' for a state)."""
     return [note for ck, name in zip(checkpoints, names, strict=True)
             for note in file_notes(ck, name)]
-
-
-def settle_config(config: EvalConfig | None, *, bn: str, dtype: str,
-                  device: str | torch.device | None, caller: str) -> EvalConfig:
-    """The engine's config with the caller's ``bn``, ``dtype`` and device, refused when the
-    config sets them itself (as :func:`ckptscope.linear_path` does)."""
-    if dtype not in DTYPES and dtype not in AUTOCAST:
-        raise CkptscopeError(f"dtype {dtype!r} is not one of {sorted(DTYPES) + sorted(AUTOCAST)}.")
-    config = config or EvalConfig()
-    default = {f.name: f.default for f in fields(EvalConfig)}
-    for name in _KEYWORDS:
-        if getattr(config, name) != default[name]:
-            keyword = "dtype" if name == "autocast" else name
-            raise CkptscopeError(
-                f"config sets {name}={getattr(config, name)}, which {caller} takes from its own "
-                f"{keyword}= keyword; pass {keyword}= instead and leave it out of the config."
-            )
-    return replace(config, bn=bn, dtype=DTYPES.get(dtype, torch.float32),
-                   autocast=AUTOCAST.get(dtype), device=resolve_device(device))
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,6 @@ from ckptscope.engine import EvalConfig, Evaluator
 from ckptscope.errors import CkptscopeError
 from ckptscope.groups import Group, normalise_groups, resolve_groups
 from ckptscope.identity import model_identity
-from ckptscope.keys import file_notes
 from ckptscope.inputs import (
     Inputs,
     StateSource,
@@ -44,6 +43,7 @@ from ckptscope.inputs import (
     match_model,
     pair_model,
 )
+from ckptscope.keys import file_notes
 from ckptscope.points import PointSet, path_points
 from ckptscope.questions import PathQuestion, path_question
 from ckptscope.results import RunInfo, build_result, merge_results
@@ -216,7 +216,8 @@ def linear_paths(
         repair=repair)
     for _, (start, end) in items:  # a pair's metadata refused before any pair is evaluated
         check_stored(start, end, model, data, {"adapter_options": adapter_options,
-                                               "seed": question.config.seed})
+                                               "seed": question.config.seed,
+                                               "strip_prefix": question.strip_prefix})
     shared = _Shared()
     results = []
     for label, (start, end) in items:

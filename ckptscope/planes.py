@@ -37,9 +37,9 @@ from ckptscope.landscape import (
     load_anchors,
     prepare,
     provenance,
-    settle_config,
 )
 from ckptscope.points import PLANE_ANCHORS, axis_grid, grid_points, plane_weights
+from ckptscope.questions import settle_config
 
 PLANE_HOLDS = PLANE_ANCHORS
 MARGIN = 0.25  # the default grid reaches this far beyond the three checkpoints

@@ -46,9 +46,9 @@ from ckptscope.landscape import (
     match_anchors,
     prepare,
     provenance,
-    settle_config,
 )
 from ckptscope.points import SURFACE_ANCHORS, axis_grid, grid_points, surface_weights
+from ckptscope.questions import settle_config
 
 DirectionSpec = str | os.PathLike | Directions | Sequence[StateSource]
 ANCHOR_NAMES = ("CENTER", "A", "B")  # in-memory states' names in notes and errors

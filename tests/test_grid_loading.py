@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import ckptscope
 from ckptscope.checkpoints import save_checkpoint
 from ckptscope.cli import main
 from ckptscope.errors import CkptscopeError
@@ -217,3 +218,20 @@ def test_surface_command_prints_the_direction_files_notes_once(tmp_path, capsys,
     err = capsys.readouterr().err
     assert code == 0, err
     assert err.count(f"note: {first}: stripped prefix 'module.' from {len(a)} keys") == 1, err
+
+
+def test_linear_paths_strips_a_prefix_before_checking_loaded_checkpoints_metadata(
+        tmp_path, mlp_pair):
+    """Read checkpoints whose metadata names an adapter: the prefix is stripped before the
+    adapter's shapes are checked against them (the early metadata check of linear_paths)."""
+    from ckptscope.checkpoints import load_checkpoint
+
+    _, a, b = mlp_pair
+    meta = {"adapter": "mlp", "adapter_options": {"widths": [2, 16, 16, 1]},
+            "data": "spiral:60,40"}
+    paths = [save_checkpoint(tmp_path / f"{n}.safetensors", {"net." + k: v for k, v in s.items()},
+                             metadata=meta) for n, s in (("a", a), ("b", b))]
+    loaded = [load_checkpoint(p) for p in paths]
+    got = ckptscope.linear_paths([tuple(loaded)], alphas=3, strip_prefix="net.")
+    want = ckptscope.linear_path(*paths, alphas=3, strip_prefix="net.")
+    np.testing.assert_array_equal(got.loss.values, want.loss.values)
