@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -69,7 +69,9 @@ def ref_metrics(loss, alpha):
         target = (L[0] + L[-1]) / 2
         for i in range(1, n):
             if L[i] <= target:
-                half = a[i - 1] + (L[i - 1] - target) / (L[i - 1] - L[i]) * (a[i] - a[i - 1])
+                gap = L[i - 1] - L[i]  # 0 only when the halved sum rounds (subnormal losses)
+                half = a[i - 1] + ((L[i - 1] - target) / gap if gap > 0 else 0.0) * (
+                    a[i] - a[i - 1])
                 break
     return {"barrier_height": height, "chord_barrier": chord,
             "midpoint_barrier": peak - (L[0] + L[-1]) / 2, "peak_alpha": peak_at,
@@ -94,6 +96,7 @@ def curve_and_grid(draw, min_size=2, max_size=25):
 
 
 @given(curve_and_grid())
+@example((np.array([0.0, 0.0, -5e-324]), np.array([0.0, 0.5, 1.0])))  # (0 + L_1) / 2 rounds to 0
 @settings(max_examples=200, deadline=None)
 def test_metrics_match_reference_loop(case):
     loss, alpha = case
