@@ -223,8 +223,9 @@ def _above_start(curve, a, *, tol):
 def _half_drop_alpha(curve, a):
     target = (curve[..., 0] + curve[..., -1]) / 2
     drops = curve[..., -1] < curve[..., 0]
-    # First index at or below the target; >= 1 wherever L_1 < L_0, clipped elsewhere.
-    i = np.maximum(np.argmax(curve <= target[..., None], axis=-1), 1)[..., None]
+    # First index after the start at or below the target (L_1 is, wherever L_1 < L_0; the
+    # start itself can be, when the halved sum rounds onto L_0 for subnormal losses).
+    i = (np.argmax(curve[..., 1:] <= target[..., None], axis=-1) + 1)[..., None]
     before = np.take_along_axis(curve, i - 1, axis=-1)[..., 0]
     after = np.take_along_axis(curve, i, axis=-1)[..., 0]
     gap = np.where(drops, before - after, 1.0)

@@ -97,6 +97,7 @@ def curve_and_grid(draw, min_size=2, max_size=25):
 
 @given(curve_and_grid())
 @example((np.array([0.0, 0.0, -5e-324]), np.array([0.0, 0.5, 1.0])))  # (0 + L_1) / 2 rounds to 0
+@example((np.array([0.0, 1.0, 1.0, -5e-324]), np.array([0.0, 0.25, 0.5, 1.0])))
 @settings(max_examples=200, deadline=None)
 def test_metrics_match_reference_loop(case):
     loss, alpha = case
