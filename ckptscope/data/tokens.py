@@ -168,10 +168,23 @@ def load_text(arg: str | None, *, seed: int = 0) -> dict[str, Split]:
     return {"test": windows(stream, seq_len, source=source)}
 
 
+# What a tokenizer's save_pretrained leaves in a folder (one of them at least). Without any,
+# transformers builds an empty tokenizer from config.json alone, which maps all text to
+# nothing or to the unknown token: refused before it is built.
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "vocab.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
 def tokenizer(folder: str | os.PathLike):
     """The tokenizer saved in ``folder`` (``save_pretrained``'s files), loaded offline."""
     from ckptscope.adapters.huggingface import import_transformers
 
+    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+        raise CkptscopeError(
+            f"no tokenizer is saved in {str(folder)!r} (none of {', '.join(TOKENIZER_FILES)}); "
+            f"save one there with tokenizer.save_pretrained(FOLDER), or name another: "
+            f"'text:FILE,tokenizer=DIR'."
+        )
     transformers = import_transformers()
     try:
         return transformers.AutoTokenizer.from_pretrained(
