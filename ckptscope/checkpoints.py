@@ -233,7 +233,7 @@ def _normalise(
     notes = []
     if held:
         notes.append(
-            f"kept {len(held)} {'/'.join(sorted(set(held)))} tensor(s) in their dtype; each is "
+            f"kept {len(held)} {'/'.join(sorted(set(held)))} tensor(s) in their dtype, each "
             f"upcast to the evaluation dtype (float32) one tensor at a time as points are computed"
         )
     if upcast:
