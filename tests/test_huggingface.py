@@ -278,3 +278,18 @@ def test_missing_transformers_is_one_line_naming_the_extra(gpt2_pair, monkeypatc
     monkeypatch.setitem(sys.modules, "transformers", None)  # import fails as if not installed
     with pytest.raises(CkptscopeError, match=r"needs transformers.*pip install -e '\.\[hf\]'"):
         get_adapter("huggingface").build(model_dir=str(gpt2_pair / "init"))
+
+
+def test_inspect_and_distance_with_adapter_huggingface_take_the_folder_as_model_dir(
+        gpt2_pair, capsys):
+    """--adapter huggingface on inspect / distance built the model without the folder's
+    model_dir (a 'missing a required argument' error); path read it from the folder."""
+    root = gpt2_pair
+    for command in (["inspect", "--no-keys"], ["distance"]):
+        code, out, err = run([*command, root / "init", root / "final", "--adapter",
+                              "huggingface", "--preset", "blocks"], capsys)
+        assert code == 0, err
+        assert "transformer.h.1" in out
+    from ckptscope.distance import distances
+    ds = distances(root / "init", root / "final", adapter="huggingface")
+    assert float(ds.relative.sel(group="all")) > 0
