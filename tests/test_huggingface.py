@@ -293,3 +293,30 @@ def test_inspect_and_distance_with_adapter_huggingface_take_the_folder_as_model_
     from ckptscope.distance import distances
     ds = distances(root / "init", root / "final", adapter="huggingface")
     assert float(ds.relative.sel(group="all")) > 0
+
+
+def test_a_state_dict_holding_both_tied_names_reads_like_save_pretrained(gpt2_pair, tmp_path,
+                                                                         capsys):
+    """A folder whose pytorch_model.bin is torch.save(model.state_dict()) (or an older
+    save_pretrained's) holds lm_head.weight beside transformer.wte.weight; the adapter's model
+    leaves the alias out, and the pair was refused ('only in the checkpoint: lm_head.weight')."""
+    root = gpt2_pair
+    model = transformers.GPT2LMHeadModel.from_pretrained(str(root / "final"))
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "config.json").write_bytes((root / "final" / "config.json").read_bytes())
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    assert "lm_head.weight" in torch.load(folder / "pytorch_model.bin", weights_only=True)
+    data = f"tokens:{root / 'heldout.npy'}"
+    got = linear_path(root / "init", folder, data=data, alphas=ALPHAS)
+    want = linear_path(root / "init", root / "final", data=data, alphas=ALPHAS)
+    np.testing.assert_array_equal(got.loss.values, want.loss.values)
+    code, out, err = run(["path", folder, root / "init", "--data", data, "--alphas", 3], capsys)
+    assert code == 0, err
+    # a copy that differs from the tensor it is tied to was not saved from this model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["lm_head.weight"] += 1
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(CkptscopeError, match="lm_head.weight is tied to transformer.wte.weight "
+                                             "in the model, but .* holds different values"):
+        linear_path(root / "init", folder, data=data, alphas=ALPHAS)
