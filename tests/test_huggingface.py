@@ -320,3 +320,24 @@ def test_a_state_dict_holding_both_tied_names_reads_like_save_pretrained(gpt2_pa
     with pytest.raises(CkptscopeError, match="lm_head.weight is tied to transformer.wte.weight "
                                              "in the model, but .* holds different values"):
         linear_path(root / "init", folder, data=data, alphas=ALPHAS)
+
+
+def test_a_folder_with_auto_map_is_refused_even_under_a_stock_class_name(gpt2_pair, tmp_path,
+                                                                          capsys):
+    """auto_map means the folder ships its own modelling code; building the transformers class
+    of the same name instead would evaluate another network without a word."""
+    root = gpt2_pair
+    folder = tmp_path / "remote"
+    folder.mkdir()
+    config = json.loads((root / "final" / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomGPT2"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes((root / "final" / "model.safetensors").read_bytes())
+    data = f"tokens:{root / 'heldout.npy'}"
+    code, out, err = run(["path", folder, root / "final", "--data", data, "--alphas", 3], capsys)
+    assert code == 2 and err.startswith("error: ") and "auto_map" in err and out == ""
+    assert len(err.strip().splitlines()) == 1
+    code, out, err = run(["path", folder, root / "final", "--data", data, "--alphas", 3,
+                          "--adapter-opt", f"model_dir={folder}", "--adapter-opt",
+                          "architecture=GPT2LMHeadModel"], capsys)
+    assert code == 0, err
