@@ -117,5 +117,6 @@ def test_text_refuses_a_folder_without_tokenizer_files(tmp_path):
     (tmp_path / "t.txt").write_text("a b c d e f\n")
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text('{"model_type": "gpt2"}')
-    with pytest.raises(CkptscopeError, match="no tokenizer is saved in .*tokenizer.save_pretrained"):
+    with pytest.raises(CkptscopeError,
+                       match="no tokenizer is saved in .*tokenizer.save_pretrained"):
         load_data(f"text:{tmp_path / 't.txt'},seq_len=2,tokenizer={tmp_path / 'model'}")
