@@ -120,3 +120,16 @@ def test_text_refuses_a_folder_without_tokenizer_files(tmp_path):
     with pytest.raises(CkptscopeError,
                        match="no tokenizer is saved in .*tokenizer.save_pretrained"):
         load_data(f"text:{tmp_path / 't.txt'},seq_len=2,tokenizer={tmp_path / 'model'}")
+
+
+def test_seq_len_that_saved_windows_do_not_have_is_refused(tmp_path):
+    """--seq-len on a file of windows was ignored: windows of 16 came back for seq_len=4."""
+    ids = np.arange(6 * 17).reshape(6, 17) % 50
+    np.save(tmp_path / "w.npy", ids)
+    np.savez(tmp_path / "p.npz", inputs=ids[:, :-1], targets=ids[:, 1:])
+    for name in ("w.npy", "p.npz"):
+        with pytest.raises(CkptscopeError, match=r"holds windows of shape \(6, 16\) already, so "
+                                                 r"seq_len=4 \(--seq-len\) cannot apply"):
+            load_data(f"tokens:{tmp_path / name},seq_len=4")
+        x, _ = load_data(f"tokens:{tmp_path / name},seq_len=16")["test"]  # the same: fine
+        assert tuple(x.shape) == (6, 16)

@@ -121,6 +121,7 @@ def load_tokens(arg: str | None, *, seed: int = 0) -> dict[str, Split]:
                 f"{source}: inputs of shape {x.shape} and targets of shape {y.shape}; give as "
                 f"many of each (n >= 1)."
             )
+        _no_seq_len(seq_len, x.shape, source)
         return {"test": (torch.as_tensor(x, dtype=torch.long),
                          torch.as_tensor(y, dtype=torch.long))}
     array = _ints(loaded, "token ids", source=source)
@@ -136,8 +137,19 @@ def load_tokens(arg: str | None, *, seed: int = 0) -> dict[str, Split]:
             f"{source} has shape {array.shape}; give windows (n, T + 1) with T >= 1, or a 1-D "
             f"stream with --seq-len."
         )
+    _no_seq_len(seq_len, (array.shape[0], array.shape[1] - 1), source)
     ids = torch.as_tensor(array, dtype=torch.long)
     return {"test": (ids[:, :-1].contiguous(), ids[:, 1:].contiguous())}
+
+
+def _no_seq_len(seq_len: int | None, shape: tuple[int, ...], source: str) -> None:
+    """Refuse a window length that differs from the one windows already saved have (it would
+    be ignored: only a 1-D stream is cut)."""
+    if seq_len is not None and (len(shape) < 2 or seq_len != shape[1]):
+        raise CkptscopeError(
+            f"{source} holds windows of shape {tuple(shape)} already, so seq_len={seq_len} "
+            f"(--seq-len) cannot apply; leave it out, or save a 1-D token stream to cut."
+        )
 
 
 def load_text(arg: str | None, *, seed: int = 0) -> dict[str, Split]:
