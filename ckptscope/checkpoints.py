@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import struct
 import zipfile
 from collections.abc import Mapping
@@ -137,7 +138,7 @@ def _read_torch(path: Path, kind: str) -> object:
             # Some zip files cannot be mapped (written by other tools): read them whole.
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).splitlines()[0]
+        reason = unpickling_reason(err)
         raise CkptscopeError(
             f"{str(path)!r} holds objects that only a full unpickle could load, which could run "
             f"code ({reason[:160]}); ckptscope reads weights only. Re-save its state_dict with "
@@ -149,6 +150,16 @@ def _read_torch(path: Path, kind: str) -> object:
             f"{str(path)!r} is not a readable torch checkpoint ({reason[:160]}); it may be "
             f"truncated or of another format: save it again."
         ) from None
+
+
+def unpickling_reason(err: BaseException) -> str:
+    """What torch's weights-only unpickler refused, in one plain line: its
+    ``WeightsUnpickler error: Unsupported global: GLOBAL pkg.Class ...`` sentence (torch's
+    first line is advice with terminal escapes), else its first line; never escape codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?:\. Please|\n|$)", text)
+    line = found.group(1) if found else (text.splitlines() or [type(err).__name__])[0]
+    return "".join(c if c.isprintable() else "?" for c in line).strip()
 
 
 def unwrap_state(
@@ -233,7 +244,7 @@ def _normalise(
     notes = []
     if held:
         notes.append(
-            f"kept {len(held)} {'/'.join(sorted(set(held)))} tensor(s) in their dtype; each is "
+            f"kept {len(held)} {'/'.join(sorted(set(held)))} tensor(s) in their dtype, each "
             f"upcast to the evaluation dtype (float32) one tensor at a time as points are computed"
         )
     if upcast:

@@ -128,15 +128,16 @@ def distance_table(
 ) -> dict[str, list]:
     """What :func:`distances` returns, as plain lists per group (no dataset): ``groups``,
     ``patterns``, ``relative``, ``l2``, ``cosine``, ``n_tensors``, ``n_params``."""
-    from ckptscope.adapters import get_adapter
     from ckptscope.checkpoints import as_checkpoint, check_pair
     from ckptscope.groups import normalise_groups, resolve_groups
     from ckptscope.keys import match_keys
 
     a, b = as_checkpoint(a), as_checkpoint(b)
     if module is None and adapter is not None:
-        adapter = get_adapter(adapter)
-        module = adapter.make(adapter.options_for(a.state, None))
+        from ckptscope.inputs import choose_adapter
+
+        adapter, options, _ = choose_adapter(adapter, a, b, None)  # the metadata's options too
+        module = adapter.make(options)
     a, b = match_keys(a, b, module=module)  # tied names, counters (a no-op on a matched pair)
     check_pair(a.state, b.state, names=(a.path or "A", b.path or "B"))
     params = parameter_keys(a.state, module)

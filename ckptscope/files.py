@@ -95,6 +95,7 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
 
 def _create_temporary(path: Path, suffix: str) -> Path:
     """Create an empty temporary for ``path`` (mode 0o666 less the umask) and return it."""
+    missing = 0
     for _ in range(100):
         tmp = path.with_name(f".{path.name}.{os.getpid()}-{_HOST}.{secrets.token_hex(8)}{suffix}")
         try:
@@ -103,6 +104,9 @@ def _create_temporary(path: Path, suffix: str) -> Path:
         except FileExistsError:
             continue
         except FileNotFoundError:  # the folder went away (another run cleaned up): again
+            missing += path.parent.is_dir()
+            if missing > 1:  # it is there, and still no file: the file system's own refusal
+                raise
             path.parent.mkdir(parents=True, exist_ok=True)
             continue
         os.close(fd)

@@ -240,6 +240,60 @@ def follow_pair_ties(ckpt: Checkpoint, other: Checkpoint) -> Checkpoint:
     return _noted(ckpt, state, [note] if note else [])
 
 
+def hidden_aliases(module: nn.Module) -> dict[str, str]:
+    """The names the module holds a tensor under that its state dict leaves out -> the name it
+    keeps (the Hugging Face adapter's models drop tied aliases as ``save_pretrained`` does:
+    ``lm_head.weight`` -> ``transformer.wte.weight``); empty for a plain module."""
+    tensors = model_tensors(module)
+    kept: dict[int, str] = {}
+    for key, tensor in tensors.items():
+        kept.setdefault(id(tensor), key)
+    named = [*module.named_parameters(remove_duplicate=False),
+             *module.named_buffers(remove_duplicate=False)]
+    return {name: kept[id(t)] for name, t in named if name not in tensors and id(t) in kept}
+
+
+def drop_hidden_aliases(state: Tensors, hidden: Mapping[str, str], label: str
+                        ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``state`` without the tied names the model's state dict leaves out (a ``torch.save``'d
+    state dict, or an older ``save_pretrained``'s ``pytorch_model.bin``, holds both names), and
+    the names dropped that held a copy (not one storage) of the kept tensor.
+
+    Raises:
+        CkptscopeError: ``state`` holds different values under the two names.
+    """
+    extra = [k for k in state if k in hidden and hidden[k] in state]
+    if not extra:
+        return dict(state), []
+    out, copies = dict(state), []
+    for alias in extra:
+        value, first = out.pop(alias), state[hidden[alias]]
+        if value is first or (value.shape == first.shape and value.stride() == first.stride()
+                              and value.data_ptr() == first.data_ptr()):
+            continue  # one storage under two names: nothing to say
+        if value.shape != first.shape or not torch.equal(value, first):
+            raise CkptscopeError(
+                f"{alias} is tied to {hidden[alias]} in the model, but {label} holds different "
+                f"values under the two names, so it was not saved from this model; pick the "
+                f"adapter and options the checkpoint was saved from (one that does not tie "
+                f"them)."
+            )
+        copies.append(alias)
+    return out, copies
+
+
+def leave_out_hidden_aliases(ckpt: Checkpoint, hidden: Mapping[str, str], label: str
+                             ) -> Checkpoint:
+    """:func:`drop_hidden_aliases` on a checkpoint, with a note for the copies dropped."""
+    state, copies = drop_hidden_aliases(ckpt.state, hidden, label)
+    if len(state) == len(ckpt.state):
+        return ckpt
+    notes = [f"left out {', '.join(copies)}: equal to the tensor{'s' if len(copies) > 1 else ''} "
+             f"the model ties {'them' if len(copies) > 1 else 'it'} to, which it stores once"
+             ] if copies else []
+    return replace(ckpt, state=state, notes=ckpt.notes + tuple(notes))
+
+
 def tie_hint(tensors: Tensors, missing: Iterable[str]) -> str:
     """A sentence naming the model's ties among ``missing`` keys ("" when none)."""
     missing = set(missing)
@@ -312,6 +366,10 @@ def match_keys(a: Checkpoint, b: Checkpoint | None = None, *, module: nn.Module 
         ckpts = [match_prefix(c, tensors, what="the model") for c in ckpts]
         ckpts = [follow_model_ties(c, tensors, label) for c, label in zip(ckpts, labels,
                                                                             strict=True)]
+        hidden = hidden_aliases(unwrap_module(module))
+        if hidden:
+            ckpts = [leave_out_hidden_aliases(c, hidden, label)
+                     for c, label in zip(ckpts, labels, strict=True)]
     elif len(ckpts) == 2:
         first, second = ckpts
         ckpts = [match_prefix(first, second.state, what="the other checkpoint"),

@@ -41,14 +41,15 @@ def shown_names(names: Iterable[object], limit: int = _SHOWN) -> str:
 def trainer_note(obj: Mapping, wrapper: str) -> str:
     """One note on what a wrapped checkpoint holds besides the state dict under ``wrapper``.
 
-    Example: ``"Lightning 2.4.0 checkpoint: epoch 3, global_step 1200; optimizer states and 3 other
-    trainer keys (callbacks, hyper_parameters, lr_schedulers) ignored"``.
+    Example: ``"Lightning 2.4.0 checkpoint (epoch 3, global_step 1200): optimizer states and 3
+    other trainer keys (callbacks, hyper_parameters, lr_schedulers) ignored"``. A note never
+    holds ``"; "``: a result's ``notes`` attribute joins its notes with it.
     """
     others = [k for k in obj if k != wrapper]
     if not is_lightning(obj):
         if not others:
             return f"read the state dict under {wrapper!r}"
-        return (f"read the state dict under {wrapper!r}; {len(others)} other key(s) ignored "
+        return (f"read the state dict under {wrapper!r}, {len(others)} other key(s) ignored "
                 f"({shown_names(others)})")
     where = [f"{name} {obj[name]}" for name in ("epoch", "global_step")
              if isinstance(obj.get(name), int) and not isinstance(obj.get(name), bool)]
@@ -59,8 +60,8 @@ def trainer_note(obj: Mapping, wrapper: str) -> str:
         parts.append(f"{len(ignored)} other trainer key(s) ({shown_names(ignored)})")
     version = obj.get(VERSION_KEY)
     version = f" {version}" if isinstance(version, str) and _VERSION.fullmatch(version) else ""
-    text = f"Lightning{version} checkpoint" + (f": {', '.join(where)}" if where else "")
-    return text + (f"; {' and '.join(parts)} ignored" if parts else "")
+    text = f"Lightning{version} checkpoint" + (f" ({', '.join(where)})" if where else "")
+    return text + (f": {' and '.join(parts)} ignored" if parts else "")
 
 
 def every_key_has(keys: Iterable[str], prefix: str) -> bool:

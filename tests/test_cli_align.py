@@ -84,3 +84,18 @@ def test_align_refuses_a_model_with_nothing_to_permute(tmp_path, capsys):
                           capsys)
     assert code == 2 and "error: nothing in MLP can be permuted" in stderr
     assert stderr.count("\n") == 1 and not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("command", ["align", "path"])
+def test_activation_matching_on_data_the_model_does_not_take_is_one_line(two_seeds, tmp_path,
+                                                                         capsys, command):
+    """The model's own error during activation matching came out as a traceback, exit 1."""
+    ref, other = two_seeds
+    out = tmp_path / ("aligned.safetensors" if command == "align" else "r.nc")
+    argv = (["align", str(ref), str(other), "--method", "activations"] if command == "align"
+            else ["path", str(ref), str(other), "--align", "activations", "--alphas", "3"])
+    code, _, stderr = run([*argv, "--data", "digits", "--out", str(out)], capsys)
+    assert code == 2, stderr
+    assert stderr.startswith("error: the model failed on the 'train' inputs of shape")
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seed0.safetensors", "seed1.safetensors"]

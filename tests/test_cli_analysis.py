@@ -515,6 +515,16 @@ def test_path_run_dir_without_checkpoints_exit_2(tmp_path, capsys):
     assert os.listdir(tmp_path) == ["empty"]
 
 
+def test_path_run_dir_names_what_is_missing(tmp_path, capsys):
+    """A missing folder said it 'lacks' both files; a half-written one named both too."""
+    code, _, err = run(["path", "--run-dir", tmp_path / "nope"], capsys)
+    assert_bad_input(code, err, "nope' does not exist or is not a folder")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "init.safetensors").write_bytes(b"")
+    code, _, err = run(["path", "--run-dir", tmp_path / "half"], capsys)
+    assert_bad_input(code, err, "lacks final.safetensors; pass the files with --pair")
+
+
 def test_path_tolerance_changes_verdict_and_is_recorded(ckpts, tmp_path, capsys):
     out = tmp_path / "r.nc"
     code, stdout, err = run(["path", ckpts["high"], ckpts["low"], "--alphas", ALPHAS,

@@ -272,3 +272,66 @@ def test_missing_transformers_is_one_line_naming_the_extra(gpt2_pair, monkeypatc
     monkeypatch.setitem(sys.modules, "transformers", None)  # import fails as if not installed
     with pytest.raises(CkptscopeError, match=r"needs transformers.*pip install -e '\.\[hf\]'"):
         get_adapter("huggingface").build(model_dir=str(gpt2_pair / "init"))
+
+
+def test_inspect_and_distance_with_adapter_huggingface_take_the_folder_as_model_dir(
+        gpt2_pair, capsys):
+    """--adapter huggingface on inspect / distance built the model without the folder's
+    model_dir (a 'missing a required argument' error); path read it from the folder."""
+    root = gpt2_pair
+    for command in (["inspect", "--no-keys"], ["distance"]):
+        code, out, err = run([*command, root / "init", root / "final", "--adapter",
+                              "huggingface", "--preset", "blocks"], capsys)
+        assert code == 0, err
+        assert "transformer.h.1" in out
+    from ckptscope.distance import distances
+    ds = distances(root / "init", root / "final", adapter="huggingface")
+    assert float(ds.relative.sel(group="all")) > 0
+
+
+def test_a_state_dict_holding_both_tied_names_reads_like_save_pretrained(gpt2_pair, tmp_path,
+                                                                         capsys):
+    """A folder whose pytorch_model.bin is torch.save(model.state_dict()) (or an older
+    save_pretrained's) holds lm_head.weight beside transformer.wte.weight; the adapter's model
+    leaves the alias out, and the pair was refused ('only in the checkpoint: lm_head.weight')."""
+    root = gpt2_pair
+    model = transformers.GPT2LMHeadModel.from_pretrained(str(root / "final"))
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "config.json").write_bytes((root / "final" / "config.json").read_bytes())
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    assert "lm_head.weight" in torch.load(folder / "pytorch_model.bin", weights_only=True)
+    data = f"tokens:{root / 'heldout.npy'}"
+    got = linear_path(root / "init", folder, data=data, alphas=ALPHAS)
+    want = linear_path(root / "init", root / "final", data=data, alphas=ALPHAS)
+    np.testing.assert_array_equal(got.loss.values, want.loss.values)
+    code, out, err = run(["path", folder, root / "init", "--data", data, "--alphas", 3], capsys)
+    assert code == 0, err
+    # a copy that differs from the tensor it is tied to was not saved from this model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["lm_head.weight"] += 1
+    torch.save(state, folder / "pytorch_model.bin")
+    with pytest.raises(CkptscopeError, match="lm_head.weight is tied to transformer.wte.weight "
+                                             "in the model, but .* holds different values"):
+        linear_path(root / "init", folder, data=data, alphas=ALPHAS)
+
+
+def test_a_folder_with_auto_map_is_refused_even_under_a_stock_class_name(gpt2_pair, tmp_path,
+                                                                          capsys):
+    """auto_map means the folder ships its own modelling code; building the transformers class
+    of the same name instead would evaluate another network without a word."""
+    root = gpt2_pair
+    folder = tmp_path / "remote"
+    folder.mkdir()
+    config = json.loads((root / "final" / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomGPT2"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes((root / "final" / "model.safetensors").read_bytes())
+    data = f"tokens:{root / 'heldout.npy'}"
+    code, out, err = run(["path", folder, root / "final", "--data", data, "--alphas", 3], capsys)
+    assert code == 2 and err.startswith("error: ") and "auto_map" in err and out == ""
+    assert len(err.strip().splitlines()) == 1
+    code, out, err = run(["path", folder, root / "final", "--data", data, "--alphas", 3,
+                          "--adapter-opt", f"model_dir={folder}", "--adapter-opt",
+                          "architecture=GPT2LMHeadModel"], capsys)
+    assert code == 0, err

@@ -337,7 +337,7 @@ def test_lightning_checkpoint_is_read_with_one_note(tmp_path, features):
     ckpt = load_checkpoint(tmp_path / "b.ckpt")
     assert sorted(ckpt.state) == sorted(b)
     assert ckpt.notes == (
-        "Lightning 2.4.0 checkpoint: epoch 3, global_step 1200; optimizer states and 4 other "
+        "Lightning 2.4.0 checkpoint (epoch 3, global_step 1200): optimizer states and 4 other "
         "trainer key(s) (callbacks, hyper_parameters, loops, ...) ignored",
         f"stripped prefix 'model.' from {len(b)} keys",
     )
@@ -380,7 +380,7 @@ def test_plain_wrapper_note_names_ignored_keys(tmp_path):
     a, _ = states(ShiftNet(), 12)
     torch.save({"model": a, "epoch": 2, "optimizer": {"lr": 0.1}}, tmp_path / "a.pt")
     assert load_checkpoint(tmp_path / "a.pt").notes == (
-        "read the state dict under 'model'; 2 other key(s) ignored (epoch, optimizer)",)
+        "read the state dict under 'model', 2 other key(s) ignored (epoch, optimizer)",)
 
 
 # --- BatchNorm counters ----------------------------------------------------------------------
@@ -464,7 +464,7 @@ def test_cli_path_lightning_and_ddp_pair_with_a_preset(tmp_path, mlp_pair, capsy
     assert code == 0, err
     lines = err.splitlines()
     for line in (f"note: {start}: stripped prefix 'module.' from {len(a)} keys",
-                 f"note: {end}: Lightning 2.4.0 checkpoint: epoch 3, global_step 1200; "
+                 f"note: {end}: Lightning 2.4.0 checkpoint (epoch 3, global_step 1200): "
                  f"optimizer states and 4 other trainer key(s) (callbacks, hyper_parameters, "
                  f"loops, ...) ignored",
                  f"note: {end}: stripped prefix 'model.' from {len(b)} keys"):
@@ -514,3 +514,23 @@ def test_cli_strip_prefix(tmp_path, capsys):
     assert err.startswith("error: strip prefix 'model.' (--strip-prefix, strip_prefix=) is not "
                           f"on every key of '{pa}' (their keys start with net.); give")
     assert len(err.strip().splitlines()) == 1
+
+
+def test_cli_notes_print_whole_once_and_split_cleanly_from_the_result(tmp_path, mlp_pair,
+                                                                      capsys):
+    """A result joins its notes with '; ': a note holding '; ' came back cut in two, and its
+    first half was printed a second time (a bf16 file's note, a Lightning file's)."""
+    _, a, b = mlp_pair
+    save_file({k: v.to(torch.bfloat16) for k, v in a.items()}, str(tmp_path / "a.safetensors"))
+    torch.save(lightning(b), tmp_path / "last.ckpt")
+    start, end, out = tmp_path / "a.safetensors", tmp_path / "last.ckpt", tmp_path / "r.nc"
+    code, _, err = cli(["path", start, end, "--adapter", "mlp", "--adapter-opt",
+                        "widths=[2,16,16,1]", "--data", "spiral:120,90", "--alphas", 3,
+                        "--out", out], capsys)
+    assert code == 0, err
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == len(set(notes)) >= 3, err
+    for note in notes:  # no note is the head of another
+        assert not any(other != note and other.startswith(note) for other in notes), err
+    recorded = ckptscope.open_result(out).attrs["notes"].split("; ")
+    assert {f"note: {n}" for n in recorded} == set(notes)

@@ -493,3 +493,21 @@ def test_written_files_honour_the_umask(tmp_path, good, umask, mode):
         os.umask(before)
     for path in (out, text, tmp_path / "made.bin"):
         assert oct(path.stat().st_mode & 0o777) == oct(mode), path
+
+
+def test_a_folder_that_refuses_new_files_is_named_not_retried(tmp_path, monkeypatch):
+    """A folder that exists but where no file can be created (/proc) said 'no free temporary
+    name' after 100 tries; it is the file system's own error, after one retry."""
+    from ckptscope.errors import CkptscopeError
+
+    calls = []
+
+    def refuse(path, *args, **kwargs):
+        calls.append(path)
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+
+    monkeypatch.setattr("ckptscope.files.os.open", refuse)
+    with pytest.raises(CkptscopeError, match=r"cannot write .*x\.png': No such file or directory"):
+        with replacing(tmp_path / "x.png"):
+            pass
+    assert len(calls) == 2

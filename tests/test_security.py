@@ -282,3 +282,20 @@ def test_repeated_group_in_one_call_is_not_reported_as_resumed(tmp_path, good, c
     err = capsys.readouterr().err
     assert code == 0 and "resumed" not in err
     assert "resumed" not in open_result(out).attrs["notes"]
+
+
+class _TrainerHparams(dict):
+    """A stand-in for Lightning's AttributeDict: a class only a full unpickle builds."""
+
+
+def test_refused_class_is_named_without_terminal_escapes(tmp_path, good, capsys):
+    """torch's first line is advice wrapped in ANSI bold codes; the one-line error carried them
+    to the terminal and left out which class the file needed."""
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "hyper_parameters": _TrainerHparams(lr=1)},
+               path)
+    code = main(["path", str(good[0]), str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "\x1b" not in err
+    assert "Unsupported global: GLOBAL tests.test_security._TrainerHparams" in err

@@ -108,3 +108,28 @@ def test_cli_seq_len_with_other_data_is_exit_2(tmp_path, capsys):
     code = main(["path", "a.safetensors", "b.safetensors", "--data", "spiral", "--seq-len", "4"])
     err = capsys.readouterr().err
     assert code == 2 and "error: --seq-len applies to --data tokens:FILE" in err
+
+
+def test_text_refuses_a_folder_without_tokenizer_files(tmp_path):
+    """transformers builds an empty tokenizer from a bare config.json (all text -> no ids, or
+    [UNK]); a model folder saved without its tokenizer is refused, naming the fix."""
+    pytest.importorskip("transformers")
+    (tmp_path / "t.txt").write_text("a b c d e f\n")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(CkptscopeError,
+                       match="no tokenizer is saved in .*tokenizer.save_pretrained"):
+        load_data(f"text:{tmp_path / 't.txt'},seq_len=2,tokenizer={tmp_path / 'model'}")
+
+
+def test_seq_len_that_saved_windows_do_not_have_is_refused(tmp_path):
+    """--seq-len on a file of windows was ignored: windows of 16 came back for seq_len=4."""
+    ids = np.arange(6 * 17).reshape(6, 17) % 50
+    np.save(tmp_path / "w.npy", ids)
+    np.savez(tmp_path / "p.npz", inputs=ids[:, :-1], targets=ids[:, 1:])
+    for name in ("w.npy", "p.npz"):
+        with pytest.raises(CkptscopeError, match=r"holds windows of shape \(6, 16\) already, so "
+                                                 r"seq_len=4 \(--seq-len\) cannot apply"):
+            load_data(f"tokens:{tmp_path / name},seq_len=4")
+        x, _ = load_data(f"tokens:{tmp_path / name},seq_len=16")["test"]  # the same: fine
+        assert tuple(x.shape) == (6, 16)

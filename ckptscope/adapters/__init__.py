@@ -18,7 +18,13 @@ import torch
 from torch import nn
 
 from ckptscope.errors import CkptscopeError
-from ckptscope.keys import check_model_keys, complete, model_tensors
+from ckptscope.keys import (
+    check_model_keys,
+    complete,
+    drop_hidden_aliases,
+    hidden_aliases,
+    model_tensors,
+)
 from ckptscope.metadata import FAMILY_ARG
 from ckptscope.registry import Registry, import_object, is_import_spec
 
@@ -112,6 +118,7 @@ class Adapter:
                 f"module ({reason}); {fix}."
             ) from None
         tensors = model_tensors(skeleton)
+        like = drop_hidden_aliases(like, hidden_aliases(skeleton), where)[0]
         check_model_keys(tensors, complete(like, tensors),
                          names=(f"the model ({self.name}, options {_shown(options)}{origin})",
                                 where),

@@ -127,7 +127,15 @@ def build(model_dir: str, architecture: str | None = None,
     """
     source = repr(str(Path(model_dir) / "config.json"))
     if architecture is None:
-        architecture = architecture_of(read_config(model_dir), source=source)
+        config = read_config(model_dir)
+        if "auto_map" in config:  # the folder's own modelling code, even under a stock name
+            raise CkptscopeError(
+                f"{source} has an auto_map entry: its model is code shipped in the folder "
+                f"(trust_remote_code), which ckptscope never runs; pass your own --adapter "
+                f"pkg.module:attr, or --adapter-opt architecture=CLASS to build a transformers "
+                f"class instead."
+            )
+        architecture = architecture_of(config, source=source)
         cls = model_class(architecture, source=source)
     else:
         read_config(model_dir)

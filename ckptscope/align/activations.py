@@ -21,6 +21,7 @@ from torch import fx, nn
 
 from ckptscope.align.spec import PermutationSpec, check_spec
 from ckptscope.align.weights import Matching
+from ckptscope.engine.failures import Where, from_user_code
 from ckptscope.errors import CkptscopeError
 
 _EPS = 1e-12
@@ -112,7 +113,14 @@ def activation_matching(spec: PermutationSpec, model: nn.Module,
             batch = inputs[start:start + batch_size]
             seen: list[dict] = [{}, {}]
             for net, record in zip(nets, seen, strict=True):
-                _Recorder(net, wanted, record).run(batch)
+                try:
+                    _Recorder(net, wanted, record).run(batch)
+                except Exception as err:  # the model's failure (data that does not fit it)
+                    if not from_user_code(err):
+                        raise
+                    where = Where(model=type(model).__name__)
+                    where.at("train", batch)
+                    raise where.model_failed(err) from err
             for name, sites in spec.sites.items():
                 for node, _ in sites:
                     if node in seen[0]:

@@ -12,8 +12,8 @@ from ckptscope.cli.output import table
 def _read(start: str, end: str | None, adapter: str | None, strip_prefixes: tuple[str, ...]):
     """The checkpoints matched to each other, or to the adapter's model when one is given
     (:func:`ckptscope.keys.match_keys`), their notes printed once, and the model (or None)."""
-    from ckptscope.adapters import get_adapter
     from ckptscope.checkpoints import load_checkpoint
+    from ckptscope.inputs import choose_adapter
     from ckptscope.keys import match_keys
 
     a = load_checkpoint(start)
@@ -21,8 +21,10 @@ def _read(start: str, end: str | None, adapter: str | None, strip_prefixes: tupl
     a, b = match_keys(a, b, strip_prefix=strip_prefixes)
     module = None
     if adapter is not None:
-        chosen = get_adapter(adapter)
-        module = chosen.make(chosen.options_for(a.state, None))
+        # the options a file's metadata gives its own adapter (a Hugging Face folder's
+        # model_dir, a ResNet's width), as for path
+        chosen, options, _ = choose_adapter(adapter, a, b or a, None)
+        module = chosen.make(options)
         a, b = match_keys(a, b, module=module)
     return a, b, module
 

@@ -30,10 +30,13 @@ def _run_dir(run_dir: str) -> tuple[str, str]:
     """The (init, final) checkpoints of a run directory written by ckptscope."""
     folder = Path(run_dir)
     start, end = folder / "init.safetensors", folder / "final.safetensors"
-    if not (start.is_file() and end.is_file()):
+    if not folder.is_dir():
+        raise CkptscopeError(f"run directory {run_dir!r} does not exist or is not a folder.")
+    missing = [p.name for p in (start, end) if not p.is_file()]
+    if missing:
         raise CkptscopeError(
-            f"run directory {run_dir!r} lacks init.safetensors and final.safetensors; pass the "
-            f"files with --pair START END instead."
+            f"run directory {run_dir!r} lacks {' and '.join(missing)}; pass the files with "
+            f"--pair START END instead."
         )
     return str(start), str(end)
 

@@ -121,6 +121,7 @@ def load_tokens(arg: str | None, *, seed: int = 0) -> dict[str, Split]:
                 f"{source}: inputs of shape {x.shape} and targets of shape {y.shape}; give as "
                 f"many of each (n >= 1)."
             )
+        _no_seq_len(seq_len, x.shape, source)
         return {"test": (torch.as_tensor(x, dtype=torch.long),
                          torch.as_tensor(y, dtype=torch.long))}
     array = _ints(loaded, "token ids", source=source)
@@ -136,8 +137,19 @@ def load_tokens(arg: str | None, *, seed: int = 0) -> dict[str, Split]:
             f"{source} has shape {array.shape}; give windows (n, T + 1) with T >= 1, or a 1-D "
             f"stream with --seq-len."
         )
+    _no_seq_len(seq_len, (array.shape[0], array.shape[1] - 1), source)
     ids = torch.as_tensor(array, dtype=torch.long)
     return {"test": (ids[:, :-1].contiguous(), ids[:, 1:].contiguous())}
+
+
+def _no_seq_len(seq_len: int | None, shape: tuple[int, ...], source: str) -> None:
+    """Refuse a window length that differs from the one windows already saved have (it would
+    be ignored: only a 1-D stream is cut)."""
+    if seq_len is not None and (len(shape) < 2 or seq_len != shape[1]):
+        raise CkptscopeError(
+            f"{source} holds windows of shape {tuple(shape)} already, so seq_len={seq_len} "
+            f"(--seq-len) cannot apply; leave it out, or save a 1-D token stream to cut."
+        )
 
 
 def load_text(arg: str | None, *, seed: int = 0) -> dict[str, Split]:
@@ -168,10 +180,23 @@ def load_text(arg: str | None, *, seed: int = 0) -> dict[str, Split]:
     return {"test": windows(stream, seq_len, source=source)}
 
 
+# What a tokenizer's save_pretrained leaves in a folder (one of them at least). Without any,
+# transformers builds an empty tokenizer from config.json alone, which maps all text to
+# nothing or to the unknown token: refused before it is built.
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "vocab.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
 def tokenizer(folder: str | os.PathLike):
     """The tokenizer saved in ``folder`` (``save_pretrained``'s files), loaded offline."""
     from ckptscope.adapters.huggingface import import_transformers
 
+    if not any((Path(folder) / name).is_file() for name in TOKENIZER_FILES):
+        raise CkptscopeError(
+            f"no tokenizer is saved in {str(folder)!r} (none of {', '.join(TOKENIZER_FILES)}); "
+            f"save one there with tokenizer.save_pretrained(FOLDER), or name another: "
+            f"'text:FILE,tokenizer=DIR'."
+        )
     transformers = import_transformers()
     try:
         return transformers.AutoTokenizer.from_pretrained(
