@@ -188,7 +188,15 @@ def validate_result(ds: xr.Dataset, *, source: str = "the result") -> xr.Dataset
     if "x" in ds.dims and "y" in ds.dims and "alpha" not in ds.dims:  # ckptscope.grids
         raise CkptscopeError(
             f"{source} is a {str(ds.attrs.get('grid_kind', 'plane or surface'))[:20]} grid "
-            f"result, not a path result; open it with ckptscope.open_grid."
+            f"result, not a path result: draw it with `ckptscope plot` (Python: "
+            f"ckptscope.open_grid)."
+        )
+    kind = str(ds.attrs.get("ckptscope_kind", ""))[:20]
+    if kind in ("trajectory", "instability"):  # ckptscope.matrix_results
+        raise CkptscopeError(
+            f"{source} is {'a' if kind[0] == 't' else 'an'} {kind} result, not a path result: "
+            f"it holds many paths over (start, end) or (spawn, pair); its figures come from "
+            f"`ckptscope {kind} --plot` (Python: ckptscope.open_matrix)."
         )
     variables = ds.variables  # Variables, not DataArrays: no coordinate gathering per lookup
     for name in ("loss", "accuracy", "distance"):

@@ -176,6 +176,17 @@ def test_trajectory_file_round_trips_and_refuses_other_results(every_pair, tmp_p
     assert not (tmp_path / "bad.nc").exists()
 
 
+@pytest.mark.parametrize("command", [["summarize"], ["check", "--expect", "all:shape=monotonic"],
+                                     ["report", "--out", "{tmp}/r.html"]])
+def test_path_commands_name_a_trajectory_result(every_pair, tmp_path, capsys, command):
+    path = save_matrix(every_pair, tmp_path / "t.nc")
+    code = main([command[0], str(path), *(a.format(tmp=tmp_path) for a in command[1:])])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "is a trajectory result, not a path result" in err and "open_matrix" in err
+    assert not (tmp_path / "r.html").exists()
+
+
 def test_plot_trajectory_draws_heatmaps_and_the_to_final_view(every_pair):
     import matplotlib
 
