@@ -1,8 +1,9 @@
 """Distances in weight space (the paper's appendix E, eq. 4).
 
 d(theta_b, theta_a) = ||theta_b - theta_a||_F / ||theta_a||_F over a group's parameters,
-in float64, from the tensors as stored (a block of each upcast at a time). Buffers (BatchNorm running statistics, ``num_batches_tracked``) are not parameters
-and are left out; tied tensors (two keys, one storage) count once.
+in float64, from the tensors as stored (a block of each upcast at a time). Buffers (BatchNorm
+running statistics, ``num_batches_tracked``) are not parameters and are left out; tied tensors
+(two keys, one storage) count once.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import torch
 from torch import nn
 
 from ckptscope.identity import parameter_keys, state_aliases, unique, unique_keys
-
 
 # Elements of one tensor upcast to float64 at a time: a big tensor (an embedding, a memory-
 # mapped checkpoint's) costs three blocks of temporaries, not three float64 copies of itself.

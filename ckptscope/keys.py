@@ -315,7 +315,7 @@ def fill_counters(ckpts: Sequence[Checkpoint], tensors: Tensors | None,
     else:
         wanted = list(dict.fromkeys(k for c in ckpts for k in c.state if is_counter(k)))
     out = []
-    for i, ckpt in enumerate(ckpts):
+    for ckpt in ckpts:
         missing = [k for k in wanted if k not in ckpt.state]
         if not missing:
             out.append(ckpt)

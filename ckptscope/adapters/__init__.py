@@ -216,7 +216,6 @@ def module_name(model: nn.Module) -> str:
     return f"module:{type(model).__qualname__}"
 
 
-# Register the built-in adapters.
-from ckptscope.adapters import mlp, resnet, vgg  # noqa: E402,F401
-from ckptscope.adapters import timm as _timm_family  # noqa: E402,F401  (timm imported on use)
-from ckptscope.adapters import huggingface  # noqa: E402,F401  (transformers only when used)
+# Register the built-in adapters (transformers and timm are imported only when used).
+from ckptscope.adapters import huggingface, mlp, resnet, vgg  # noqa: E402,F401
+from ckptscope.adapters import timm as _timm_family  # noqa: E402,F401

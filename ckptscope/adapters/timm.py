@@ -129,7 +129,7 @@ def block_groups(keys: Sequence[str]) -> dict[str, str]:
     return {name: rf"{re.escape(name)}\." for name in blocks}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def timm_adapter(name: str) -> Adapter:
     """The adapter ``timm:NAME``, one object per name (:func:`ckptscope.adapters.registered`
     recognises it by identity)."""

@@ -76,7 +76,8 @@ class PermutationSpec:
         classes: class name -> the axes ``(key, dim)`` it permutes; every axis of a class has
             the class's size. ``(key, dim, block)`` permutes blocks of ``block`` consecutive
             entries along ``dim`` (a Linear after a flatten of C channels of ``block``
-            positions each), whose size is ``shape[dim] // block``. Give one by hand for a model :func:`spec_from_graph` cannot read:
+            positions each), whose size is ``shape[dim] // block``. Give one by hand for a
+            model :func:`spec_from_graph` cannot read:
             ``PermutationSpec({"h1": (("fc1.weight", 0), ("fc1.bias", 0), ("fc2.weight", 1))})``.
         sites: class name -> the fx nodes ``(name, channel dim)`` whose outputs hold the class's
             channels (what activation matching correlates); empty for a hand-made spec.

@@ -26,8 +26,8 @@ def plot(result, out, variable, layout, title):
 
     check_suffix(out, (".png", ".pdf", ".svg"), "--out")
     if _is_grid_file(result):  # a plane or a surface: contours, loss and accuracy
-        from ckptscope.grids import open_grid
         from ckptscope.grid_plots import plot_grid_result
+        from ckptscope.grids import open_grid
 
         variables = ("loss", "accuracy") if variable == "both" else (variable,)
         save_figure(plot_grid_result(open_grid(result), variables=variables, title=title),

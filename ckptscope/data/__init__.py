@@ -117,5 +117,4 @@ def select_splits(splits: Mapping[str, Split], which: str) -> dict[str, Split]:
 
 
 # Register the built-in datasets.
-from ckptscope.data import cifar, digits, mnist, spiral  # noqa: E402,F401
-from ckptscope.data import tokens  # noqa: E402,F401
+from ckptscope.data import cifar, digits, mnist, spiral, tokens  # noqa: E402,F401

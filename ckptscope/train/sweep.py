@@ -94,9 +94,9 @@ def sweep(recipe: Recipe, *, seeds: Sequence[int], out: str | os.PathLike,
         train_options: more :func:`ckptscope.train.run` keywords (amp, save_every, ...).
         on_run, on_epoch, progress: callbacks for finished runs, epochs and the evaluation.
     """
+    from ckptscope.checkpoints import load_checkpoint
     from ckptscope.engine import EvalConfig
     from ckptscope.linear import linear_paths
-    from ckptscope.checkpoints import load_checkpoint
     from ckptscope.results import save_result
 
     if not seeds:
