@@ -123,29 +123,6 @@ def target_dtype(loss: str | LossFn) -> torch.dtype | None:
     )
 
 
-def with_count(loss_fn: LossFn) -> Callable[[torch.Tensor, torch.Tensor], Sums]:
-    """``loss_fn`` returning ``(loss_sum, correct, count)`` always: a 2-tuple gains the count
-    of its B examples, ``(k,)`` float64; anything else is refused in one line."""
-
-    def sums(outputs: torch.Tensor, targets: torch.Tensor) -> Sums:
-        result = loss_fn(outputs, targets)
-        if isinstance(result, (tuple, list)) and len(result) == 3:
-            return tuple(result)
-        if isinstance(result, (tuple, list)) and len(result) == 2:
-            loss, correct = result
-            count = torch.full(loss.shape, targets.shape[0], dtype=torch.float64,
-                               device=loss.device)
-            return loss, correct, count
-        raise CkptscopeError(
-            f"loss {getattr(loss_fn, '__name__', 'function')!r} returned "
-            f"{type(result).__name__ if not isinstance(result, (tuple, list)) else len(result)}"
-            f"{'' if not isinstance(result, (tuple, list)) else ' values'}; it must return "
-            f"(loss_sum, correct) or (loss_sum, correct, count), each of shape (points,)."
-        )
-
-    return sums
-
-
 def counted_units(loss: str, targets: torch.Tensor) -> int:
     """How many units a built-in loss counts on ``targets`` (B, ...): for ``cross_entropy`` the
     targets that are not ``-100`` (B for class labels), for ``bce`` the B examples."""

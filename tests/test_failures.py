@@ -195,10 +195,20 @@ def test_builtin_loss_on_wrong_target_shape_is_one_line(data):
     (lambda o, t: (o.sum(), (o.argmax(-1) == t).sum(-1)), r"a tensor of shape \(\)"),
     (lambda o, t: o.sum((1, 2)), r"a Tensor"),
     (lambda o, t: (o.sum((1, 2)), None), r"a NoneType"),
+    (lambda o, t: (o.sum((1, 2)),) * 4, r"4 values"),
 ])
 def test_loss_result_of_wrong_form_is_refused(data, loss, what):
     with pytest.raises(CkptscopeError, match=rf"returned {what} for \d+ point\(s\).*\(\d+,\)"):
         _evaluate(nn.Linear(2, 3), data, loss=loss)
+
+
+def test_loss_pair_counts_the_batch_examples(data):
+    """A ``(loss_sum, correct)`` loss gains the count of the batch's examples, float64 (k,)."""
+    ev = Evaluator(nn.Linear(2, 3), data, loss=lambda o, t: (o.sum((1, 2)), o.sum((1, 2))),
+                   config=EvalConfig())
+    loss, correct, count = ev.context.loss_fn(torch.ones(2, 5, 3), torch.zeros(5))
+    assert count.tolist() == [5.0, 5.0] and count.dtype == torch.float64
+    assert loss.tolist() == correct.tolist() == [15.0, 15.0]
 
 
 def test_out_of_memory_is_not_a_model_failure(data):

@@ -16,7 +16,7 @@ from torch import nn
 from ckptscope import linear_path
 from ckptscope.engine import EvalConfig
 from ckptscope.errors import CkptscopeError
-from ckptscope.losses import cross_entropy, with_count
+from ckptscope.losses import cross_entropy
 from ckptscope.outputs import logits_of
 
 ALPHAS = [0.0, 0.25, 0.5, 1.0]
@@ -162,19 +162,6 @@ def test_cross_entropy_refuses_outputs_that_do_not_fit_the_targets():
     with pytest.raises(CkptscopeError, match=r"outputs of shape \(4, 5, 6\) per point for "
                                              r"targets of shape \(4,\)"):
         cross_entropy(torch.zeros(2, 4, 5, 6), torch.zeros(4, dtype=torch.long))
-
-
-def test_with_count_adds_the_examples_to_a_pair_and_refuses_other_returns():
-    pair = with_count(lambda out, y: (out.sum((1, 2)), out.sum((1, 2))))
-    loss, correct, count = pair(torch.ones(2, 3, 4), torch.zeros(3))
-    assert count.tolist() == [3.0, 3.0] and count.dtype == torch.float64
-    bad = with_count(lambda out, y: out.sum())
-    with pytest.raises(CkptscopeError, match=r"returned Tensor; it must return \(loss_sum, "
-                                             r"correct\) or \(loss_sum, correct, count\)"):
-        bad(torch.ones(2, 3), torch.zeros(3))
-    four = with_count(lambda out, y: (out, out, out, out))
-    with pytest.raises(CkptscopeError, match="returned 4 values"):
-        four(torch.ones(2, 3), torch.zeros(3))
 
 
 def test_regression_loss_with_nan_correct_gives_nan_accuracy():

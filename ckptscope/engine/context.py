@@ -235,8 +235,10 @@ class Context:
                 raise
             raise self.where.loss_failed(err, self._loss_name, outputs, targets) from err
         k = outputs.shape[0] if isinstance(outputs, torch.Tensor) and outputs.dim() else 1
-        if not (isinstance(result, (tuple, list)) and len(result) in (2, 3)):
+        if not isinstance(result, (tuple, list)):
             raise self.where.loss_returned(self._loss_name, f"a {type(result).__name__}", k)
+        if len(result) not in (2, 3):
+            raise self.where.loss_returned(self._loss_name, f"{len(result)} values", k)
         for part in result:
             if not isinstance(part, torch.Tensor) or tuple(part.shape) != (k,):
                 what = (f"a tensor of shape {tuple(part.shape)}"
